@@ -1,0 +1,5 @@
+import sys
+
+from lightbox.cli.main import main
+
+sys.exit(main())

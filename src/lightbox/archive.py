@@ -1,0 +1,29 @@
+"""The composition root: builds the backends from Settings, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightbox.index.db import Database
+from lightbox.settings import Settings
+from lightbox.storage.blobs import FileBlobStore
+
+
+@dataclass
+class Archive:
+    """An open archive: settings, index and blob store, shared by every adapter."""
+
+    settings: Settings
+    db: Database
+    blobs: FileBlobStore
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = True) -> Archive:
+        settings.data.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.database_url)
+        if migrate:
+            db.migrate()
+        return cls(settings=settings, db=db, blobs=FileBlobStore(settings.blob_root))
+
+    def close(self) -> None:
+        self.db.dispose()

@@ -1,0 +1,182 @@
+"""``lightbox``: serve, import, demo, users and tokens, stats.
+
+Every option can also come from the environment (``LIGHTBOX_DATA``,
+``LIGHTBOX_HTTP_PORT``, ...) or a TOML file (``--config`` / ``LIGHTBOX_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from lightbox import settings as settings_module
+from lightbox.archive import Archive
+from lightbox.errors import LightboxError
+from lightbox.services import auth
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--data", type=Path, help="data folder (default ./lightbox-data)")
+    parser.add_argument("--database", help="database URL, e.g. postgresql://host/db")
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host")
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--dicom-port", type=int)
+    parser.add_argument("--aet")
+    parser.add_argument("--workers", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the DICOMweb server")
+    demo = sub.add_parser("demo", help="load sample studies into an empty archive, then serve")
+    for p in (serve, demo):
+        _common(p)
+        _server_options(p)
+    imp = sub.add_parser("import", help="store DICOM files, folders, zips and DICOMDIRs")
+    _common(imp)
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--jobs", type=int, default=4, help="parallel batches (default 4)")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add", help="add a user (password from a prompt or stdin)")
+    _common(add)
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true")
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="print a new bearer token")
+    _common(create)
+    create.add_argument("--user", help="owner (default: the first administrator)")
+    create.add_argument("--expires", default="30d", help="lifetime, e.g. 30d, 12h (default 30d)")
+    stats = sub.add_parser("stats", help="counts and sizes")
+    _common(stats)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> settings_module.Settings:
+    overrides = {
+        k: getattr(args, k, None)
+        for k in ("data", "database", "host", "http_port", "dicom_port", "aet", "workers")
+    }
+    return settings_module.load(getattr(args, "config", None), overrides)
+
+
+def _open(args: argparse.Namespace) -> Archive:
+    return Archive.open(_settings(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lightbox.server import serve
+
+    serve(_settings(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lightbox.cli.importer import import_paths
+    from lightbox.samples import write_samples
+    from lightbox.server import serve
+
+    archive = _open(args)
+    if _count_instances(archive) == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            files = list(write_samples(Path(folder)))
+            summary = import_paths(archive, files, progress=False)
+        print(f"loaded {summary.counts['stored']} sample instances")
+    token = auth.create_token(archive, expires=auth.parse_duration("30d"), label="demo")
+    print(f"DICOMweb token (30 days): {token}")
+    archive.close()
+    serve(archive.settings)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from lightbox.cli.importer import import_paths
+
+    archive = _open(args)
+    summary = import_paths(archive, args.paths, workers=max(args.jobs, 1), progress=not args.quiet)
+    for path, reason in summary.skipped:
+        print(f"skipped  {path}: {reason}")
+    for path, reason in summary.rejected:
+        print(f"rejected {path}: {reason}")
+    c = summary.counts
+    print(f"stored {c['stored']}, duplicate {c['duplicate']}, rejected {c['rejected']}, "
+          f"skipped {len(summary.skipped)}")
+    return 1 if c["rejected"] else 0
+
+
+def _read_password(name: str) -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != first:
+            raise LightboxError("passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\n")
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    archive = _open(args)
+    auth.add_user(archive, args.name, _read_password(args.name), is_admin=args.admin)
+    print(f"user {args.name} added{' (administrator)' if args.admin else ''}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    archive = _open(args)
+    expires = auth.parse_duration(args.expires)
+    print(auth.create_token(archive, user=args.user, expires=expires))
+    return 0
+
+
+def _count_instances(archive: Archive) -> int:
+    from lightbox.index.schema import instances
+
+    with archive.db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(instances)).scalar_one())
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from lightbox.index.schema import instances, patients, series, studies
+
+    archive = _open(args)
+    with archive.db.read() as conn:
+        for name, table in (("patients", patients), ("studies", studies), ("series", series),
+                            ("instances", instances)):
+            n = conn.execute(select(func.count()).select_from(table)).scalar_one()
+            print(f"{name:<10} {n}")
+        size = conn.execute(select(func.coalesce(func.sum(instances.c.size), 0))).scalar_one()
+    print(f"{'bytes':<10} {size}")
+    return 0
+
+
+COMMANDS: dict[str, Any] = {
+    "serve": cmd_serve, "demo": cmd_demo, "import": cmd_import, "user": cmd_user,
+    "token": cmd_token, "stats": cmd_stats,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return int(COMMANDS[args.command](args))
+    except LightboxError as exc:
+        print(f"lightbox: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DICOM domain: UIDs, instance records, the query model, DICOM JSON, pixel layout."""

@@ -1,0 +1,1 @@
+"""The index: what is stored, searchable by DICOM attributes (SQLite or PostgreSQL)."""

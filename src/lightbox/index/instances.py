@@ -1,0 +1,320 @@
+"""Writing instances to the index, reading them back for retrieval, deleting."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select, update
+
+from lightbox.dicom.attributes import QueryLevel, at_level
+from lightbox.dicom.frames import PixelLayout
+from lightbox.dicom.instance import InstanceRecord
+from lightbox.errors import Conflict, NotFound
+from lightbox.index.db import Database
+from lightbox.index.schema import instances, patients, series, studies
+
+
+class Stored(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What retrieval needs about one instance, without opening the file."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+    layout: PixelLayout | None
+    number_of_frames: int
+
+
+def _columns(level: QueryLevel, record: InstanceRecord) -> dict[str, Any]:
+    return {
+        a.column: record.values.get(a.column) for a in at_level(level) if a.column in record.values
+    }
+
+
+def patient_identity(values: dict[str, Any]) -> str:
+    """Patients are told apart by Patient ID within its issuer; without an ID, by name."""
+    pid = values.get("patient_id") or ""
+    issuer = values.get("issuer_of_patient_id") or ""
+    if pid:
+        return f"{issuer}|{pid}"
+    return f"{issuer}||{values.get('patient_name') or ''}"
+
+
+def name_words(name: str | None) -> str | None:
+    """Person name as upper-case words between spaces, for fuzzy matching."""
+    if not name:
+        return None
+    words = name.replace("^", " ").replace("=", " ").upper().split()
+    return " " + " ".join(words) + " "
+
+
+def store(
+    db: Database, conn: Connection, record: InstanceRecord, blob_key: str, *, overwrite: bool
+) -> tuple[Stored, str | None]:
+    """Index one instance inside the caller's transaction.
+
+    Returns the outcome and, when an earlier copy was replaced or the new one
+    is a duplicate, the blob key that is no longer referenced.
+    Raises Conflict when the series is already filed under another study.
+    """
+    now = datetime.now(UTC)
+    old = conn.execute(
+        select(instances.c.pk, instances.c.blob_key).where(
+            instances.c.sop_instance_uid == record.sop_instance_uid
+        )
+    ).first()
+    if old is not None and not overwrite:
+        return Stored.DUPLICATE, blob_key
+    if old is not None:
+        _delete_instance_rows(conn, [old.pk])
+    study_pk = _study(db, conn, record, now)
+    series_pk = _series(db, conn, record, study_pk)
+    values = _columns(QueryLevel.INSTANCE, record)
+    conn.execute(
+        instances.insert().values(
+            **values,
+            series_pk=series_pk,
+            study_pk=study_pk,
+            blob_key=blob_key,
+            size=record.size,
+            pixel_layout=record.layout.to_bytes() if record.layout else None,
+            dicom_json=record.metadata,
+            created_at=now,
+        )
+    )
+    conn.execute(
+        update(series)
+        .where(series.c.pk == series_pk)
+        .values(number_of_instances=series.c.number_of_instances + 1)
+    )
+    _refresh_study(conn, study_pk, now)
+    if old is not None:
+        return Stored.REPLACED, old.blob_key
+    return Stored.STORED, None
+
+
+def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime) -> int:
+    found = conn.execute(
+        select(studies.c.pk).where(studies.c.study_instance_uid == record.study_instance_uid)
+    ).scalar()
+    if found is not None:
+        return int(found)
+    pvalues = _columns(QueryLevel.PATIENT, record)
+    identity = patient_identity(pvalues)
+    conn.execute(db.insert(patients).values(identity=identity, **pvalues).on_conflict_do_nothing())
+    patient_pk = conn.execute(
+        select(patients.c.pk).where(patients.c.identity == identity)
+    ).scalar_one()
+    conn.execute(
+        db.insert(studies)
+        .values(
+            patient_pk=patient_pk,
+            **pvalues,
+            **_columns(QueryLevel.STUDY, record),
+            patient_name_words=name_words(pvalues.get("patient_name")),
+            number_of_series=0,
+            number_of_instances=0,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing()
+    )
+    pk = conn.execute(
+        select(studies.c.pk).where(studies.c.study_instance_uid == record.study_instance_uid)
+    ).scalar_one()
+    return int(pk)
+
+
+def _series(db: Database, conn: Connection, record: InstanceRecord, study_pk: int) -> int:
+    row = conn.execute(
+        select(series.c.pk, series.c.study_pk).where(
+            series.c.series_instance_uid == record.series_instance_uid
+        )
+    ).first()
+    if row is None:
+        conn.execute(
+            db.insert(series)
+            .values(study_pk=study_pk, number_of_instances=0, **_columns(QueryLevel.SERIES, record))
+            .on_conflict_do_nothing()
+        )
+        row = conn.execute(
+            select(series.c.pk, series.c.study_pk).where(
+                series.c.series_instance_uid == record.series_instance_uid
+            )
+        ).one()
+    if row.study_pk != study_pk:
+        raise Conflict(f"series {record.series_instance_uid} is already stored in another study")
+    return int(row.pk)
+
+
+def _refresh_study(conn: Connection, study_pk: int, now: datetime) -> None:
+    """Recompute the study's counters and ModalitiesInStudy from its series."""
+    counts = conn.execute(
+        select(
+            func.count(series.c.pk), func.coalesce(func.sum(series.c.number_of_instances), 0)
+        ).where(series.c.study_pk == study_pk)
+    ).one()
+    modalities = sorted(
+        {
+            m
+            for (m,) in conn.execute(
+                select(series.c.modality).where(series.c.study_pk == study_pk).distinct()
+            )
+            if m
+        }
+    )
+    conn.execute(
+        update(studies)
+        .where(studies.c.pk == study_pk)
+        .values(
+            number_of_series=counts[0],
+            number_of_instances=counts[1],
+            modalities_in_study=("\\" + "\\".join(modalities) + "\\") if modalities else None,
+            updated_at=now,
+        )
+    )
+
+
+def _delete_instance_rows(conn: Connection, pks: list[int]) -> None:
+    affected = conn.execute(
+        select(instances.c.series_pk, func.count())
+        .where(instances.c.pk.in_(pks))
+        .group_by(instances.c.series_pk)
+    ).all()
+    conn.execute(delete(instances).where(instances.c.pk.in_(pks)))
+    for series_pk, n in affected:
+        conn.execute(
+            update(series)
+            .where(series.c.pk == series_pk)
+            .values(number_of_instances=series.c.number_of_instances - n)
+        )
+
+
+_RETRIEVE_COLUMNS = (
+    studies.c.study_instance_uid,
+    series.c.series_instance_uid,
+    instances.c.sop_instance_uid,
+    instances.c.sop_class_uid,
+    instances.c.transfer_syntax_uid,
+    instances.c.blob_key,
+    instances.c.size,
+    instances.c.pixel_layout,
+    instances.c.number_of_frames,
+)
+
+
+def _stored(row: Any) -> StoredInstance:
+    return StoredInstance(
+        study_instance_uid=row.study_instance_uid,
+        series_instance_uid=row.series_instance_uid,
+        sop_instance_uid=row.sop_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        blob_key=row.blob_key,
+        size=row.size,
+        layout=PixelLayout.from_bytes(row.pixel_layout) if row.pixel_layout else None,
+        number_of_frames=row.number_of_frames or 1,
+    )
+
+
+def _scoped(stmt: Any, study: str, series_uid: str | None, sop: str | None) -> Any:
+    stmt = stmt.where(studies.c.study_instance_uid == study)
+    if series_uid is not None:
+        stmt = stmt.where(series.c.series_instance_uid == series_uid)
+    if sop is not None:
+        stmt = stmt.where(instances.c.sop_instance_uid == sop)
+    return stmt
+
+
+def _joined(*columns: Any) -> Any:
+    return (
+        select(*columns)
+        .select_from(instances)
+        .join(series, series.c.pk == instances.c.series_pk)
+        .join(studies, studies.c.pk == instances.c.study_pk)
+    )
+
+
+def find(
+    conn: Connection, study: str, series_uid: str | None = None, sop: str | None = None
+) -> list[StoredInstance]:
+    """Instances in a study / series / one instance, in series and instance order.
+
+    Raises NotFound when nothing matches.
+    """
+    stmt = _scoped(_joined(*_RETRIEVE_COLUMNS), study, series_uid, sop).order_by(
+        series.c.series_number, series.c.pk, instances.c.instance_number, instances.c.pk
+    )
+    rows = conn.execute(stmt).all()
+    if not rows:
+        raise NotFound(_what(study, series_uid, sop) + " not found")
+    return [_stored(r) for r in rows]
+
+
+def metadata(
+    conn: Connection, study: str, series_uid: str | None = None, sop: str | None = None
+) -> list[bytes]:
+    """The cached DICOM JSON of each instance in scope (raises NotFound when none)."""
+    stmt = _scoped(_joined(instances.c.dicom_json), study, series_uid, sop).order_by(
+        series.c.series_number, series.c.pk, instances.c.instance_number, instances.c.pk
+    )
+    rows = conn.execute(stmt).scalars().all()
+    if not rows:
+        raise NotFound(_what(study, series_uid, sop) + " not found")
+    return [bytes(r) for r in rows]
+
+
+def _what(study: str, series_uid: str | None, sop: str | None) -> str:
+    if sop is not None:
+        return f"instance {sop}"
+    if series_uid is not None:
+        return f"series {series_uid}"
+    return f"study {study}"
+
+
+def remove(
+    conn: Connection, study: str, series_uid: str | None = None, sop: str | None = None
+) -> list[str]:
+    """Delete the rows in scope and empty parents; return the blob keys to remove."""
+    rows = conn.execute(
+        _scoped(
+            _joined(instances.c.pk, instances.c.blob_key, instances.c.study_pk),
+            study,
+            series_uid,
+            sop,
+        )
+    ).all()
+    if not rows:
+        raise NotFound(_what(study, series_uid, sop) + " not found")
+    _delete_instance_rows(conn, [r.pk for r in rows])
+    study_pks = {r.study_pk for r in rows}
+    conn.execute(
+        delete(series).where(series.c.study_pk.in_(study_pks), series.c.number_of_instances <= 0)
+    )
+    now = datetime.now(UTC)
+    for study_pk in study_pks:
+        _refresh_study(conn, study_pk, now)
+    patient_pks = list(
+        conn.execute(select(studies.c.patient_pk).where(studies.c.pk.in_(study_pks))).scalars()
+    )
+    conn.execute(
+        delete(studies).where(studies.c.pk.in_(study_pks), studies.c.number_of_series == 0)
+    )
+    still_used = select(studies.c.patient_pk).where(studies.c.patient_pk.in_(patient_pks))
+    conn.execute(
+        delete(patients).where(patients.c.pk.in_(patient_pks), patients.c.pk.notin_(still_used))
+    )
+    return [r.blob_key for r in rows]

@@ -1,0 +1,1 @@
+"""Services: what Lightbox does, independent of the protocol that asked for it."""

@@ -1,0 +1,160 @@
+"""Who is calling, and what they may do.
+
+A Principal carries the caller's rights; services ask it, adapters never
+decide. Tokens are long random values; only their SHA-256 is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import VerificationError
+
+from lightbox.archive import Archive
+from lightbox.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from lightbox.index import accounts
+
+_hasher = PasswordHasher()
+TOKEN_PREFIX = "lbx_"
+_CACHE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller and the studies they may see (None: all)."""
+
+    user: str
+    is_admin: bool
+    studies: frozenset[str] | None = None
+    read_only: bool = False
+
+    def may_read(self, study_instance_uid: str) -> bool:
+        return self.studies is None or study_instance_uid in self.studies
+
+    def require_read(self, study_instance_uid: str) -> None:
+        # Not Forbidden: a caller must not learn that a study they cannot see exists.
+        if not self.may_read(study_instance_uid):
+            raise NotFound(f"study {study_instance_uid} not found")
+
+    def require_write(self) -> None:
+        if self.read_only:
+            raise Forbidden("this token is read-only")
+
+    def require_admin(self) -> None:
+        if not self.is_admin or self.read_only:
+            raise Forbidden("administrator rights are needed")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    if len(password) < 8:
+        raise BadRequest("a password needs at least 8 characters")
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    if not password_hash:
+        return False
+    try:
+        return _hasher.verify(password_hash, password)
+    except VerificationError:
+        return False
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``15m``, ``3600s`` or a number of days."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            seconds = float(text[:-1]) * units[text[-1]]
+        else:
+            seconds = float(text) * 86400
+    except ValueError as exc:
+        raise BadRequest(f"not a duration: {text!r} (use e.g. 30d, 12h, 15m)") from exc
+    if seconds <= 0:
+        raise BadRequest("a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+def add_user(archive: Archive, name: str, password: str | None, *, is_admin: bool) -> None:
+    if not name or len(name) > 128 or not name.isprintable():
+        raise BadRequest("a user name needs 1 to 128 printable characters")
+    hashed = hash_password(password) if password else None
+    with archive.db.write() as conn:
+        accounts.add_user(conn, name, hashed, is_admin=is_admin)
+
+
+def create_token(
+    archive: Archive,
+    *,
+    user: str | None = None,
+    expires: timedelta | None = None,
+    studies: list[str] | None = None,
+    read_only: bool = False,
+    label: str | None = None,
+) -> str:
+    """Issue a token for ``user`` (default: the first administrator, made if none)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    scope = None
+    if studies is not None or read_only:
+        scope = json.dumps({"studies": studies, "read_only": read_only})
+    expires_at = datetime.now(UTC) + expires if expires else None
+    with archive.db.write() as conn:
+        owner = accounts.get_user(conn, user) if user else accounts.first_admin(conn)
+        if owner is None:
+            owner = accounts.add_user(conn, "admin", None, is_admin=True)
+        accounts.add_token(
+            conn, owner, hash_token(token), expires_at=expires_at, scope=scope, label=label
+        )
+    return token
+
+
+class Authenticator:
+    """Turns a presented token into a Principal, with a short positive cache."""
+
+    def __init__(self, archive: Archive) -> None:
+        self._archive = archive
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, token: str) -> Principal:
+        digest = hash_token(token)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        principal = self._lookup(digest)
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now + _CACHE_SECONDS, principal)
+        return principal
+
+    def _lookup(self, digest: str) -> Principal:
+        with self._archive.db.read() as conn:
+            row = accounts.token_by_hash(conn, digest)
+        if row is None or row.user.disabled:
+            raise Unauthenticated("invalid or revoked token")
+        if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
+            raise Unauthenticated("token has expired")
+        studies, read_only = None, False
+        if row.scope:
+            scope = json.loads(row.scope)
+            if scope.get("studies") is not None:
+                studies = frozenset(scope["studies"])
+            read_only = bool(scope.get("read_only"))
+        return Principal(
+            user=row.user.name, is_admin=row.user.is_admin, studies=studies, read_only=read_only
+        )

@@ -1,0 +1,83 @@
+"""Pixel work off the hot path: decoding frames, transcoding and rendering.
+
+These open the stored file with pydicom, so they run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pydicom import dcmread
+
+from lightbox.archive import Archive
+from lightbox.dicom import render, transcode, uids
+from lightbox.dicom.render import RenderOptions
+from lightbox.errors import NotFound
+from lightbox.index.instances import StoredInstance
+from lightbox.services.retrieve import Frame, stored_frame
+
+
+def _dataset(archive: Archive, instance: StoredInstance) -> object:
+    return dcmread(archive.blobs.path(instance.blob_key))
+
+
+def frame(archive: Archive, instance: StoredInstance, number: int, *, native: bool) -> Frame:
+    """Frame ``number``: as stored when ``native`` is False and possible, else
+    decoded to Explicit VR Little Endian pixel bytes."""
+    found = stored_frame(archive, instance, number)
+    if found is not None and (not native or found.transfer_syntax_uid in uids.NATIVE_SYNTAXES):
+        return found
+    ds = _dataset(archive, instance)
+    if "PixelData" not in ds:  # type: ignore[operator]
+        raise NotFound(f"instance {instance.sop_instance_uid} has no pixel data")
+    return Frame(transcode.decode_frame(ds, number), uids.EXPLICIT_VR_LITTLE_ENDIAN)
+
+
+def explicit_little_endian(archive: Archive, instance: StoredInstance) -> bytes:
+    """The whole instance as an Explicit VR Little Endian Part 10 file."""
+    with archive.blobs.open(instance.blob_key) as fh:
+        return transcode.to_explicit_little_endian(fh)
+
+
+def rendered(
+    archive: Archive, instance: StoredInstance, number: int, options: RenderOptions
+) -> bytes:
+    """A rendered frame (JPEG/PNG); cached on disk for thumbnails and repeats."""
+    key = hashlib.sha256(f"{instance.blob_key}|{number}|{options!r}".encode()).hexdigest()
+    cache = Path(archive.settings.data) / "cache" / "rendered" / key[:2] / key
+    try:
+        return cache.read_bytes()
+    except FileNotFoundError:
+        pass
+    ds = _dataset(archive, instance)
+    if "PixelData" not in ds:  # type: ignore[operator]
+        raise NotFound(f"instance {instance.sop_instance_uid} has no image to render")
+    data = render.render_frame(ds, number, options)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cache)  # a cache: no fsync needed, a lost entry is re-rendered
+    return data
+
+
+def bulk_value(archive: Archive, instance: StoredInstance, tag_path: str) -> bytes:
+    """The value of a binary element named by a BulkDataURI path
+    (``TTTTTTTT`` or ``SQTAG/ITEM/TTTTTTTT/...``, items counted from 1)."""
+    parts = tag_path.strip("/").split("/")
+    if len(parts) % 2 != 1 or len(parts) > 15:
+        raise NotFound(f"no bulk data at {tag_path[:80]!r}")
+    ds = _dataset(archive, instance)
+    node: object = ds
+    try:
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                node = node[int(part, 16)].value  # type: ignore[index]
+            else:
+                node = node[int(part) - 1]  # type: ignore[index]
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise NotFound(f"no bulk data at {tag_path[:80]!r}") from exc
+    if not isinstance(node, bytes | bytearray):
+        raise NotFound(f"{tag_path[:80]!r} is not a binary value")
+    return bytes(node)

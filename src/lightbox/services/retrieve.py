@@ -1,0 +1,109 @@
+"""Retrieval: which stored objects a caller gets, and their frames and metadata."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from lightbox.archive import Archive
+from lightbox.dicom import uids
+from lightbox.errors import NotFound
+from lightbox.index import instances as index
+from lightbox.index.instances import StoredInstance
+from lightbox.services.auth import Principal
+
+
+class InstanceCache:
+    """Recently used StoredInstance rows by UID path: frame requests skip the index."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._items: OrderedDict[tuple[str, str, str], StoredInstance] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> StoredInstance | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, item: StoredInstance) -> None:
+        key = (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        with self._lock:
+            self._items[key] = item
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame's bytes and the transfer syntax they are encoded in."""
+
+    data: bytes
+    transfer_syntax_uid: str
+
+
+def find_instances(
+    archive: Archive,
+    principal: Principal,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+) -> list[StoredInstance]:
+    """The stored instances in scope, after checking the caller may see the study."""
+    principal.require_read(study)
+    with archive.db.read() as conn:
+        return index.find(conn, study, series, sop)
+
+
+def find_instance(
+    archive: Archive, cache: InstanceCache, principal: Principal, study: str, series: str, sop: str
+) -> StoredInstance:
+    """One instance, from the cache when possible."""
+    principal.require_read(study)
+    found = cache.get((study, series, sop))
+    if found is None:
+        found = find_instances(archive, principal, study, series, sop)[0]
+        cache.put(found)
+    return found
+
+
+def metadata(
+    archive: Archive, principal: Principal, study: str, series: str | None = None,
+    sop: str | None = None,
+) -> bytes:
+    """DICOM JSON array of the instances in scope, with the base placeholder unresolved."""
+    principal.require_read(study)
+    with archive.db.read() as conn:
+        parts = index.metadata(conn, study, series, sop)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def stored_frame(archive: Archive, instance: StoredInstance, number: int) -> Frame | None:
+    """Frame ``number`` (1-based) as stored, by ranged reads; None when the stored
+    form cannot be cut into frames directly (the caller then decodes)."""
+    layout = instance.layout
+    if layout is None or not layout.frames:
+        if instance.transfer_syntax_uid in (
+            uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN
+        ) or (layout is not None):
+            return None
+        raise NotFound(f"instance {instance.sop_instance_uid} has no pixel data")
+    if not 1 <= number <= len(layout.frames):
+        raise NotFound(f"frame {number} not in instance (it has {len(layout.frames)})")
+    ranges = layout.frames[number - 1]
+    if len(ranges) == 1:
+        data = archive.blobs.read_range(instance.blob_key, *ranges[0])
+    else:
+        data = b"".join(archive.blobs.read_range(instance.blob_key, o, n) for o, n in ranges)
+    syntax = instance.transfer_syntax_uid
+    if not layout.encapsulated:
+        # Native frames are the same bytes in implicit and explicit little endian.
+        syntax = uids.EXPLICIT_VR_LITTLE_ENDIAN
+    return Frame(data, syntax)

@@ -1,0 +1,86 @@
+"""Settings: defaults, then a TOML file, then LIGHTBOX_* environment, then flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lightbox.errors import BadRequest
+
+ENV_PREFIX = "LIGHTBOX_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that configures one Lightbox process."""
+
+    data: Path = Path("lightbox-data")
+    database: str = ""  # empty: SQLite inside ``data``
+    host: str = "127.0.0.1"
+    http_port: int = 8042
+    dicom_port: int = 11112
+    aet: str = "LIGHTBOX"
+    overwrite: bool = False
+    qido_max_results: int = 1000
+    qido_default_limit: int = 200
+    max_upload_bytes: int = 8 * 1024**3
+    max_instance_bytes: int = 4 * 1024**3
+    max_parts: int = 100_000
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    workers: int = 1
+    log_level: str = "info"
+
+    @property
+    def database_url(self) -> str:
+        if self.database:
+            return self.database
+        return f"sqlite:///{self.data.resolve() / 'index.sqlite'}"
+
+    @property
+    def blob_root(self) -> Path:
+        return self.data / "blobs"
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    try:
+        if kind in (int, "int"):
+            return int(value)
+        if kind in (bool, "bool"):
+            if isinstance(value, bool):
+                return value
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+        if kind in (Path, "Path"):
+            return Path(str(value))
+        if kind in ("tuple[str, ...]",):
+            if isinstance(value, list | tuple):
+                return tuple(str(v) for v in value)
+            return tuple(v.strip() for v in str(value).split(",") if v.strip())
+    except ValueError as exc:
+        raise BadRequest(f"setting {name}: {value!r} is not valid") from exc
+    return str(value)
+
+
+def load(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build Settings from the layers, each overriding the one before."""
+    values: dict[str, Any] = {}
+    known = {f.name: f.type for f in fields(Settings)}
+    path = config_file or (Path(os.environ[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in os.environ else None)
+    if path is not None:
+        with open(path, "rb") as fh:
+            for key, value in tomllib.load(fh).items():
+                key = key.replace("-", "_")
+                if key not in known:
+                    raise BadRequest(f"{path}: unknown setting {key!r}")
+                values[key] = value
+    for key in known:
+        env = os.environ.get(ENV_PREFIX + key.upper())
+        if env is not None:
+            values[key] = env
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    coerced = {k: _coerce(k, known[k], v) for k, v in values.items()}
+    return replace(Settings(), **coerced)

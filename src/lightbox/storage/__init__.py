@@ -1,0 +1,1 @@
+"""Blob storage: where the bytes of stored DICOM objects live."""

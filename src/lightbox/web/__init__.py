@@ -1,0 +1,1 @@
+"""HTTP adapters: DICOMweb, WADO-URI, operations endpoints."""

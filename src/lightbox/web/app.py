@@ -1,0 +1,59 @@
+"""Builds the Starlette application from an open Archive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+
+from lightbox import errors
+from lightbox.archive import Archive
+from lightbox.services.auth import Authenticator
+from lightbox.services.retrieve import InstanceCache
+from lightbox.web import manage, qido, stow, wado, wadouri
+from lightbox.web.errors import domain_error, http_error, unexpected_error
+from lightbox.web.observability import Metrics, RequestLog
+from lightbox.web.observability import routes as ops_routes
+
+
+async def _home(_request: object) -> Response:
+    return RedirectResponse("/healthz")
+
+
+def create_app(archive: Archive) -> Starlette:
+    """The HTTP application; the archive is owned by the caller."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+
+    dicomweb = [*qido.routes, *stow.routes, *manage.routes, *wado.routes]
+    middleware = [Middleware(RequestLog, metrics=metrics)]
+    if archive.settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["Warning", "Content-Range"],
+        ))
+    app = Starlette(
+        routes=[Route("/", _home), *ops_routes, *wadouri.routes, Mount("/dicom-web", routes=dicomweb)],
+        middleware=middleware,
+        exception_handlers={
+            errors.LightboxError: domain_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.archive = archive
+    app.state.authenticator = Authenticator(archive)
+    app.state.instance_cache = InstanceCache()
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,80 @@
+"""What every route needs from the app: the archive, the caller, the base URL."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from lightbox.archive import Archive
+from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
+from lightbox.errors import Unauthenticated
+from lightbox.services.auth import Authenticator, Principal
+from lightbox.services.retrieve import InstanceCache
+
+T = TypeVar("T")
+DICOM_JSON = "application/dicom+json"
+
+
+def archive(request: Request) -> Archive:
+    found: Archive = request.app.state.archive
+    return found
+
+
+def instance_cache(request: Request) -> InstanceCache:
+    found: InstanceCache = request.app.state.instance_cache
+    return found
+
+
+def bearer_token(request: Request) -> str:
+    """The token from ``Authorization: Bearer`` or from HTTP Basic's password."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer" and value.strip():
+        return value.strip()
+    if scheme == "basic" and value.strip():
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise Unauthenticated("malformed Basic credentials") from exc
+        _user, sep, password = decoded.partition(":")
+        if sep and password:
+            return password
+    raise Unauthenticated("authentication required: send Authorization: Bearer <token>")
+
+
+def principal(request: Request) -> Principal:
+    cached = request.scope.get("lightbox.principal")
+    if cached is not None:
+        assert isinstance(cached, Principal)
+        return cached
+    auth: Authenticator = request.app.state.authenticator
+    found = auth.authenticate(bearer_token(request))
+    request.scope["lightbox.principal"] = found
+    return found
+
+
+def base_url(request: Request) -> str:
+    """The DICOMweb root the caller used (e.g. http://host:8042/dicom-web)."""
+    root = request.scope.get("root_path", "")
+    return f"{request.url.scheme}://{request.url.netloc}{root}"
+
+
+def resolve(request: Request, payload: bytes) -> bytes:
+    """Replace the URI placeholder in cached DICOM JSON with the caller's root."""
+    return payload.replace(BASE_PLACEHOLDER.encode(), base_url(request).encode())
+
+
+def dicom_json(request: Request, payload: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(resolve(request, payload), media_type=DICOM_JSON, headers=headers)
+
+
+async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run index or file work off the event loop."""
+    return await run_in_threadpool(fn, *args, **kwargs)

@@ -1,0 +1,428 @@
+"""Streaming ``multipart/related`` (RFC 2046, RFC 2387) reader and writer for DICOMweb.
+
+Reading (STOW-RS): :func:`iter_parts` streams each body part of an async byte
+stream into its own file in ``spool_dir`` and yields a :class:`Part` once the
+file is fsynced and closed, ready to be renamed into a blob store on the same
+filesystem. Memory use is one chunk plus the header limit, whatever the size.
+
+Writing (WADO-RS): a message is, for every part in order,
+``part_header(boundary, content_type) + body + b"\\r\\n"``, then one
+``closing(boundary)``. The CRLF after each body starts the RFC 2046 delimiter
+whose ``--boundary`` line follows, so ``closing`` is just ``--boundary--`` CRLF.
+The message has an empty preamble and epilogue. :func:`encode_parts` builds a
+whole message for small responses; large ones stream the same pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from lightbox.errors import BadRequest, TooLarge
+
+# RFC 2046 5.1.1 limits a boundary to 70 characters. The character set is
+# widened from bchars to any visible ASCII or space because real clients use
+# characters such as '@'; the parser only needs an unambiguous ASCII byte string.
+_BOUNDARY_RE = re.compile(r"[\x20-\x7e]{0,69}[\x21-\x7e]")
+
+# One ';'-terminated parameter: ``name=value``, ``name="quoted value"``, or junk
+# (no name group) that is skipped rather than failing the whole header.
+_PARAM_RE = re.compile(
+    r'\s*(?:([^\s=;"]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"\s*|([^;]*))|[^;]*)(?:;|\Z)',
+    re.DOTALL,
+)
+_QUOTED_PAIR_RE = re.compile(r"\\(.)", re.DOTALL)
+
+# RFC 9110 token characters, which is what a header field name may contain.
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+# Transport padding (whitespace after a boundary) is unbounded in RFC 2046;
+# beyond this many bytes the line is taken as body data rather than buffered.
+_MAX_PADDING = 256
+
+
+@dataclass
+class Part:
+    """One body part of a multipart message, its body spooled to a file.
+
+    ``headers`` maps lower-cased header names to values (stripped; repeated
+    headers joined with ", "). ``path`` is a closed, fsynced file of ``size``
+    bytes that the caller owns and must move or delete.
+    """
+
+    headers: dict[str, str]
+    path: Path
+    size: int
+
+    @property
+    def content_type(self) -> str:
+        """The part's media type, lower-cased and without parameters; "" if absent."""
+        return parse_content_type(self.headers.get("content-type", ""))[0]
+
+
+def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
+    """Split a Content-Type value into its media type and parameters.
+
+    The media type is stripped and lower-cased. Parameter names are lower-cased;
+    quoted values lose their quotes and backslash escapes and may contain ';'.
+    Malformed parameters (no '=') are skipped and the first of repeated names
+    wins. Never raises: a caller that needs a parameter checks for it.
+    """
+    media, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    for match in _PARAM_RE.finditer(rest):
+        name, quoted, bare = match.groups()
+        if name is not None:
+            param = (
+                bare.strip().strip('"') if quoted is None else _QUOTED_PAIR_RE.sub(r"\1", quoted)
+            )
+            params.setdefault(name.lower(), param)
+    return media.strip().lower(), params
+
+
+def _check_boundary(boundary: str, error: type[Exception] = BadRequest) -> bytes:
+    """Return ``boundary`` as bytes, or raise ``error`` if RFC 2046 forbids it."""
+    if not boundary:
+        raise error("multipart boundary parameter is missing or empty")
+    if len(boundary) > 70:
+        raise error("multipart boundary is longer than 70 characters")
+    if not _BOUNDARY_RE.fullmatch(boundary):
+        raise error("multipart boundary contains invalid characters")
+    return boundary.encode("ascii")
+
+
+_State = Enum("_State", "PREAMBLE HEADERS BODY DONE")
+# After a ``\n--boundary`` match: another part follows (NEXT), the close delimiter
+# (CLOSE), or not a delimiter after all, so the bytes are body data (DATA).
+_Verdict = Enum("_Verdict", "NEXT CLOSE DATA")
+
+
+def _classify(buf: bytearray, after: int) -> tuple[_Verdict, int] | None:
+    """Decide what follows a ``\\n--boundary`` match ending at ``after``.
+
+    Returns (NEXT, index of the boundary line's final LF), (CLOSE, index just
+    after "--"), (DATA, -1), or None when more bytes are needed to tell.
+    """
+    head = buf[after : after + 2]
+    if head == b"--":
+        return _Verdict.CLOSE, after + 2
+    if bytes(head) in (b"", b"-"):
+        return None
+    limit = after + _MAX_PADDING + 2
+    newline = buf.find(b"\n", after, limit)
+    if newline < 0:
+        tail = bytes(buf[after:limit])
+        # Why: only whitespace, optionally ending in CR, can still become padding + CRLF.
+        if len(tail) > _MAX_PADDING + 1 or tail.rstrip(b"\r").strip(b" \t"):
+            return _Verdict.DATA, -1
+        return None
+    if bytes(buf[after:newline]).removesuffix(b"\r").strip(b" \t"):
+        return _Verdict.DATA, -1
+    return _Verdict.NEXT, newline
+
+
+def _parse_header_block(block: bytes) -> dict[str, str]:
+    """Parse header lines (LF or CRLF separated) into a lower-cased dict.
+
+    Continuation lines (leading whitespace) are unfolded. Raises BadRequest on
+    a line that is not ``name: value``.
+    """
+    headers: dict[str, str] = {}
+    if not block:
+        return headers
+    last = ""
+    # Why latin-1: it maps every byte, so odd bytes give a clear header error, not a crash.
+    for raw in block.decode("latin-1").split("\n"):
+        line = raw.removesuffix("\r")
+        if line[:1] in (" ", "\t") and last:
+            headers[last] = f"{headers[last]} {line.strip()}".strip()
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN_RE.fullmatch(name):
+            raise BadRequest(f"malformed multipart part header line: {line[:80]!r}")
+        last = name.lower()
+        value = value.strip()
+        headers[last] = f"{headers[last]}, {value}" if last in headers else value
+    return headers
+
+
+class _Parser:
+    """Push parser: ``feed`` chunks, then call ``next_part`` until it returns None.
+
+    The buffer starts with a synthetic LF so that an opening boundary at the
+    very start of the body is found by the same ``\\n--boundary`` search as
+    every later delimiter. Consumed bytes are deleted from the buffer front.
+    ``_scan`` is where the next search may start (everything before it was
+    already searched), so tiny chunks do not cause quadratic rescans.
+    """
+
+    def __init__(self, boundary: bytes, spool_dir: Path, limits: tuple[int, int, int]) -> None:
+        self._delim = b"\n--" + boundary
+        self._spool_dir = spool_dir
+        self._max_part_size, self._max_parts, self._max_header_bytes = limits
+        self._buf = bytearray(b"\n")
+        self._scan = 0
+        self._state = _State.PREAMBLE
+        self._count = 0  # parts started so far, including the one in progress
+        self._file: io.BufferedWriter | None = None
+        self._part = Part({}, Path(), 0)
+
+    def feed(self, data: bytes) -> None:
+        """Append a chunk; after the close delimiter the epilogue is dropped."""
+        if self._state is not _State.DONE:
+            self._buf += data
+
+    def next_part(self) -> tuple[io.BufferedWriter, Part] | None:
+        """Advance over buffered bytes; return a finished part or None for more data.
+
+        The returned file holds the whole body but is not yet fsynced or closed;
+        it and the part's path now belong to the caller.
+        """
+        while self._state is not _State.DONE:
+            if self._state is _State.BODY:
+                return self._read_body()
+            step = self._skip_preamble if self._state is _State.PREAMBLE else self._read_headers
+            if not step():
+                return None
+        return None
+
+    def finish(self) -> None:
+        """Check that the stream ended after the close delimiter."""
+        if self._state is _State.PREAMBLE:
+            raise BadRequest("no opening multipart boundary found in the request body")
+        if self._state is not _State.DONE:
+            raise BadRequest("multipart body ended before the closing boundary")
+
+    def abort(self) -> None:
+        """Close and delete the file of a part in progress, if any."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._part.path.unlink(missing_ok=True)
+
+    def _start_part(self, verdict: _Verdict, end: int) -> None:
+        """Enter HEADERS (keeping the boundary line's LF) or DONE after a boundary."""
+        if verdict is _Verdict.CLOSE:
+            self._state = _State.DONE
+            self._buf.clear()
+            return
+        self._count += 1
+        del self._buf[:end]
+        self._scan = 0
+        self._state = _State.HEADERS
+
+    def _skip_preamble(self) -> bool:
+        """Find the opening boundary; return False if more data is needed."""
+        buf = self._buf
+        while True:
+            idx = buf.find(self._delim, self._scan)
+            if idx < 0:
+                # Why: keep only what could be the start of a boundary split across chunks.
+                del buf[: max(0, len(buf) - len(self._delim) + 1)]
+                self._scan = 0
+                return False
+            verdict = _classify(buf, idx + len(self._delim))
+            if verdict is None:
+                del buf[:idx]
+                self._scan = 0
+                return False
+            if verdict[0] is not _Verdict.DATA:
+                self._start_part(*verdict)
+                return True
+            self._scan = idx + 1
+
+    def _read_headers(self) -> bool:
+        """Parse the header block and open the body file; False if more data is needed.
+
+        The buffer starts at the LF ending the boundary line, so both an empty
+        header block and the end of a non-empty one are a LF and a blank line.
+        """
+        # Why here, not at the delimiter: the previous part must be handed over first.
+        if self._count > self._max_parts:
+            raise TooLarge(f"multipart body has more than {self._max_parts} parts")
+        buf, limit = self._buf, self._max_header_bytes + 1
+        found = [
+            (idx, len(blank))
+            for blank in (b"\n\r\n", b"\n\n")
+            if (idx := buf.find(blank, self._scan, limit)) >= 0
+        ]
+        if not found:
+            if len(buf) >= limit:
+                raise BadRequest(f"multipart part header block exceeds {limit - 1} bytes")
+            self._scan = max(0, len(buf) - 2)
+            return False
+        idx, length = min(found)
+        headers = _parse_header_block(bytes(buf[1:idx]))
+        del buf[: idx + length]
+        self._scan = 0
+        fd, name = tempfile.mkstemp(dir=self._spool_dir, prefix="part-")
+        self._part = Part(headers, Path(name), 0)
+        try:
+            self._file = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self._part.path.unlink()
+            raise
+        self._state = _State.BODY
+        return True
+
+    def _read_body(self) -> tuple[io.BufferedWriter, Part] | None:
+        """Stream body bytes to the part file; return the part once its delimiter is seen."""
+        buf, length = self._buf, len(self._delim)
+        while True:
+            idx = buf.find(self._delim, self._scan)
+            if idx < 0:
+                # Why: hold back a possible partial delimiter and the CR before it.
+                self._write(len(buf) - length)
+                self._scan = max(0, len(buf) - length + 1)
+                return None
+            verdict = _classify(buf, idx + length)
+            if verdict is None:
+                self._scan = idx - self._write(idx - 1)
+                return None
+            if verdict[0] is not _Verdict.DATA:
+                break
+            self._scan = idx + 1
+        # The CR of a CRLF delimiter is not body data; a bare LF delimiter has none.
+        written = self._write(idx - 1 if idx > 0 and buf[idx - 1] == 0x0D else idx)
+        assert self._file is not None
+        finished, self._file = (self._file, self._part), None
+        self._start_part(verdict[0], verdict[1] - written)
+        return finished
+
+    def _write(self, count: int) -> int:
+        """Move ``count`` bytes (if positive) from the buffer front to the part file."""
+        if count <= 0:
+            return 0
+        assert self._file is not None
+        self._part.size += count
+        if self._part.size > self._max_part_size:
+            raise TooLarge(
+                f"multipart part {self._count} exceeds the limit of {self._max_part_size} bytes"
+            )
+        # Why memoryview: writes without copying the chunk; the view is freed before the del.
+        self._file.write(memoryview(self._buf)[:count])
+        del self._buf[:count]
+        return count
+
+
+def _fsync_and_close(file: io.BufferedWriter) -> None:
+    """Make the file's contents durable, then close it (even on failure)."""
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+    finally:
+        file.close()
+
+
+async def _seal(file: io.BufferedWriter, part: Part) -> Part:
+    """Fsync and close a finished part off the event loop; delete it on failure."""
+    try:
+        # Why a thread: fsync can take milliseconds and would stall every other request.
+        await asyncio.to_thread(_fsync_and_close, file)
+    except BaseException:
+        part.path.unlink(missing_ok=True)
+        raise
+    return part
+
+
+async def iter_parts(
+    chunks: AsyncIterable[bytes],
+    boundary: str,
+    *,
+    spool_dir: Path,
+    max_part_size: int,
+    max_parts: int,
+    max_header_bytes: int = 16384,
+) -> AsyncIterator[Part]:
+    """Yield the parts of a ``multipart/related`` body streamed as ``chunks``.
+
+    ``boundary`` is the Content-Type parameter (without the leading "--").
+    Preamble and epilogue are skipped (they are not buffered but are read, so
+    the caller must cap the total request size). Delimiter lines may end in
+    CRLF or a bare LF. Each part body goes to a new ``part-*`` file in
+    ``spool_dir``, fsynced and closed before the part is yielded; the caller
+    then owns that file. On any error or cancellation the file of the part in
+    progress is deleted; files of parts already yielded are left to the caller.
+
+    Raises BadRequest for a missing or invalid boundary, no opening boundary,
+    a body that ends before the close delimiter, or a header block that is
+    malformed or larger than ``max_header_bytes``. Raises TooLarge when a part
+    body exceeds ``max_part_size`` bytes or there are more than ``max_parts``.
+    Body writes happen on the event loop: they go to the page cache and are
+    far cheaper than a thread hop per chunk.
+    """
+    limits = (max_part_size, max_parts, max_header_bytes)
+    parser = _Parser(_check_boundary(boundary), spool_dir, limits)
+    try:
+        async for chunk in chunks:
+            parser.feed(chunk)
+            while (finished := parser.next_part()) is not None:
+                yield await _seal(*finished)
+        parser.finish()
+    finally:
+        parser.abort()
+
+
+def new_boundary() -> str:
+    """Return a fresh random boundary: 32 hex digits, needing no quoting.
+
+    128 random bits make a collision with body content negligible, which is
+    why bodies are not scanned for it.
+    """
+    return secrets.token_hex(16)
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """Encode one header line; reject values that would break the framing."""
+    if not _TOKEN_RE.fullmatch(name) or "\r" in value or "\n" in value:
+        raise ValueError(f"invalid multipart header {name!r}: {value!r}")
+    return f"{name}: {value}\r\n".encode("ascii")
+
+
+def part_header(boundary: str, content_type: str, extra: Mapping[str, str] | None = None) -> bytes:
+    """Return the boundary line and headers that open a part, ending in the blank line.
+
+    That is ``--boundary CRLF Content-Type: ... CRLF [extra headers] CRLF``.
+    The body follows directly and must be followed by ``b"\\r\\n"`` (see the
+    module docstring). Raises ValueError for an invalid boundary or a header
+    name or value that is not ASCII or contains a line break.
+    """
+    lines = [b"--" + _check_boundary(boundary, ValueError) + b"\r\n"]
+    lines.append(_header_line("Content-Type", content_type))
+    for name, value in (extra or {}).items():
+        lines.append(_header_line(name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def closing(boundary: str) -> bytes:
+    """Return the close delimiter ``--boundary-- CRLF``.
+
+    It follows the ``b"\\r\\n"`` written after the last body, which supplies
+    the CRLF that RFC 2046 puts in front of the delimiter. Raises ValueError
+    for an invalid boundary.
+    """
+    return b"--" + _check_boundary(boundary, ValueError) + b"--\r\n"
+
+
+def encode_parts(parts: Iterable[tuple[str, bytes]], boundary: str) -> bytes:
+    """Build a whole message from ``(content_type, body)`` pairs.
+
+    For small responses only; the framing is the one in the module docstring.
+    With no parts the result is only the close delimiter, which this module's
+    parser accepts as an empty message (RFC 2046 itself requires one part).
+    """
+    pieces: list[bytes] = []
+    for content_type, body in parts:
+        pieces += (part_header(boundary, content_type), body, b"\r\n")
+    pieces.append(closing(boundary))
+    return b"".join(pieces)

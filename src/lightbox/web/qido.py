@@ -1,0 +1,89 @@
+"""QIDO-RS (PS3.18 §10.6): search for studies, series and instances.
+
+An empty result is ``200 []`` (never 204), so every client can parse it the
+same way.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lightbox.dicom import uids
+from lightbox.dicom.attributes import QueryLevel
+from lightbox.dicom.query import Query, parse_includes
+from lightbox.errors import BadRequest
+from lightbox.services import search
+from lightbox.web import context
+
+MAX_PARAMETERS = 200
+MAX_OFFSET = 10_000_000
+_CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "_", "format"}
+
+
+def _int_param(request: Request, name: str, high: int | None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 12:
+        raise BadRequest(f"{name} must be a non-negative integer, got {raw[:32]!r}")
+    value = int(raw)
+    if high is not None and value > high:
+        raise BadRequest(f"{name} must be at most {high}")
+    return value
+
+
+def parse_query(request: Request, level: QueryLevel) -> Query:
+    """Build the query model from the URL: path UIDs, matching keys and controls."""
+    params = request.query_params
+    if len(params.multi_items()) > MAX_PARAMETERS:
+        raise BadRequest(f"too many query parameters (at most {MAX_PARAMETERS})")
+    query = Query(level=level)
+    query.fuzzy = params.get("fuzzymatching", "false").lower() == "true"
+    query.limit = _int_param(request, "limit", None)
+    query.offset = _int_param(request, "offset", MAX_OFFSET) or 0
+    parse_includes(query, params.getlist("includefield"))
+    for key in ("study", "series"):
+        if key in request.path_params:
+            keyword = "StudyInstanceUID" if key == "study" else "SeriesInstanceUID"
+            query.add(keyword, uids.require_uid(request.path_params[key], keyword))
+    for key, value in params.multi_items():
+        if key in _CONTROL:
+            continue
+        query.add(key, value)
+    return query
+
+
+def _handler(level: QueryLevel):  # type: ignore[no-untyped-def]
+    async def endpoint(request: Request) -> Response:
+        query = parse_query(request, level)
+        archive = context.archive(request)
+        principal = context.principal(request)
+        results = await context.blocking(search.search, archive, principal, query)
+        warnings = []
+        if results.truncated:
+            warnings.append(f'299 lightbox "results limited to {results.limit}; use offset to page"')
+        if query.unsupported:
+            names = ", ".join(k[:64] for k in query.unsupported[:20])
+            warnings.append(f'299 lightbox "not supported as matching keys, ignored: {names}"')
+        headers = {"Warning": ", ".join(warnings)} if warnings else None
+        body = json.dumps(results.items, separators=(",", ":"), ensure_ascii=False).encode()
+        return context.dicom_json(request, body, headers)
+
+    return endpoint
+
+
+routes = [
+    Route("/studies", _handler(QueryLevel.STUDY), methods=["GET"]),
+    Route("/series", _handler(QueryLevel.SERIES), methods=["GET"]),
+    Route("/instances", _handler(QueryLevel.INSTANCE), methods=["GET"]),
+    Route("/studies/{study}/series", _handler(QueryLevel.SERIES), methods=["GET"]),
+    Route("/studies/{study}/instances", _handler(QueryLevel.INSTANCE), methods=["GET"]),
+    Route(
+        "/studies/{study}/series/{series}/instances", _handler(QueryLevel.INSTANCE),
+        methods=["GET"],
+    ),
+]

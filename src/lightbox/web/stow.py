@@ -1,0 +1,135 @@
+"""STOW-RS (PS3.18 §10.5): store instances sent as multipart/related.
+
+The body is parsed as it streams in; each part lands, fsynced, in the blob
+store's staging folder and goes through the one ingest path
+once the whole body has arrived.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lightbox.dicom import uids
+from lightbox.errors import BadRequest, TooLarge, UnsupportedMediaType
+from lightbox.services.ingest import FailureReason, Offer, Outcome, Status, store_instances
+from lightbox.web import context
+from lightbox.web.multipart import Part, iter_parts, parse_content_type
+
+DICOM_TYPES = ("application/dicom",)
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise TooLarge(f"upload exceeds {limit} bytes")
+        yield chunk
+
+
+def _boundary(request: Request) -> str:
+    media, params = parse_content_type(request.headers.get("content-type", ""))
+    if media != "multipart/related":
+        raise UnsupportedMediaType(
+            f'STOW-RS takes multipart/related; type="application/dicom", not {media or "nothing"!r}'
+        )
+    if params.get("type", "application/dicom").lower() not in DICOM_TYPES:
+        raise UnsupportedMediaType(f"part type {params.get('type')!r} is not supported")
+    if "boundary" not in params:
+        raise BadRequest("multipart/related needs a boundary parameter")
+    return params["boundary"]
+
+
+async def store(request: Request) -> Response:
+    study = request.path_params.get("study")
+    if study is not None:
+        uids.require_uid(study, "StudyInstanceUID")
+    archive = context.archive(request)
+    principal = context.principal(request)
+    principal.require_write()
+    boundary = _boundary(request)
+    settings = archive.settings
+    offers: list[Offer] = []
+    parts = iter_parts(
+        _limited(request, settings.max_upload_bytes), boundary,
+        spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
+        max_parts=settings.max_parts,
+    )
+    # The whole body is received (parts spooled to disk, never to memory) before
+    # anything is stored, so a request that breaks off half-way changes nothing.
+    try:
+        async for part in parts:
+            offers.append(_offer(part, len(offers)))
+    except BaseException:
+        for offer in offers:
+            offer.path.unlink(missing_ok=True)
+        raise
+    outcomes = await context.blocking(store_instances, archive, offers, expected_study=study)
+    if not outcomes:
+        raise BadRequest("the request holds no DICOM instances")
+    return _response(request, outcomes, study)
+
+
+def _offer(part: Part, number: int) -> Offer:
+    source = f"part {number + 1}"
+    if part.content_type not in ("", *DICOM_TYPES):
+        # Still offered: the ingest path rejects what is not DICOM, with a reason.
+        source += f" ({part.content_type})"
+    return Offer(part.path, source, staged=True)
+
+
+def _response(request: Request, outcomes: list[Outcome], study: str | None) -> Response:
+    base = context.base_url(request)
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for o in outcomes:
+        item: dict[str, Any] = {}
+        if o.sop_class_uid:
+            item["00081150"] = {"vr": "UI", "Value": [o.sop_class_uid]}
+        if o.sop_instance_uid:
+            item["00081155"] = {"vr": "UI", "Value": [o.sop_instance_uid]}
+        if o.status is Status.REJECTED:
+            code = int(o.failure or FailureReason.PROCESSING_FAILURE)
+            item["00081197"] = {"vr": "US", "Value": [code]}
+            failed.append(item)
+        else:
+            item["00081190"] = {"vr": "UR", "Value": [
+                f"{base}/studies/{o.study_instance_uid}/series/{o.series_instance_uid}"
+                f"/instances/{o.sop_instance_uid}"]}
+            referenced.append(item)
+    body: dict[str, Any] = {}
+    if study:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{study}"]}
+    if referenced:
+        body["00081199"] = {"vr": "SQ", "Value": referenced}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    status = 200 if not failed else (202 if referenced else 409)
+    headers = _warnings(outcomes)
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return Response(payload, status_code=status, media_type=context.DICOM_JSON, headers=headers)
+
+
+def _warnings(outcomes: list[Outcome]) -> dict[str, str] | None:
+    notes = []
+    for o in outcomes:
+        if o.status is Status.REJECTED:
+            notes.append(f"{o.source}: {o.reason}")
+        elif o.status is Status.DUPLICATE:
+            notes.append(f"{o.source}: {o.sop_instance_uid} was already stored (kept)")
+    if not notes:
+        return None
+    text = "; ".join(notes[:20]).encode("ascii", "replace").decode().replace('"', "'")[:2000]
+    return {"Warning": f'299 lightbox "{text}"'}
+
+
+routes = [
+    Route("/studies", store, methods=["POST"]),
+    Route("/studies/{study}", store, methods=["POST"]),
+]

@@ -1,0 +1,265 @@
+"""WADO-RS (PS3.18 §10.4): instances, metadata, frames, bulk data, rendered."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from lightbox.dicom import render, uids
+from lightbox.errors import BadRequest, NotAcceptable, NotFound
+from lightbox.index.instances import StoredInstance
+from lightbox.services import pixels, retrieve
+from lightbox.web import context
+from lightbox.web.accept import parse_accept
+from lightbox.web.multipart import closing, new_boundary, part_header
+
+MAX_FRAMES_PER_REQUEST = 10_000
+CHUNK = 1024 * 1024
+
+
+def _uids(request: Request) -> tuple[str, str | None, str | None]:
+    p = request.path_params
+    study = uids.require_uid(p["study"], "StudyInstanceUID")
+    series = uids.require_uid(p["series"], "SeriesInstanceUID") if "series" in p else None
+    sop = uids.require_uid(p["instance"], "SOPInstanceUID") if "instance" in p else None
+    return study, series, sop
+
+
+def _instance_syntax(accept: str | None) -> str | None:
+    """Transfer syntax wanted for application/dicom parts; None means as stored.
+
+    Per PS3.18 §8.7.3.5 an absent transfer-syntax parameter asks for Explicit
+    VR Little Endian; ``*/*`` and ``transfer-syntax=*`` take what is stored.
+    """
+    for choice in parse_accept(accept):
+        if choice.media_type in ("*/*", "multipart/*") and choice.type is None:
+            return None
+        dicom = choice.media_type == "application/dicom" or (
+            choice.media_type == "multipart/related" and choice.type in (None, "application/dicom")
+        )
+        if dicom:
+            ts = choice.transfer_syntax
+            if ts == "*":
+                return None
+            return ts or uids.EXPLICIT_VR_LITTLE_ENDIAN
+    raise NotAcceptable('instances are served as multipart/related; type="application/dicom"')
+
+
+def _check_syntax(found: list[StoredInstance], syntax: str | None) -> None:
+    if syntax in (None, uids.EXPLICIT_VR_LITTLE_ENDIAN):
+        return
+    for instance in found:
+        if instance.transfer_syntax_uid != syntax:
+            raise NotAcceptable(
+                f"instance {instance.sop_instance_uid} is stored as "
+                f"{instance.transfer_syntax_uid}; ask for it, for "
+                f"{uids.EXPLICIT_VR_LITTLE_ENDIAN} or for transfer-syntax=*"
+            )
+
+
+async def retrieve_instances(request: Request) -> Response:
+    study, series, sop = _uids(request)
+    syntax = _instance_syntax(request.headers.get("accept"))
+    archive = context.archive(request)
+    principal = context.principal(request)
+    found = await context.blocking(retrieve.find_instances, archive, principal, study, series, sop)
+    _check_syntax(found, syntax)
+    boundary = new_boundary()
+
+    async def body() -> AsyncIterator[bytes]:
+        for instance in found:
+            yield part_header(boundary, "application/dicom" + _ts_param(instance, syntax))
+            if syntax is None or syntax == instance.transfer_syntax_uid:
+                async for chunk in _file_chunks(archive, instance):
+                    yield chunk
+            else:
+                yield await context.blocking(pixels.explicit_little_endian, archive, instance)
+            yield b"\r\n"
+        yield closing(boundary)
+
+    media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return StreamingResponse(body(), media_type=media)
+
+
+def _ts_param(instance: StoredInstance, syntax: str | None) -> str:
+    chosen = instance.transfer_syntax_uid if syntax in (None, instance.transfer_syntax_uid) else (
+        uids.EXPLICIT_VR_LITTLE_ENDIAN
+    )
+    return f"; transfer-syntax={chosen}"
+
+
+async def _file_chunks(archive: Any, instance: StoredInstance) -> AsyncIterator[bytes]:
+    fh = await context.blocking(archive.blobs.open, instance.blob_key)
+    try:
+        while True:
+            chunk = await context.blocking(fh.read, CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        fh.close()
+
+
+async def metadata(request: Request) -> Response:
+    study, series, sop = _uids(request)
+    archive = context.archive(request)
+    principal = context.principal(request)
+    payload = await context.blocking(retrieve.metadata, archive, principal, study, series, sop)
+    return context.dicom_json(request, payload)
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError as exc:
+        raise BadRequest(f"frame list {text[:64]!r} must be comma-separated numbers") from exc
+    if not numbers or len(numbers) > MAX_FRAMES_PER_REQUEST or min(numbers) < 1:
+        raise BadRequest("frame numbers start at 1; at most 10000 per request")
+    return numbers
+
+
+def _frame_syntax(accept: str | None, stored: str) -> tuple[bool, str]:
+    """(native wanted, part media type) for a frames request on ``stored`` syntax."""
+    compressed_type = uids.FRAME_MEDIA_TYPES.get(stored)
+    for choice in parse_accept(accept):
+        media = choice.type if choice.media_type == "multipart/related" else choice.media_type
+        if media in (None, "*/*", "application/octet-stream"):
+            if choice.transfer_syntax == "*" or (
+                choice.transfer_syntax == stored and compressed_type is not None
+            ):
+                return False, "application/octet-stream"
+            return True, "application/octet-stream"
+        if compressed_type is not None and media == compressed_type:
+            return False, compressed_type
+    raise NotAcceptable(f"frames of this instance are available as application/octet-stream"
+                        f"{' or ' + compressed_type if compressed_type else ''}")
+
+
+async def frames(request: Request) -> Response:
+    study, series, sop = _uids(request)
+    assert series is not None and sop is not None
+    numbers = _frame_numbers(request.path_params["frames"])
+    archive = context.archive(request)
+    cache = context.instance_cache(request)
+    principal = context.principal(request)
+    instance = cache.get((study, series, sop))
+    if instance is None or not principal.may_read(study):
+        instance = await context.blocking(
+            retrieve.find_instance, archive, cache, principal, study, series, sop
+        )
+    native, media = _frame_syntax(request.headers.get("accept"), instance.transfer_syntax_uid)
+    boundary = new_boundary()
+    chunks: list[bytes] = []
+    for number in numbers:
+        # Ranged reads of a few hundred KiB from the page cache: cheaper inline
+        # than a hop to a worker thread.
+        frame = retrieve.stored_frame(archive, instance, number)
+        if frame is None or (native and frame.transfer_syntax_uid not in uids.NATIVE_SYNTAXES):
+            frame = await context.blocking(pixels.frame, archive, instance, number, native=native)
+        part_type = f"{media}; transfer-syntax={frame.transfer_syntax_uid}"
+        chunks += [part_header(boundary, part_type), frame.data, b"\r\n"]
+    chunks.append(closing(boundary))
+    content = f'multipart/related; type="{media}"; boundary={boundary}'
+    return Response(b"".join(chunks), media_type=content)
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    start_s, dash, end_s = spec.strip().partition("-")
+    if unit.strip() != "bytes" or not dash or "," in spec:
+        raise BadRequest("only a single bytes=START-END range is supported")
+    try:
+        if start_s:
+            start = int(start_s)
+            end = min(int(end_s), size - 1) if end_s else size - 1
+        else:
+            start, end = max(size - int(end_s), 0), size - 1
+    except ValueError as exc:
+        raise BadRequest(f"bad Range header {header[:64]!r}") from exc
+    if start > end or start >= size:
+        raise NotFound("requested range is outside the bulk data")
+    return start, end
+
+
+async def bulkdata(request: Request) -> Response:
+    study, series, sop = _uids(request)
+    assert series is not None and sop is not None
+    tag_path = request.path_params["path"]
+    archive = context.archive(request)
+    principal = context.principal(request)
+    instance = (await context.blocking(
+        retrieve.find_instances, archive, principal, study, series, sop))[0]
+    if tag_path.upper() != "7FE00010" or instance.layout is None:
+        data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
+    else:
+        offset, length = instance.layout.value
+        if instance.layout.encapsulated:
+            data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
+        else:
+            data = await context.blocking(archive.blobs.read_range, instance.blob_key, offset, length)
+    rng = _byte_range(request.headers.get("range"), len(data))
+    if rng is None:
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Accept-Ranges": "bytes"})
+    start, end = rng
+    return Response(
+        data[start : end + 1],
+        status_code=206,
+        media_type="application/octet-stream",
+        headers={"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
+    )
+
+
+async def rendered(request: Request) -> Response:
+    thumbnail = request.url.path.endswith("/thumbnail")
+    study, series, sop = _uids(request)
+    accept = request.headers.get("accept")
+    params = dict(request.query_params)
+    options = (render.thumbnail_options(params, accept) if thumbnail
+               else render.parse_render_query(params, accept=accept))
+    number = int(request.path_params.get("frame", 0)) if "frame" in request.path_params else None
+    archive = context.archive(request)
+    principal = context.principal(request)
+    found = await context.blocking(retrieve.find_instances, archive, principal, study, series, sop)
+    instance, number = _representative(found, number, single=sop is not None)
+    data = await context.blocking(pixels.rendered, archive, instance, number, options)
+    return Response(data, media_type=options.media_type)
+
+
+def _representative(
+    found: list[StoredInstance], number: int | None, *, single: bool
+) -> tuple[StoredInstance, int]:
+    """The instance and frame that stand for a study or series: the middle image."""
+    if single:
+        return found[0], number or 1
+    images = [i for i in found if i.layout is not None] or found
+    chosen = images[len(images) // 2]
+    return chosen, number or max(1, (chosen.number_of_frames + 1) // 2)
+
+
+I = "/studies/{study}/series/{series}/instances/{instance}"
+
+routes = [
+    Route("/studies/{study}", retrieve_instances, methods=["GET"]),
+    Route("/studies/{study}/series/{series}", retrieve_instances, methods=["GET"]),
+    Route(I, retrieve_instances, methods=["GET"]),
+    Route("/studies/{study}/metadata", metadata),
+    Route("/studies/{study}/series/{series}/metadata", metadata),
+    Route(I + "/metadata", metadata),
+    Route(I + "/frames/{frames}", frames),
+    Route(I + "/bulkdata/{path:path}", bulkdata),
+    Route("/studies/{study}/rendered", rendered),
+    Route("/studies/{study}/thumbnail", rendered),
+    Route("/studies/{study}/series/{series}/rendered", rendered),
+    Route("/studies/{study}/series/{series}/thumbnail", rendered),
+    Route(I + "/rendered", rendered),
+    Route(I + "/thumbnail", rendered),
+    Route(I + "/frames/{frame:int}/rendered", rendered),
+    Route(I + "/frames/{frame:int}/thumbnail", rendered),
+]
