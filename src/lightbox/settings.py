@@ -23,6 +23,7 @@ class Settings:
     http_port: int = 8042
     dicom_port: int = 11112
     aet: str = "LIGHTBOX"
+    public_url: str = ""  # e.g. https://images.example.org when behind a proxy
     overwrite: bool = False
     qido_max_results: int = 1000
     qido_default_limit: int = 200

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, validate_file_meta
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pack_bits, pixel_array
@@ -123,8 +123,10 @@ def to_explicit_little_endian(source: Path | BinaryIO) -> bytes:
     decoded; big endian binary values are byte swapped; deflated data is
     inflated. The SOP Instance UID, the Media Storage SOP Class/Instance UIDs,
     the preamble and every other element stay as they were; only the file
-    meta Transfer Syntax UID changes. A file that already is a Part-10 Explicit
-    VR Little Endian file is returned byte for byte.
+    meta Transfer Syntax UID changes (and retired group length elements
+    outside group 0002 are dropped, as pydicom always does). A file that
+    already is a Part-10 Explicit VR Little Endian file is returned byte for
+    byte.
 
     Raises Unavailable when the file is not DICOM or its pixel data cannot be
     decoded with the installed plugins.
@@ -143,7 +145,8 @@ def to_explicit_little_endian(source: Path | BinaryIO) -> bytes:
         _swap_to_little_endian(ds)
     _complete_file_meta(ds)
     out = BytesIO()
-    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    # Not enforce_file_format: _complete_file_meta already made it valid Part-10.
+    pydicom.dcmwrite(out, ds, enforce_file_format=False)
     return out.getvalue()
 
 
@@ -155,7 +158,7 @@ def _transfer_syntax(ds: Dataset) -> UID:
         raise Unavailable("the object has no Transfer Syntax UID; its pixel data cannot be read")
     tsyntax = UID(value)
     if not can_decode(tsyntax):
-        raise Unavailable(f"no decoder is installed for transfer syntax {tsyntax} ({tsyntax.name})")
+        raise Unavailable(f"no decoder is installed for transfer syntax {_describe(tsyntax)}")
     return tsyntax
 
 
@@ -192,6 +195,10 @@ def _decode(ds: Dataset, index: int, tsyntax: UID) -> npt.NDArray[Any]:
             f"cannot decode frame {index + 1} ({tsyntax.name}): {_reason(exc)}"
         ) from exc
     return arr
+
+
+def _describe(uid: UID) -> str:
+    return str(uid) if uid.name == str(uid) else f"{uid} ({uid.name})"
 
 
 def _reason(exc: BaseException) -> str:
@@ -254,7 +261,7 @@ def _decompress(ds: Dataset, tsyntax: UID) -> None:
     except (RuntimeError, ValueError, AttributeError, NotImplementedError) as exc:
         if not can_decode(tsyntax):
             raise Unavailable(
-                f"no decoder is installed for transfer syntax {tsyntax} ({tsyntax.name})"
+                f"no decoder is installed for transfer syntax {_describe(tsyntax)}"
             ) from exc
         raise Unavailable(f"cannot decompress {tsyntax.name} pixel data: {_reason(exc)}") from exc
     for tag in _ENCAPSULATION_ONLY:
@@ -279,10 +286,22 @@ def _swap_to_little_endian(ds: Dataset) -> None:
 
 
 def _complete_file_meta(ds: Dataset) -> None:
-    """Point the file meta at Explicit VR LE, filling what a meta-less file lacks."""
+    """Point the file meta at Explicit VR LE, filling in only what a meta-less file lacks.
+
+    Existing Media Storage UIDs are kept even when they disagree with the
+    dataset (pydicom's enforce_file_format would overwrite them).
+    """
     meta = ds.file_meta
     meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
     if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in ds:
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
     if "MediaStorageSOPInstanceUID" not in meta and "SOPInstanceUID" in ds:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "FileMetaInformationGroupLength" not in meta:
+        meta.FileMetaInformationGroupLength = 0  # recomputed by the writer
+    try:
+        validate_file_meta(meta, enforce_standard=True)
+    except (AttributeError, ValueError) as exc:
+        raise Unavailable(f"stored object cannot be written as Part-10: {_reason(exc)}") from exc
+    if not getattr(ds, "preamble", None):
+        ds.preamble = b"\0" * 128

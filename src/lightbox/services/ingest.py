@@ -78,6 +78,7 @@ def store_instances(
     """
     outcomes: list[Outcome | None] = [None] * len(offers)
     accepted: list[tuple[int, InstanceRecord, Path]] = []
+    offers = [_with_preamble(archive, offer) for offer in offers]
     for i, offer in enumerate(offers):
         try:
             record = _validate(archive, offer, expected_study)
@@ -96,6 +97,30 @@ def store_instances(
     for i, outcome in _write(archive, offers, to_write):
         outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
+
+
+PREAMBLE = bytes(128) + b"DICM"
+
+
+def _with_preamble(archive: Archive, offer: Offer) -> Offer:
+    """Add the Part 10 preamble to a file that starts directly with its File Meta
+    group (as some clients write it), so that what we store and serve is a
+    conformant file. Anything else is left for validation to judge."""
+    try:
+        with open(offer.path, "rb") as fh:
+            head = fh.read(132)
+            if head[128:132] == b"DICM" or not head.startswith(b"\x02\x00"):
+                return offer
+            fd, target = archive.blobs.new_staging_file()
+            with os.fdopen(fd, "wb") as out:
+                out.write(PREAMBLE)
+                fh.seek(0)
+                shutil.copyfileobj(fh, out, 1024 * 1024)
+    except OSError:
+        return offer
+    fsync_file(target)
+    _discard(offer)
+    return Offer(target, offer.source, staged=True)
 
 
 def _validate(archive: Archive, offer: Offer, expected_study: str | None) -> InstanceRecord:

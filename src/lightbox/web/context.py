@@ -61,9 +61,21 @@ def principal(request: Request) -> Principal:
 
 
 def base_url(request: Request) -> str:
-    """The DICOMweb root the caller used (e.g. http://host:8042/dicom-web)."""
+    """The DICOMweb root the caller used (e.g. http://host:8042/dicom-web).
+
+    ``public_url`` wins when set (behind a reverse proxy). Some clients send a
+    Host header without the port (dicomweb-client does); the port the server
+    listens on is then added, unless it is the scheme's default.
+    """
     root = request.scope.get("root_path", "")
-    return f"{request.url.scheme}://{request.url.netloc}{root}"
+    public: str = request.app.state.archive.settings.public_url
+    if public:
+        return public.rstrip("/") + root
+    netloc = request.url.netloc
+    server = request.scope.get("server")
+    if ":" not in netloc.rsplit("]", 1)[-1] and server and server[1] not in (80, 443, None):
+        netloc = f"{netloc}:{server[1]}"
+    return f"{request.url.scheme}://{netloc}{root}"
 
 
 def resolve(request: Request, payload: bytes) -> bytes:

@@ -204,16 +204,21 @@ async def bulkdata(request: Request) -> Response:
         else:
             data = await context.blocking(archive.blobs.read_range, instance.blob_key, offset, length)
     rng = _byte_range(request.headers.get("range"), len(data))
-    if rng is None:
-        return Response(data, media_type="application/octet-stream",
-                        headers={"Accept-Ranges": "bytes"})
-    start, end = rng
-    return Response(
-        data[start : end + 1],
-        status_code=206,
-        media_type="application/octet-stream",
-        headers={"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
-    )
+    headers = {"Accept-Ranges": "bytes"}
+    status = 200
+    if rng is not None:
+        start, end = rng
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        data, status = data[start : end + 1], 206
+    accept = request.headers.get("accept", "")
+    if accept.strip().startswith("application/octet-stream"):
+        return Response(data, status_code=status, media_type="application/octet-stream",
+                        headers=headers)
+    # PS3.18 returns bulk data as multipart/related by default.
+    boundary = new_boundary()
+    body = part_header(boundary, "application/octet-stream") + data + b"\r\n" + closing(boundary)
+    media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    return Response(body, status_code=status, media_type=media, headers=headers)
 
 
 async def rendered(request: Request) -> Response:

@@ -1,0 +1,28 @@
+"""First end-to-end check: store and read back over real HTTP on both backends."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+from pydicom import dcmread
+from dicomweb_client.api import DICOMwebClient
+
+from tests.conftest import RunningServer
+from tests.factories import ct_dataset, to_bytes
+
+
+def test_store_search_and_retrieve_round_trip(server: RunningServer) -> None:
+    original = to_bytes(ct_dataset())
+    ds = dcmread(io.BytesIO(original))
+    client = DICOMwebClient(server.dicomweb, headers=server.headers)
+    client.store_instances([ds])
+    found = client.search_for_studies(search_filters={"PatientID": "PAT-1"})
+    assert [s["0020000D"]["Value"][0] for s in found] == [ds.StudyInstanceUID]
+    back = httpx.get(
+        f"{server.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}",
+        headers={**server.headers, "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert back.status_code == 200
+    assert original in back.content
