@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,9 @@ class Bench:
     corpus_script: Path
     servers: dict[str, servers.Server]  # "orthanc" and "lightbox"
     results: Results
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     series_files: list[Path] = field(default_factory=list)
+    series_instances: list[bytes] = field(default_factory=list)  # relabelled for this run
     series_refs: list[corpus.InstanceRef] = field(default_factory=list)
     uploaded: set[str] = field(default_factory=set)
 
@@ -119,7 +122,10 @@ def prepare_series(bench: Bench) -> None:
         slices=bench.sizes.series_slices,
         seed=11,
     )
-    bench.series_refs = [corpus.read_ref(f) for f in bench.series_files]
+    bench.series_instances = corpus.relabelled(
+        bench.series_files, f"series-{bench.run_id}", patient_prefix=f"S{bench.run_id}"
+    )
+    bench.series_refs = [corpus.read_ref(b) for b in bench.series_instances]
 
 
 def upload_series(bench: Bench) -> None:
@@ -129,8 +135,8 @@ def upload_series(bench: Bench) -> None:
         if name in bench.uploaded:
             continue
         bench.check_alive()
-        log(f"{name}: storing the series ({len(bench.series_files)} instances, untimed)")
-        bodies = stow_bodies([f.read_bytes() for f in bench.series_files], f"series-{name}")
+        log(f"{name}: storing the series ({len(bench.series_instances)} instances, untimed)")
+        bodies = stow_bodies(bench.series_instances, f"series-{name}")
         conn = bench.conn(name)
         try:
             path = f"{bench.servers[name].prefix}/studies"

@@ -72,8 +72,9 @@ class InstanceRef:
     frame_len: int
 
 
-def read_ref(path: Path) -> InstanceRef:
-    ds = pydicom.dcmread(path, stop_before_pixels=False)
+def read_ref(source: Path | bytes) -> InstanceRef:
+    """Identity of one instance, from a file or from Part 10 bytes."""
+    ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
     return InstanceRef(
         study=str(ds.StudyInstanceUID),
         series=str(ds.SeriesInstanceUID),
@@ -122,12 +123,16 @@ def rewrite(
         ds.PatientID = old_pid
 
 
-def relabelled(files: list[Path], label: str) -> list[bytes]:
-    """The instances of ``files`` with UIDs (and PatientID) unique to ``label``."""
+def relabelled(files: list[Path], label: str, patient_prefix: str) -> list[bytes]:
+    """The instances of ``files`` with UIDs derived from ``label`` and PatientIDs prefixed.
+
+    With a per-run ``label`` nothing collides with an earlier run's data (a reused
+    PostgreSQL database), and a QIDO search by PatientID finds this run's study only.
+    """
     out: list[bytes] = []
     for path in files:
         ds = pydicom.dcmread(path)
-        out.append(rewrite(ds, label, patient_id=f"{label[:8].upper()}-{ds.PatientID}"[:64]))
+        out.append(rewrite(ds, label, patient_id=f"{patient_prefix}-{ds.PatientID}"[:64]))
     return out
 
 

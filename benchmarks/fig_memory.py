@@ -64,7 +64,7 @@ class RssSampler:
 def _memory_one(bench: Bench, name: str) -> dict[str, float]:
     srv = bench.servers[name]
     study = corpus.LargeStudy.from_files(
-        bench.series_files, bench.sizes.memory_instances, f"mem-{name}"
+        bench.series_files, bench.sizes.memory_instances, f"mem-{name}-{bench.run_id}"
     )
     size_mb = study.content_length / 1e6
     out: dict[str, float] = {"idle_mb": servers.rss_kb(srv.pid) / 1024, "size_mb": size_mb}

@@ -30,8 +30,14 @@ def figure_stow(bench: Bench) -> None:
         slices=min(n, 100),
         seed=21,
     )[:n]
-    # Each server gets its own SOP Instance UIDs (and PatientIDs), rewritten before timing.
-    instances = {name: corpus.relabelled(files, f"stow-{name}") for name in TARGETS}
+    # Each server gets its own SOP Instance UIDs and PatientIDs (unique to this run too),
+    # rewritten in memory before timing.
+    instances = {
+        name: corpus.relabelled(
+            files, f"stow-{name}-{bench.run_id}", patient_prefix=f"{name[0].upper()}{bench.run_id}"
+        )
+        for name in TARGETS
+    }
     writer = DurableWriter(bench.tmp / "write-ceiling")
     seconds = dict.fromkeys(TARGETS, 0.0)
     rounds = _rounds(n, bench.sizes.stow_rounds)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1387.9."
 
@@ -56,12 +56,13 @@ def _slice(sample: SampleSeries, index: int, pixels: np.ndarray) -> Dataset:
     sop_class = CTImageStorage if sample.modality == "CT" else MRImageStorage
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = _uid(sample.patient_id, "slice", index)
+    meta.MediaStorageSOPInstanceUID = UID(_uid(sample.patient_id, "slice", index))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240115", "093000", sample.patient_id[-3:]
     ds.Modality, ds.StudyDescription, ds.SeriesDescription = sample.modality, "Demo", sample.description
     ds.ReferringPhysicianName, ds.PatientName, ds.PatientID = "", sample.patient_name, sample.patient_id

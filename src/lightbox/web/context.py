@@ -67,7 +67,7 @@ def base_url(request: Request) -> str:
     Host header without the port (dicomweb-client does); the port the server
     listens on is then added, unless it is the scheme's default.
     """
-    root = request.scope.get("root_path", "")
+    root = str(request.scope.get("root_path", ""))
     public: str = request.app.state.archive.settings.public_url
     if public:
         return public.rstrip("/") + root
