@@ -24,7 +24,7 @@ import uvicorn
 from lightbox.archive import Archive
 from lightbox.services import auth
 from lightbox.settings import Settings
-from lightbox.web.app import create_app
+from lightbox.web.app import create_asgi
 
 PG_ADMIN = os.environ.get("LIGHTBOX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -95,7 +95,7 @@ class RunningServer:
 def serving(archive: Archive) -> Iterator[RunningServer]:
     port = free_port()
     config = uvicorn.Config(
-        create_app(archive), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        create_asgi(archive), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

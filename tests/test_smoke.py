@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 
 import httpx
-from pydicom import dcmread
 from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
 
 from tests.conftest import RunningServer
 from tests.factories import ct_dataset, to_bytes
@@ -22,7 +22,10 @@ def test_store_search_and_retrieve_round_trip(server: RunningServer) -> None:
     back = httpx.get(
         f"{server.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         f"/instances/{ds.SOPInstanceUID}",
-        headers={**server.headers, "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        headers={
+            **server.headers,
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+        },
     )
     assert back.status_code == 200
     assert original in back.content

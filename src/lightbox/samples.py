@@ -39,9 +39,11 @@ def _volume(sample: SampleSeries) -> np.ndarray:
     n, size = sample.slices, sample.size
     z, y, x = np.mgrid[0:n, 0:size, 0:size].astype(np.float32)
     c = size / 2
-    ellipsoid = ((x - c) / (0.40 * size)) ** 2 + ((y - c) / (0.32 * size)) ** 2 + (
-        (z - n / 2) / (0.55 * n)
-    ) ** 2
+    ellipsoid = (
+        ((x - c) / (0.40 * size)) ** 2
+        + ((y - c) / (0.32 * size)) ** 2
+        + ((z - n / 2) / (0.55 * n)) ** 2
+    )
     inner = ((x - c * 1.1) / (0.12 * size)) ** 2 + ((y - c) / (0.10 * size)) ** 2
     if sample.modality == "CT":
         vol = np.where(ellipsoid <= 1, 40.0, -1000.0)
@@ -64,8 +66,16 @@ def _slice(sample: SampleSeries, index: int, pixels: np.ndarray) -> Dataset:
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240115", "093000", sample.patient_id[-3:]
-    ds.Modality, ds.StudyDescription, ds.SeriesDescription = sample.modality, "Demo", sample.description
-    ds.ReferringPhysicianName, ds.PatientName, ds.PatientID = "", sample.patient_name, sample.patient_id
+    ds.Modality, ds.StudyDescription, ds.SeriesDescription = (
+        sample.modality,
+        "Demo",
+        sample.description,
+    )
+    ds.ReferringPhysicianName, ds.PatientName, ds.PatientID = (
+        "",
+        sample.patient_name,
+        sample.patient_id,
+    )
     ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, index + 1

@@ -68,7 +68,9 @@ def load(config_file: Path | None = None, overrides: dict[str, Any] | None = Non
     """Build Settings from the layers, each overriding the one before."""
     values: dict[str, Any] = {}
     known = {f.name: f.type for f in fields(Settings)}
-    path = config_file or (Path(os.environ[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in os.environ else None)
+    path = config_file or (
+        Path(os.environ[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in os.environ else None
+    )
     if path is not None:
         with open(path, "rb") as fh:
             for key, value in tomllib.load(fh).items():

@@ -105,9 +105,11 @@ def import_paths(
     """Store everything found under ``paths``; return what happened to each file."""
     summary = Summary()
     seen: set[Path] = set()
-    with ExitStack() as scratch, ThreadPoolExecutor(workers) as pool, tqdm(
-        unit="file", disable=not progress, desc="importing"
-    ) as bar:
+    with (
+        ExitStack() as scratch,
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(unit="file", disable=not progress, desc="importing") as bar,
+    ):
         files = (p for p in collect(paths, summary, scratch) if _first(p.resolve(), seen))
         futures = [
             pool.submit(store_instances, archive, [Offer(p, str(p)) for p in batch])

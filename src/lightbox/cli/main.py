@@ -111,8 +111,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     for path, reason in summary.rejected:
         print(f"rejected {path}: {reason}")
     c = summary.counts
-    print(f"stored {c['stored']}, duplicate {c['duplicate']}, rejected {c['rejected']}, "
-          f"skipped {len(summary.skipped)}")
+    print(
+        f"stored {c['stored']}, duplicate {c['duplicate']}, rejected {c['rejected']}, "
+        f"skipped {len(summary.skipped)}"
+    )
     return 1 if c["rejected"] else 0
 
 
@@ -151,8 +153,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     archive = _open(args)
     with archive.db.read() as conn:
-        for name, table in (("patients", patients), ("studies", studies), ("series", series),
-                            ("instances", instances)):
+        for name, table in (
+            ("patients", patients),
+            ("studies", studies),
+            ("series", series),
+            ("instances", instances),
+        ):
             n = conn.execute(select(func.count()).select_from(table)).scalar_one()
             print(f"{name:<10} {n}")
         size = conn.execute(select(func.coalesce(func.sum(instances.c.size), 0))).scalar_one()
@@ -161,8 +167,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Any] = {
-    "serve": cmd_serve, "demo": cmd_demo, "import": cmd_import, "user": cmd_user,
-    "token": cmd_token, "stats": cmd_stats,
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "import": cmd_import,
+    "user": cmd_user,
+    "token": cmd_token,
+    "stats": cmd_stats,
 }
 
 

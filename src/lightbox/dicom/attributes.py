@@ -58,13 +58,16 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("StudyID", 0x00200010, "SH", ST, "study_id", Kind.STRING, 16),
     Attribute("StudyDescription", 0x00081030, "LO", ST, "study_description", Kind.STRING),
     Attribute(
-        "ReferringPhysicianName", 0x00080090, "PN", ST, "referring_physician_name",
-        Kind.PERSON_NAME, 324,
+        "ReferringPhysicianName",
+        0x00080090,
+        "PN",
+        ST,
+        "referring_physician_name",
+        Kind.PERSON_NAME,
+        324,
     ),
     Attribute("ModalitiesInStudy", 0x00080061, "CS", ST, "modalities_in_study", Kind.MULTI, 256),
-    Attribute(
-        "NumberOfStudyRelatedSeries", 0x00201206, "IS", ST, "number_of_series", Kind.COUNT
-    ),
+    Attribute("NumberOfStudyRelatedSeries", 0x00201206, "IS", ST, "number_of_series", Kind.COUNT),
     Attribute(
         "NumberOfStudyRelatedInstances", 0x00201208, "IS", ST, "number_of_instances", Kind.COUNT
     ),
@@ -91,9 +94,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("Columns", 0x00280011, "US", IN, "columns", Kind.INTEGER),
     Attribute("BitsAllocated", 0x00280100, "US", IN, "bits_allocated", Kind.INTEGER),
     Attribute("NumberOfFrames", 0x00280008, "IS", IN, "number_of_frames", Kind.INTEGER),
-    Attribute(
-        "AvailableTransferSyntaxUID", 0x00083002, "UI", IN, "transfer_syntax_uid", Kind.UID
-    ),
+    Attribute("AvailableTransferSyntaxUID", 0x00083002, "UI", IN, "transfer_syntax_uid", Kind.UID),
 )
 
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}

@@ -62,9 +62,9 @@ def get_user(conn: Connection, name: str) -> User:
 
 def first_admin(conn: Connection) -> User | None:
     row = conn.execute(
-        select(users).where(users.c.is_admin.is_(True), users.c.disabled.is_(False)).order_by(
-            users.c.id
-        )
+        select(users)
+        .where(users.c.is_admin.is_(True), users.c.disabled.is_(False))
+        .order_by(users.c.id)
     ).first()
     return _user(row) if row is not None else None
 

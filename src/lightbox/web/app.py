@@ -11,6 +11,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from lightbox import errors
 from lightbox.archive import Archive
@@ -18,6 +19,7 @@ from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
 from lightbox.web import manage, qido, stow, wado, wadouri
 from lightbox.web.errors import domain_error, http_error, unexpected_error
+from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
 from lightbox.web.observability import routes as ops_routes
 
@@ -37,13 +39,22 @@ def create_app(archive: Archive) -> Starlette:
     dicomweb = [*qido.routes, *stow.routes, *manage.routes, *wado.routes]
     middleware = [Middleware(RequestLog, metrics=metrics)]
     if archive.settings.cors_origins:
-        middleware.append(Middleware(
-            CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type", "Accept"],
-            expose_headers=["Warning", "Content-Range"],
-        ))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(archive.settings.cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Accept"],
+                expose_headers=["Warning", "Content-Range"],
+            )
+        )
     app = Starlette(
-        routes=[Route("/", _home), *ops_routes, *wadouri.routes, Mount("/dicom-web", routes=dicomweb)],
+        routes=[
+            Route("/", _home),
+            *ops_routes,
+            *wadouri.routes,
+            Mount("/dicom-web", routes=dicomweb),
+        ],
         middleware=middleware,
         exception_handlers={
             errors.LightboxError: domain_error,
@@ -57,3 +68,15 @@ def create_app(archive: Archive) -> Starlette:
     app.state.instance_cache = InstanceCache()
     app.state.metrics = metrics
     return app
+
+
+def create_asgi(archive: Archive) -> ASGIApp:
+    """The application behind the frames fast path (what the server runs)."""
+    app = create_app(archive)
+    return FramesFastPath(
+        app,
+        archive=archive,
+        authenticator=app.state.authenticator,
+        cache=app.state.instance_cache,
+        metrics=app.state.metrics,
+    )

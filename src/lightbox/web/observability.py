@@ -8,7 +8,13 @@ import secrets
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -26,11 +32,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "lightbox_http_requests_total", "HTTP requests", ["method", "family", "status"],
+            "lightbox_http_requests_total",
+            "HTTP requests",
+            ["method", "family", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "lightbox_http_request_seconds", "HTTP request latency", ["family"],
+            "lightbox_http_request_seconds",
+            "HTTP request latency",
+            ["family"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
@@ -77,11 +87,18 @@ class RequestLog:
             self.metrics.requests.labels(scope["method"], family, str(status)).inc()
             self.metrics.latency.labels(family).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({
-                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
-                    "status": status, "ms": round(elapsed * 1000, 2),
-                    "client": (scope.get("client") or ("", 0))[0],
-                }))
+                access_log.info(
+                    json.dumps(
+                        {
+                            "request_id": request_id,
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status,
+                            "ms": round(elapsed * 1000, 2),
+                            "client": (scope.get("client") or ("", 0))[0],
+                        }
+                    )
+                )
 
 
 async def healthz(request: Request) -> Response:

@@ -122,7 +122,7 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _frame_syntax(accept: str | None, stored: str) -> tuple[bool, str]:
+def frame_syntax(accept: str | None, stored: str) -> tuple[bool, str]:
     """(native wanted, part media type) for a frames request on ``stored`` syntax."""
     compressed_type = uids.FRAME_MEDIA_TYPES.get(stored)
     for choice in parse_accept(accept):
@@ -151,7 +151,7 @@ async def frames(request: Request) -> Response:
         instance = await context.blocking(
             retrieve.find_instance, archive, cache, principal, study, series, sop
         )
-    native, media = _frame_syntax(request.headers.get("accept"), instance.transfer_syntax_uid)
+    native, media = frame_syntax(request.headers.get("accept"), instance.transfer_syntax_uid)
     boundary = new_boundary()
     chunks: list[bytes] = []
     for number in numbers:

@@ -1,0 +1,125 @@
+"""The ``lightbox`` command, run as a user would: as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+from pydicom.fileset import FileSet
+
+from tests.conftest import free_port
+from tests.factories import ct_dataset, write
+
+LIGHTBOX = [sys.executable, "-m", "lightbox"]
+
+
+def run(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LIGHTBOX_DATA": str(data)}
+    return subprocess.run(
+        [*LIGHTBOX, *args], env=env, input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+def study_files(folder: Path, count: int, **kwargs: object) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    first = ct_dataset(**kwargs)  # type: ignore[arg-type]
+    files = [write(first, folder / "1.dcm")]
+    for n in range(2, count + 1):
+        ds = ct_dataset(
+            study=first.StudyInstanceUID, series=first.SeriesInstanceUID, instance_number=n
+        )
+        files.append(write(ds, folder / f"{n}.dcm"))
+    return files
+
+
+def test_import_reports_stored_duplicate_rejected_and_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    study_files(folder / "nested" / "deeper", 3)
+    (folder / "notes.txt").write_text("not an image")
+    broken = ct_dataset()
+    del broken.SOPInstanceUID
+    write(broken, folder / "broken.dcm")
+    result = run(tmp_path / "data", "import", "--quiet", str(folder))
+    assert result.returncode == 1  # something was rejected
+    assert "stored 3, duplicate 0, rejected 1, skipped 1" in result.stdout
+    assert "notes.txt: not a DICOM file" in result.stdout
+    assert "broken.dcm" in result.stdout and "SOPInstanceUID" in result.stdout
+    again = run(tmp_path / "data", "import", "--quiet", str(folder / "nested"))
+    assert "stored 0, duplicate 3" in again.stdout
+    stats = run(tmp_path / "data", "stats")
+    assert "instances  3" in stats.stdout and "studies    1" in stats.stdout
+
+
+def test_import_reads_zip_archives_without_trusting_member_names(tmp_path: Path) -> None:
+    files = study_files(tmp_path / "src", 2)
+    archive = tmp_path / "cd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(files[0], "../../escape.dcm")
+        zf.write(files[1], "/abs/two.dcm")
+    result = run(tmp_path / "data", "import", "--quiet", str(archive))
+    assert "stored 2" in result.stdout, result.stdout + result.stderr
+    assert not (tmp_path / "escape.dcm").exists()
+
+
+def test_import_follows_a_dicomdir(tmp_path: Path) -> None:
+    fileset = FileSet()
+    for path in study_files(tmp_path / "src", 3):
+        ds = dcmread(path)
+        ds.StudyID = "1"
+        fileset.add(ds)
+    media = tmp_path / "cd"
+    fileset.write(media)
+    result = run(tmp_path / "data", "import", "--quiet", str(media / "DICOMDIR"))
+    assert "stored 3" in result.stdout, result.stdout + result.stderr
+
+
+def test_user_and_token_commands_work_from_the_environment(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    added = run(data, "user", "add", "alice", "--admin", stdin="correct horse battery\n")
+    assert added.returncode == 0, added.stderr
+    duplicate = run(data, "user", "add", "alice", stdin="another password\n")
+    assert duplicate.returncode == 2 and "already exists" in duplicate.stderr
+    short = run(data, "user", "add", "bob", stdin="short\n")
+    assert short.returncode == 2 and "8 characters" in short.stderr
+    token = run(data, "token", "create", "--user", "alice", "--expires", "1h")
+    assert token.returncode == 0 and token.stdout.strip().startswith("lbx_")
+    bad = run(data, "token", "create", "--expires", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+def test_demo_loads_samples_and_serves_them(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "LIGHTBOX_DATA": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [*LIGHTBOX, "demo", "--http-port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        token = ""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while not token and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "token" in line:
+                token = line.rsplit(" ", 1)[-1].strip()
+        assert token.startswith("lbx_")
+        url = f"http://127.0.0.1:{port}"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        found = httpx.get(
+            url + "/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        assert {s["00100020"]["Value"][0] for s in found} == {"LB-DEMO-001", "LB-DEMO-002"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
