@@ -178,6 +178,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     started = time.monotonic()
     failures: list[str] = []
+    interrupted = False
     running: dict[str, servers.Server] = {}
     log(f"run dir {tmp} ({results.meta['machine']['filesystem']})")
     try:
@@ -197,13 +198,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             log(f"== {name} ==")
             try:
                 FIGURES[name](bench)
-            except (OSError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # one figure failing must not lose the others
                 failures.append(f"{name}: {exc}")
                 log(f"!! {name} failed: {exc}")
                 traceback.print_exc()
     except (OSError, RuntimeError) as exc:
         failures.append(str(exc))
         log(f"!! {exc}")
+    except (KeyboardInterrupt, SystemExit):
+        failures.append("interrupted")
+        interrupted = True
+        log("!! interrupted: stopping the servers")
     finally:
         for srv in running.values():
             srv.stop()
@@ -225,12 +230,34 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"took {results.meta['seconds']:.0f}s")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
+    if interrupted:
+        return 130
     return 1 if failures else 0
+
+
+def check_commands(args: argparse.Namespace) -> str | None:
+    """What is missing to run at all, before anything is started."""
+    if not args.corpus_script.exists():
+        return f"corpus generator not found: {args.corpus_script} (see --corpus-script)"
+    if not args.lightbox_is_orthanc:
+        argv0 = shlex.split(args.lightbox_cmd)
+        if not argv0 or shutil.which(argv0[0]) is None:
+            return f"Lightbox command not found: {args.lightbox_cmd!r} (see --lightbox-cmd)"
+    for tool in (servers.ORTHANC_BIN, servers.NGINX_BIN):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (apt-get install orthanc orthanc-dicomweb nginx-light)"
+    if not Path(servers.ORTHANC_DICOMWEB_PLUGIN).exists():
+        return f"Orthanc DICOMweb plugin not found: {servers.ORTHANC_DICOMWEB_PLUGIN}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    problem = check_commands(args)
+    if problem:
+        print(f"benchmarks/run.py: {problem}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     return run(args, argv)
