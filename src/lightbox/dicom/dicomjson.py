@@ -3,20 +3,39 @@
 Binary values larger than a threshold become BulkDataURIs. URIs are written
 relative to a placeholder that the web layer replaces with the caller's
 DICOMweb root, so the cached bytes serve every root (plain or shared link).
+
+Most elements are encoded straight from the raw bytes pydicom read (a few
+microseconds each); anything unusual (private or ambiguous VRs, character
+sets other than ASCII/Latin-1/UTF-8, big endian) goes through pydicom.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import struct
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 BASE_PLACEHOLDER = "@@LIGHTBOX_BASE@@"
 BULK_THRESHOLD = 1024
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+_SINGLE_TEXT = {"LT", "ST", "UT", "UR"}
+_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
+_ASCII_VRS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR", "IS", "DS"}
+_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_SIMPLE_CHARSETS = {
+    "": "latin-1",
+    "ISO_IR 6": "latin-1",
+    "ISO_IR 100": "latin-1",
+    "ISO_IR 192": "utf-8",
+}
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# Sequences need parsing, UN may hide a known VR, AT is rare: pydicom handles these.
+_DELEGATED = {"SQ", "UN", "AT"}
 
 
 def instance_path(study: str, series: str, sop: str) -> str:
@@ -31,26 +50,109 @@ def to_json(
     ``pixel_vr``/``pixel_bulk_uri`` add the Pixel Data element as a BulkDataURI
     when the stored file has one.
     """
-    obj = _dataset(ds, f"{uri_prefix}/bulkdata", "")
+    encoding = _text_encoding(ds)
+    obj = _dataset(ds, f"{uri_prefix}/bulkdata", "", encoding)
     if pixel_vr and pixel_bulk_uri:
         obj["7FE00010"] = {"vr": pixel_vr, "BulkDataURI": pixel_bulk_uri}
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _dataset(ds: Dataset, bulk_root: str, path: str) -> dict[str, Any]:
+def _text_encoding(ds: Dataset) -> str | None:
+    raw = ds.get_item(0x00080005)
+    if raw is None:
+        return "latin-1"
+    value = raw.value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None  # multi-valued (code extensions): let pydicom decode
+    return _SIMPLE_CHARSETS.get(value.strip())
+
+
+def _dataset(ds: Dataset, bulk_root: str, path: str, encoding: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for elem in ds:
-        if elem.tag.group == 0x0002 or elem.tag.element == 0:
+    for tag in ds.keys():
+        if tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
             continue  # file meta and group lengths do not belong in DICOM JSON
-        key = f"{int(elem.tag):08X}"
-        out[key] = _element(elem, bulk_root, f"{path}{key}")
+        key = f"{int(tag):08X}"
+        item = ds.get_item(tag)
+        encoded = None
+        if isinstance(item, RawDataElement) and ds.is_little_endian is not False:
+            encoded = _raw(item, encoding, f"{bulk_root}/{path}{key}")
+        if encoded is None:
+            encoded = _element(ds[tag], bulk_root, f"{path}{key}", encoding)
+        out[key] = encoded
     return out
 
 
-def _element(elem: DataElement, bulk_root: str, path: str) -> dict[str, Any]:
+def _raw(item: RawDataElement, encoding: str | None, bulk_uri: str) -> dict[str, Any] | None:
+    """Encode a raw element directly, or None to leave it to pydicom."""
+    vr = item.VR
+    if vr is None or item.tag >> 16 & 1:  # implicit VR, or private: dictionary needed
+        if item.tag >> 16 & 1:
+            return None
+        try:
+            vr = dictionary_VR(item.tag)
+        except KeyError:
+            return None
+    value = item.value
+    if value is None or not isinstance(value, bytes) or vr in _DELEGATED or len(vr) != 2:
+        return None
+    if not value:
+        return {"vr": vr}
+    if vr in _BINARY_VRS:
+        if len(value) > BULK_THRESHOLD:
+            return {"vr": vr, "BulkDataURI": bulk_uri}
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode()}
+    if vr in _NUMBERS:
+        code = _NUMBERS[vr]
+        size = struct.calcsize(code)
+        if len(value) % size:
+            return None
+        return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}
+    if vr in _TEXT_VRS and encoding is None:
+        return None
+    return _text(vr, value, encoding or "latin-1")
+
+
+def _text(vr: str, value: bytes, encoding: str) -> dict[str, Any] | None:
+    try:
+        text = value.decode("latin-1" if vr in _ASCII_VRS else encoding)
+    except UnicodeDecodeError:
+        return None
+    text = text.rstrip(" \x00")
+    parts = [text] if vr in _SINGLE_TEXT else [p.strip(" \x00") for p in text.split("\\")]
+    if not any(parts):
+        return {"vr": vr}
+    try:
+        values: list[Any] = [_value(vr, p) for p in parts]
+    except ValueError:
+        return None
+    return {"vr": vr, "Value": values}
+
+
+def _value(vr: str, text: str) -> Any:
+    if not text:
+        return None
+    if vr == "IS":
+        return int(text)
+    if vr == "DS":
+        number = float(text)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError("not a finite number")
+        return number
+    if vr == "PN":
+        return {k: v for k, v in zip(_PN_GROUPS, text.split("="), strict=False) if v}
+    return text
+
+
+def _element(elem: DataElement, bulk_root: str, path: str, encoding: str | None) -> dict[str, Any]:
     vr = elem.VR
     if vr == "SQ":
-        items = [_dataset(item, bulk_root, f"{path}/{i + 1}/") for i, item in enumerate(elem.value)]
+        items = [
+            _dataset(item, bulk_root, f"{path}/{i + 1}/", encoding)
+            for i, item in enumerate(elem.value)
+        ]
         return {"vr": vr, "Value": items} if items else {"vr": vr}
     if vr in _BINARY_VRS:
         value = elem.value
