@@ -71,7 +71,7 @@ def _text_encoding(ds: Dataset) -> str | None:
 
 def _dataset(ds: Dataset, bulk_root: str, path: str, encoding: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every element
         if tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
             continue  # file meta and group lengths do not belong in DICOM JSON
         key = f"{int(tag):08X}"
