@@ -106,7 +106,7 @@ def _raw(item: RawDataElement, encoding: str | None, bulk_uri: str) -> dict[str,
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode()}
     if vr in _NUMBERS:
         code = _NUMBERS[vr]
-        size = struct.calcsize(code)
+        size = struct.calcsize("<" + code)
         if len(value) % size:
             return None
         return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}

@@ -56,8 +56,10 @@ class Query:
         ):
             self.unsupported.append(keyword)
             return
-        if value == "":
-            self.include.add(attribute.tag)  # universal matching: return only
+        if value in ("", "*"):
+            # Universal matching (PS3.4 C.2.2.2.3; a lone "*" is the same, C.2.2.2.4):
+            # return the attribute, match everything, empty values included.
+            self.include.add(attribute.tag)
             return
         self.matches.append(parse_match(attribute, value, fuzzy=self.fuzzy))
         self.include.add(attribute.tag)
@@ -110,7 +112,10 @@ def _temporal_match(attribute: Attribute, value: str) -> Match:
     low, _, high = value.partition("-")
     if not low and not high:
         raise BadRequest(f"{attribute.keyword} range needs at least one bound")
-    bounds = (_temporal(attribute, low) if low else None, _temporal(attribute, high) if high else None)
+    bounds = (
+        _temporal(attribute, low) if low else None,
+        _temporal(attribute, high) if high else None,
+    )
     if bounds[0] and bounds[1] and bounds[0] > bounds[1]:
         raise BadRequest(f"{attribute.keyword} range {value!r} ends before it starts")
     return Match(attribute, MatchType.RANGE, bounds)

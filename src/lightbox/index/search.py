@@ -35,7 +35,8 @@ def _source(level: QueryLevel) -> tuple[Select[Any], dict[QueryLevel, Any]]:
         return select().select_from(patients), {QueryLevel.PATIENT: patients}
     if level is QueryLevel.STUDY:
         # Patient attributes are copied onto study rows.
-        return select().select_from(studies), {QueryLevel.PATIENT: studies, QueryLevel.STUDY: studies}
+        at_study: dict[QueryLevel, Any] = {QueryLevel.PATIENT: studies, QueryLevel.STUDY: studies}
+        return select().select_from(studies), at_study
     joined = series.join(studies, studies.c.pk == series.c.study_pk)
     owners: dict[QueryLevel, Any] = {
         QueryLevel.PATIENT: studies,
@@ -55,10 +56,46 @@ def _like(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _condition(column: Any, match: Match, words: Any | None) -> ColumnElement[bool]:
+def _wildcard(column: ColumnElement[Any], pattern: str, sqlite: bool) -> ColumnElement[bool]:
+    """Case-sensitive match of a DICOM wildcard pattern (``*`` and ``?``).
+
+    SQLite's LIKE ignores ASCII case, PostgreSQL's does not; GLOB is SQLite's
+    case-sensitive form, with ``[`` as its only other metacharacter.
+    """
+    if sqlite:
+        return column.op("GLOB", is_comparison=True)(pattern.replace("[", "[[]"))
+    return column.like(_like(pattern), escape="\\")
+
+
+def _fuzzy_name(
+    column: ColumnElement[Any], value: str, words: ColumnElement[Any] | None
+) -> ColumnElement[bool]:
+    """Any word of ``value`` starts a word of the name (case-insensitive).
+
+    ``words`` is the name kept as " WORD WORD " (PatientName on study rows);
+    other names are searched for a component start: the value's start, or
+    after ^ (components), = (groups) or a space.
+    """
+    conditions = []
+    for word in value.replace("^", " ").split():
+        if words is not None:
+            # Upper-cased in Python at ingest (index.instances.name_words), so here too.
+            conditions.append(words.like(f"% {_like(word.upper())}%", escape="\\"))
+        else:
+            name, p = func.upper(column), _like(word)
+            conditions += [
+                name.like(func.upper(f"{lead}{p}%"), escape="\\") for lead in ("", "%^", "%=", "% ")
+            ]
+    return or_(*conditions) if conditions else literal(True)
+
+
+def _condition(
+    column: ColumnElement[Any], match: Match, words: ColumnElement[Any] | None, *, sqlite: bool
+) -> ColumnElement[bool]:
     a = match.attribute
     if match.type is MatchType.RANGE:
-        low, high = match.value  # type: ignore[misc]
+        assert isinstance(match.value, tuple)
+        low, high = match.value
         parts = []
         if low is not None:
             parts.append(column >= low)
@@ -67,25 +104,22 @@ def _condition(column: Any, match: Match, words: Any | None) -> ColumnElement[bo
             parts.append(column <= (high + "~" if a.kind is Kind.TIME else high))
         return and_(*parts)
     if match.type is MatchType.LIST and a.kind is Kind.MULTI:
-        return or_(*[column.like(f"%\\{_like(v)}\\%", escape="\\") for v in match.value])
+        # Kept as \A\B\ (see index.instances): a wanted value must be one whole element.
+        return or_(*[_wildcard(column, f"*\\{v}\\*", sqlite) for v in match.value])
     if match.type is MatchType.LIST:
         return column.in_(list(match.value))
-    if match.type is MatchType.FUZZY and words is not None:
-        return or_(
-            *[
-                words.like(f"% {_like(w.upper())}%", escape="\\")
-                for w in str(match.value).replace("^", " ").split()
-            ]
-        ) if str(match.value).strip() else literal(True)
-    if match.type in (MatchType.WILDCARD, MatchType.FUZZY):
-        pattern = _like(str(match.value))
+    if match.type is MatchType.FUZZY:
+        return _fuzzy_name(column, str(match.value), words)
+    if match.type is MatchType.WILDCARD:
         if a.kind is Kind.PERSON_NAME:
-            return func.upper(column).like(pattern.upper(), escape="\\")
-        return column.like(pattern, escape="\\")
+            # Both sides upper-cased by the database: SQLite's upper() leaves non-ASCII
+            # letters alone, so a Python-side upper would miss "Müller" there.
+            return func.upper(column).like(func.upper(_like(str(match.value))), escape="\\")
+        return _wildcard(column, str(match.value), sqlite)
     if a.kind is Kind.INTEGER:
         return column == int(str(match.value))
     if a.kind is Kind.PERSON_NAME:
-        return func.upper(column) == str(match.value).upper()
+        return func.upper(column) == func.upper(str(match.value))
     if a.kind is Kind.TIME:
         return column.like(_like(str(match.value)) + "%", escape="\\")
     return column == match.value
@@ -95,15 +129,22 @@ def _column(owners: dict[QueryLevel, Any], attribute: Attribute) -> Any:
     return owners[attribute.level].c[attribute.column]
 
 
-def _filtered(query: Query, scope_study_pks: Any | None) -> tuple[Select[Any], dict[QueryLevel, Any]]:
+def _filtered(
+    conn: Connection, query: Query, scope_study_pks: Any | None
+) -> tuple[Select[Any], dict[QueryLevel, Any]]:
     stmt, owners = _source(query.level)
+    sqlite = conn.dialect.name == "sqlite"
     for match in query.matches:
         column = _column(owners, match.attribute)
         words = None
         if match.attribute.keyword == "PatientName" and QueryLevel.STUDY in owners:
             words = studies.c.patient_name_words
-        stmt = stmt.where(_condition(column, match, words))
-    if scope_study_pks is not None and query.level is not QueryLevel.PATIENT:
+        stmt = stmt.where(_condition(column, match, words, sqlite=sqlite))
+    if scope_study_pks is not None and query.level is QueryLevel.PATIENT:
+        # A patient is visible through a study the caller may see, never on its own.
+        visible = select(studies.c.patient_pk).where(studies.c.pk.in_(scope_study_pks))
+        stmt = stmt.where(patients.c.pk.in_(visible))
+    elif scope_study_pks is not None:
         stmt = stmt.where(studies.c.pk.in_(scope_study_pks))
     return stmt, owners
 
@@ -116,7 +157,7 @@ def search(
     ``scope_study_pks`` (a subquery or list) restricts results to studies the
     caller may see; None means no restriction.
     """
-    stmt, owners = _filtered(query, scope_study_pks)
+    stmt, owners = _filtered(conn, query, scope_study_pks)
     attrs = visible_at(query.level)
     cols = [_column(owners, a).label(a.keyword) for a in attrs]
     table = _TABLES[query.level]
@@ -143,7 +184,7 @@ def search(
 
 def count(conn: Connection, query: Query, *, scope_study_pks: Any | None = None) -> int:
     """How many rows ``query`` matches (for totals in the study browser)."""
-    stmt, owners = _filtered(query, scope_study_pks)
+    stmt, _owners = _filtered(conn, query, scope_study_pks)
     return int(conn.execute(stmt.add_columns(func.count())).scalar_one())
 
 
@@ -154,7 +195,8 @@ def _ordering(level: QueryLevel, owners: dict[QueryLevel, Any]) -> list[Any]:
         return [studies.c.study_date.desc(), studies.c.study_time.desc(), studies.c.pk.desc()]
     if level is QueryLevel.SERIES:
         return [studies.c.pk.desc(), series.c.series_number, series.c.pk]
-    return [series.c.pk, instances.c.instance_number, instances.c.pk]
+    # The order WADO-RS retrieves in (index.instances.find): series by number, then images.
+    return [series.c.series_number, series.c.pk, instances.c.instance_number, instances.c.pk]
 
 
 def representative_json(conn: Connection, level: QueryLevel, pk: int) -> bytes | None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from lightbox.archive import Archive
 from lightbox.dicom import render, transcode, uids
@@ -19,8 +20,9 @@ from lightbox.index.instances import StoredInstance
 from lightbox.services.retrieve import Frame, stored_frame
 
 
-def _dataset(archive: Archive, instance: StoredInstance) -> object:
-    return dcmread(archive.blobs.path(instance.blob_key))
+def _dataset(archive: Archive, instance: StoredInstance) -> Dataset:
+    ds: Dataset = dcmread(archive.blobs.path(instance.blob_key))
+    return ds
 
 
 def frame(archive: Archive, instance: StoredInstance, number: int, *, native: bool) -> Frame:
@@ -30,9 +32,15 @@ def frame(archive: Archive, instance: StoredInstance, number: int, *, native: bo
     if found is not None and (not native or found.transfer_syntax_uid in uids.NATIVE_SYNTAXES):
         return found
     ds = _dataset(archive, instance)
-    if "PixelData" not in ds:  # type: ignore[operator]
+    if "PixelData" not in ds:
         raise NotFound(f"instance {instance.sop_instance_uid} has no pixel data")
     return Frame(transcode.decode_frame(ds, number), uids.EXPLICIT_VR_LITTLE_ENDIAN)
+
+
+def can_convert(instance: StoredInstance) -> bool:
+    """Whether :func:`explicit_little_endian` can handle the stored transfer syntax
+    (native ones always; compressed ones when a decoder is installed)."""
+    return transcode.can_decode(instance.transfer_syntax_uid)
 
 
 def explicit_little_endian(archive: Archive, instance: StoredInstance) -> bytes:
@@ -52,7 +60,7 @@ def rendered(
     except FileNotFoundError:
         pass
     ds = _dataset(archive, instance)
-    if "PixelData" not in ds:  # type: ignore[operator]
+    if "PixelData" not in ds:
         raise NotFound(f"instance {instance.sop_instance_uid} has no image to render")
     data = render.render_frame(ds, number, options)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -72,10 +80,8 @@ def bulk_value(archive: Archive, instance: StoredInstance, tag_path: str) -> byt
     node: object = ds
     try:
         for i, part in enumerate(parts):
-            if i % 2 == 0:
-                node = node[int(part, 16)].value  # type: ignore[index]
-            else:
-                node = node[int(part) - 1]  # type: ignore[index]
+            # Even parts name a tag, odd parts an item (counted from 1).
+            node = node[int(part, 16)].value if i % 2 == 0 else node[int(part) - 1]  # type: ignore[index]
     except (KeyError, IndexError, ValueError, TypeError) as exc:
         raise NotFound(f"no bulk data at {tag_path[:80]!r}") from exc
     if not isinstance(node, bytes | bytearray):

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from lightbox.archive import Archive
-from lightbox.dicom.attributes import Kind, QueryLevel, visible_at
+from lightbox.dicom.attributes import ATTRIBUTES, Kind, QueryLevel, visible_at
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
 from lightbox.dicom.query import Query
 from lightbox.index import search as index
@@ -60,6 +60,10 @@ def _render(query: Query, values: dict[str, Any]) -> dict[str, Any]:
         out[RETRIEVE_URL] = {"vr": "UR", "Value": [base]}
     elif base and query.level is QueryLevel.SERIES:
         out[RETRIEVE_URL] = {"vr": "UR", "Value": [f"{base}/series/{values['SeriesInstanceUID']}"]}
+    elif base and query.level is QueryLevel.INSTANCE:
+        # PS3.18 Table 10.6.3-5 lists Retrieve URL among the instance attributes too.
+        url = f"{base}/series/{values['SeriesInstanceUID']}/instances/{values['SOPInstanceUID']}"
+        out[RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
     return out
 
 
@@ -95,8 +99,11 @@ def _merge_stored(conn: Any, query: Query, hit: index.Hit, item: dict[str, Any])
         return
     stored: dict[str, Any] = json.loads(raw)
     wanted = None if query.include_all else {f"{t:08X}" for t in _extra_tags(query)}
+    # The representative instance speaks for its study or series, but its own
+    # identity and that of its series (SOP Instance UID, Modality, ...) do not.
+    below = {a.tag_hex for a in ATTRIBUTES} - {a.tag_hex for a in visible_at(level)}
     for key, value in stored.items():
-        if key in item or (wanted is not None and key not in wanted):
+        if key in item or key in below or (wanted is not None and key not in wanted):
             continue
         if "BulkDataURI" in value or key.startswith("7FE0"):
             continue

@@ -7,6 +7,7 @@ same way.
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,6 +22,7 @@ from lightbox.web import context
 
 MAX_PARAMETERS = 200
 MAX_OFFSET = 10_000_000
+_DIGITS = re.compile(r"[0-9]{1,12}")  # up to 12 digits; a limit above the cap is clamped
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "_", "format"}
 
 
@@ -28,12 +30,22 @@ def _int_param(request: Request, name: str, high: int | None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 12:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    if not _DIGITS.fullmatch(raw):
         raise BadRequest(f"{name} must be a non-negative integer, got {raw[:32]!r}")
     value = int(raw)
     if high is not None and value > high:
         raise BadRequest(f"{name} must be at most {high}")
     return value
+
+
+def _header_safe(text: str) -> str:
+    """``text`` fit for a quoted Warning header: printable ASCII without quote or backslash.
+
+    Keys come from the client's URL; a CR/LF or non-Latin-1 character would
+    otherwise make the whole response unsendable.
+    """
+    return "".join(ch if " " <= ch <= "~" and ch not in '"\\' else "?" for ch in text)
 
 
 def parse_query(request: Request, level: QueryLevel) -> Query:
@@ -65,9 +77,11 @@ def _handler(level: QueryLevel):  # type: ignore[no-untyped-def]
         results = await context.blocking(search.search, archive, principal, query)
         warnings = []
         if results.truncated:
-            warnings.append(f'299 lightbox "results limited to {results.limit}; use offset to page"')
+            warnings.append(
+                f'299 lightbox "results limited to {results.limit}; use offset to page"'
+            )
         if query.unsupported:
-            names = ", ".join(k[:64] for k in query.unsupported[:20])
+            names = ", ".join(_header_safe(k[:64]) for k in query.unsupported[:20])
             warnings.append(f'299 lightbox "not supported as matching keys, ignored: {names}"')
         headers = {"Warning": ", ".join(warnings)} if warnings else None
         body = json.dumps(results.items, separators=(",", ":"), ensure_ascii=False).encode()

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lightbox.dicom import render, uids
-from lightbox.errors import BadRequest, NotAcceptable, NotFound
+from lightbox.errors import BadRequest, NotAcceptable
 from lightbox.index.instances import StoredInstance
 from lightbox.services import pixels, retrieve
 from lightbox.web import context
@@ -29,51 +29,60 @@ def _uids(request: Request) -> tuple[str, str | None, str | None]:
     return study, series, sop
 
 
-def _instance_syntax(accept: str | None) -> str | None:
-    """Transfer syntax wanted for application/dicom parts; None means as stored.
+def _syntax_choices(accept: str | None) -> list[str | None]:
+    """Transfer syntaxes acceptable for application/dicom parts, best first; None
+    means as stored.
 
     Per PS3.18 §8.7.3.5 an absent transfer-syntax parameter asks for Explicit
     VR Little Endian; ``*/*`` and ``transfer-syntax=*`` take what is stored.
     """
+    choices: list[str | None] = []
     for choice in parse_accept(accept):
         if choice.media_type in ("*/*", "multipart/*") and choice.type is None:
-            return None
+            choices.append(None)
+            continue
         dicom = choice.media_type == "application/dicom" or (
             choice.media_type == "multipart/related" and choice.type in (None, "application/dicom")
         )
         if dicom:
             ts = choice.transfer_syntax
-            if ts == "*":
-                return None
-            return ts or uids.EXPLICIT_VR_LITTLE_ENDIAN
-    raise NotAcceptable('instances are served as multipart/related; type="application/dicom"')
+            choices.append(None if ts == "*" else ts or uids.EXPLICIT_VR_LITTLE_ENDIAN)
+    if not choices:
+        raise NotAcceptable('instances are served as multipart/related; type="application/dicom"')
+    return choices
 
 
-def _check_syntax(found: list[StoredInstance], syntax: str | None) -> None:
-    if syntax in (None, uids.EXPLICIT_VR_LITTLE_ENDIAN):
-        return
-    for instance in found:
-        if instance.transfer_syntax_uid != syntax:
-            raise NotAcceptable(
-                f"instance {instance.sop_instance_uid} is stored as "
-                f"{instance.transfer_syntax_uid}; ask for it, for "
-                f"{uids.EXPLICIT_VR_LITTLE_ENDIAN} or for transfer-syntax=*"
-            )
+def _choose_syntax(instance: StoredInstance, choices: list[str | None]) -> str:
+    """The first acceptable transfer syntax ``instance`` can be sent in: as stored,
+    or Explicit VR Little Endian when a decoder for the stored form is installed."""
+    stored = instance.transfer_syntax_uid
+    for wanted in choices:
+        if wanted is None or wanted == stored:
+            return stored
+        if wanted == uids.EXPLICIT_VR_LITTLE_ENDIAN and pixels.can_convert(instance):
+            return wanted
+    raise NotAcceptable(
+        f"instance {instance.sop_instance_uid} is stored as {stored}; ask for it"
+        f"{', for ' + uids.EXPLICIT_VR_LITTLE_ENDIAN if pixels.can_convert(instance) else ''}"
+        " or for transfer-syntax=*"
+    )
 
 
 async def retrieve_instances(request: Request) -> Response:
     study, series, sop = _uids(request)
-    syntax = _instance_syntax(request.headers.get("accept"))
+    choices = _syntax_choices(request.headers.get("accept"))
     archive = context.archive(request)
     principal = context.principal(request)
     found = await context.blocking(retrieve.find_instances, archive, principal, study, series, sop)
-    _check_syntax(found, syntax)
+    # Decided for every instance before the first byte goes out: a 406 after
+    # the 200 has started would only be a broken stream.
+    chosen = [(instance, _choose_syntax(instance, choices)) for instance in found]
     boundary = new_boundary()
 
     async def body() -> AsyncIterator[bytes]:
-        for instance in found:
-            yield part_header(boundary, "application/dicom" + _ts_param(instance, syntax))
-            if syntax is None or syntax == instance.transfer_syntax_uid:
+        for instance, syntax in chosen:
+            yield part_header(boundary, f"application/dicom; transfer-syntax={syntax}")
+            if syntax == instance.transfer_syntax_uid:
                 async for chunk in _file_chunks(archive, instance):
                     yield chunk
             else:
@@ -83,13 +92,6 @@ async def retrieve_instances(request: Request) -> Response:
 
     media = f'multipart/related; type="application/dicom"; boundary={boundary}'
     return StreamingResponse(body(), media_type=media)
-
-
-def _ts_param(instance: StoredInstance, syntax: str | None) -> str:
-    chosen = instance.transfer_syntax_uid if syntax in (None, instance.transfer_syntax_uid) else (
-        uids.EXPLICIT_VR_LITTLE_ENDIAN
-    )
-    return f"; transfer-syntax={chosen}"
 
 
 async def _file_chunks(archive: Any, instance: StoredInstance) -> AsyncIterator[bytes]:
@@ -167,6 +169,10 @@ async def frames(request: Request) -> Response:
     return Response(b"".join(chunks), media_type=content)
 
 
+class _Unsatisfiable(Exception):
+    """The Range header names no byte of the value (HTTP 416)."""
+
+
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not header:
         return None
@@ -182,8 +188,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
             start, end = max(size - int(end_s), 0), size - 1
     except ValueError as exc:
         raise BadRequest(f"bad Range header {header[:64]!r}") from exc
-    if start > end or start >= size:
-        raise NotFound("requested range is outside the bulk data")
+    if start < 0 or start > end or start >= size:
+        raise _Unsatisfiable
     return start, end
 
 
@@ -202,8 +208,17 @@ async def bulkdata(request: Request) -> Response:
         if instance.layout.encapsulated:
             data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
         else:
-            data = await context.blocking(archive.blobs.read_range, instance.blob_key, offset, length)
-    rng = _byte_range(request.headers.get("range"), len(data))
+            data = await context.blocking(
+                archive.blobs.read_range, instance.blob_key, offset, length
+            )
+    try:
+        rng = _byte_range(request.headers.get("range"), len(data))
+    except _Unsatisfiable:
+        # RFC 9110 §15.5.17: 416 with the value's length, not 404 (the resource exists).
+        return JSONResponse(
+            {"error": "requested range is outside the bulk data"}, status_code=416,
+            headers={"Content-Range": f"bytes */{len(data)}", "Accept-Ranges": "bytes"},
+        )
     headers = {"Accept-Ranges": "bytes"}
     status = 200
     if rng is not None:
@@ -248,23 +263,23 @@ def _representative(
     return chosen, number or max(1, (chosen.number_of_frames + 1) // 2)
 
 
-I = "/studies/{study}/series/{series}/instances/{instance}"
+INSTANCE = "/studies/{study}/series/{series}/instances/{instance}"
 
 routes = [
     Route("/studies/{study}", retrieve_instances, methods=["GET"]),
     Route("/studies/{study}/series/{series}", retrieve_instances, methods=["GET"]),
-    Route(I, retrieve_instances, methods=["GET"]),
+    Route(INSTANCE, retrieve_instances, methods=["GET"]),
     Route("/studies/{study}/metadata", metadata),
     Route("/studies/{study}/series/{series}/metadata", metadata),
-    Route(I + "/metadata", metadata),
-    Route(I + "/frames/{frames}", frames),
-    Route(I + "/bulkdata/{path:path}", bulkdata),
+    Route(INSTANCE + "/metadata", metadata),
+    Route(INSTANCE + "/frames/{frames}", frames),
+    Route(INSTANCE + "/bulkdata/{path:path}", bulkdata),
     Route("/studies/{study}/rendered", rendered),
     Route("/studies/{study}/thumbnail", rendered),
     Route("/studies/{study}/series/{series}/rendered", rendered),
     Route("/studies/{study}/series/{series}/thumbnail", rendered),
-    Route(I + "/rendered", rendered),
-    Route(I + "/thumbnail", rendered),
-    Route(I + "/frames/{frame:int}/rendered", rendered),
-    Route(I + "/frames/{frame:int}/thumbnail", rendered),
+    Route(INSTANCE + "/rendered", rendered),
+    Route(INSTANCE + "/thumbnail", rendered),
+    Route(INSTANCE + "/frames/{frame:int}/rendered", rendered),
+    Route(INSTANCE + "/frames/{frame:int}/thumbnail", rendered),
 ]
