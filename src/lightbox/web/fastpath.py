@@ -9,13 +9,14 @@ hands the request to the full application, which gives the complete answer.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lightbox.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from lightbox.errors import LightboxError
-from lightbox.services import retrieve
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
 from lightbox.web.multipart import closing, new_boundary, part_header
@@ -42,6 +43,7 @@ class FramesFastPath:
         self.authenticator = authenticator
         self.cache = cache
         self.metrics = metrics
+        self._negotiated: dict[tuple[str | None, str], tuple[bool, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -65,7 +67,18 @@ class FramesFastPath:
                     return
         await self.app(scope, receive, send)
 
-    def _answer(self, scope: Scope, match: re.Match[str]) -> tuple[bytes, bytes] | None:
+    def _negotiate(self, accept: str | None, syntax: str) -> tuple[bool, str]:
+        """frame_syntax(), remembered: viewers send the same Accept every time."""
+        key = (accept, syntax)
+        found = self._negotiated.get(key)
+        if found is None:
+            found = frame_syntax(accept, syntax)
+            if len(self._negotiated) > 256:
+                self._negotiated.clear()
+            self._negotiated[key] = found
+        return found
+
+    def _answer(self, scope: Scope, match: re.Match[str]) -> tuple[bytes, bytes | bytearray] | None:
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
@@ -77,23 +90,36 @@ class FramesFastPath:
             if not principal.may_read(study):
                 return None
             instance = self.cache.get((study, series, sop))
-            if instance is None:
+            if instance is None or instance.layout is None or instance.layout.encapsulated:
                 return None
             accept = headers.get(b"accept", b"").decode("latin-1") or None
-            native, media = frame_syntax(accept, instance.transfer_syntax_uid)
-            frame = retrieve.stored_frame(self.archive, instance, int(number))
+            _native, media = self._negotiate(accept, instance.transfer_syntax_uid)
+            frames = instance.layout.frames
+            if not 1 <= int(number) <= len(frames):
+                return None
+            return self._native_frame(instance.blob_key, frames[int(number) - 1][0], media)
         except (LightboxError, OSError):
             return None
-        if frame is None or (native and frame.transfer_syntax_uid != "1.2.840.10008.1.2.1"):
-            return None
+
+    def _native_frame(
+        self, blob_key: str, extent: tuple[int, int], media: str
+    ) -> tuple[bytes, bytearray] | None:
+        """Multipart body with one native frame, read straight into the response
+        buffer (one copy from the page cache, none in Python)."""
+        offset, length = extent
         boundary = new_boundary()
-        body = b"".join(
-            (
-                part_header(boundary, f"{media}; transfer-syntax={frame.transfer_syntax_uid}"),
-                frame.data,
-                b"\r\n",
-                closing(boundary),
-            )
-        )
+        head = part_header(boundary, f"{media}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}")
+        tail = b"\r\n" + closing(boundary)
+        body = bytearray(len(head) + length + len(tail))
+        view = memoryview(body)
+        view[: len(head)] = head
+        view[len(head) + length :] = tail
+        fd = os.open(self.archive.blobs.path(blob_key), os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [view[len(head) : len(head) + length]], offset)
+        finally:
+            os.close(fd)
+        if got != length:
+            return None  # the file changed under us: let the full path explain
         content = f'multipart/related; type="{media}"; boundary={boundary}'
         return content.encode(), body
