@@ -50,11 +50,39 @@ def to_json(
     ``pixel_vr``/``pixel_bulk_uri`` add the Pixel Data element as a BulkDataURI
     when the stored file has one.
     """
-    encoding = _text_encoding(ds)
-    obj = _dataset(ds, f"{uri_prefix}/bulkdata", "", encoding)
+    obj = to_dict(ds, uri_prefix=uri_prefix, pixel_vr=pixel_vr)
     if pixel_vr and pixel_bulk_uri:
         obj["7FE00010"] = {"vr": pixel_vr, "BulkDataURI": pixel_bulk_uri}
+    return dumps(obj)
+
+
+def to_dict(ds: Dataset, *, uri_prefix: str, pixel_vr: str | None) -> dict[str, Any]:
+    """``ds`` as a DICOM JSON object (a dict), Pixel Data as a BulkDataURI."""
+    obj = _dataset(ds, f"{uri_prefix}/bulkdata", "", _text_encoding(ds))
+    if pixel_vr:
+        obj["7FE00010"] = {"vr": pixel_vr, "BulkDataURI": f"{uri_prefix}/bulkdata/7FE00010"}
+    return obj
+
+
+def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def first_value(obj: dict[str, Any], tag: int) -> str | int | float | None:
+    """The value of a top-level element as the index keeps it: numbers as they
+    are, person names as ``Alphabetic=Ideographic=Phonetic``, several values
+    joined with backslashes."""
+    values = obj.get(f"{tag:08X}", {}).get("Value")
+    if not values:
+        return None
+    if len(values) == 1 and isinstance(values[0], int | float):
+        return values[0]
+    parts = []
+    for value in values:
+        if isinstance(value, dict):
+            value = "=".join(str(value.get(k, "")) for k in _PN_GROUPS).rstrip("=")
+        parts.append("" if value is None else str(value))
+    return "\\".join(parts)
 
 
 def _text_encoding(ds: Dataset) -> str | None:
@@ -80,7 +108,14 @@ def _dataset(ds: Dataset, bulk_root: str, path: str, encoding: str | None) -> di
         if isinstance(item, RawDataElement) and ds.is_little_endian is not False:
             encoded = _raw(item, encoding, f"{bulk_root}/{path}{key}")
         if encoded is None:
-            encoded = _element(ds[tag], bulk_root, f"{path}{key}", encoding)
+            try:
+                elem = ds[tag]
+            except Exception:
+                # pydicom cannot decode this value: keep it out of the JSON; the
+                # stored file still holds it as sent.
+                out[key] = {"vr": item.VR or "UN"}
+                continue
+            encoded = _element(elem, bulk_root, f"{path}{key}", encoding)
         out[key] = encoded
     return out
 

@@ -11,9 +11,11 @@ markers of the JPEG family.
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 from lightbox.errors import InvalidInstance
 
@@ -24,6 +26,59 @@ _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR
 # A codestream starts with SOI (JPEG, JPEG-LS) or SOC+SIZ (JPEG 2000, HTJ2K).
 _FRAME_STARTS = (b"\xff\xd8", b"\xff\x4f\xff\x51")
 MAX_FRAGMENTS = 1_000_000
+
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+class UniformFrames(Sequence[Ranges]):
+    """Native frames: frame i is the one range (offset + i * size, size).
+
+    Computed on access, so a file of a million one-byte frames costs three
+    integers, not a million tuples (in memory and in the index).
+    """
+
+    __slots__ = ("offset", "size", "total")
+
+    def __init__(self, offset: int, size: int, total: int) -> None:
+        self.offset, self.size, self.total = offset, size, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    @overload
+    def __getitem__(self, index: int) -> Ranges: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Ranges, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Ranges | tuple[Ranges, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(self.total)))
+        if index < 0:
+            index += self.total
+        if not 0 <= index < self.total:
+            raise IndexError("frame index out of range")
+        return ((self.offset + index * self.size, self.size),)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, UniformFrames):
+            return (self.offset, self.size, self.total) == (other.offset, other.size, other.total)
+        if isinstance(other, Sequence):
+            if len(other) != self.total:
+                return False
+            return all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.offset, self.size, self.total))
+
+    def __repr__(self) -> str:
+        return f"UniformFrames(offset={self.offset}, size={self.size}, total={self.total})"
+
+
+# First byte of the index encoding.
+_NATIVE, _ENCAPSULATED, _UNIFORM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -37,29 +92,36 @@ class PixelLayout:
 
     encapsulated: bool
     value: tuple[int, int]
-    frames: tuple[tuple[tuple[int, int], ...], ...]
+    frames: Sequence[Ranges]
 
     def to_bytes(self) -> bytes:
         """Compact encoding for the index: header then int64 pairs."""
+        if isinstance(self.frames, UniformFrames):
+            f = self.frames
+            return struct.pack("<BqqIqq", _UNIFORM, *self.value, f.total, f.offset, f.size)
         counts = [len(f) for f in self.frames]
-        head = struct.pack("<BqqI", int(self.encapsulated), *self.value, len(self.frames))
+        kind = _ENCAPSULATED if self.encapsulated else _NATIVE
+        head = struct.pack("<BqqI", kind, *self.value, len(self.frames))
         body = struct.pack(f"<{len(counts)}I", *counts)
         flat = [n for frame in self.frames for rng in frame for n in rng]
         return head + body + struct.pack(f"<{len(flat)}q", *flat)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PixelLayout:
-        enc, v_off, v_len, n = struct.unpack_from("<BqqI", data)
+        kind, v_off, v_len, n = struct.unpack_from("<BqqI", data)
         pos = struct.calcsize("<BqqI")
+        if kind == _UNIFORM:
+            offset, size = struct.unpack_from("<qq", data, pos)
+            return cls(False, (v_off, v_len), UniformFrames(offset, size, n))
         counts = struct.unpack_from(f"<{n}I", data, pos)
         pos += 4 * n
         flat = struct.unpack_from(f"<{2 * sum(counts)}q", data, pos)
-        frames: list[tuple[tuple[int, int], ...]] = []
+        frames: list[Ranges] = []
         i = 0
         for c in counts:
             frames.append(tuple((flat[i + 2 * k], flat[i + 2 * k + 1]) for k in range(c)))
             i += 2 * c
-        return cls(bool(enc), (v_off, v_len), tuple(frames))
+        return cls(kind == _ENCAPSULATED, (v_off, v_len), tuple(frames))
 
 
 @dataclass(frozen=True)
@@ -124,9 +186,7 @@ def _native_layout(offset: int, length: int, geometry: ImageGeometry) -> PixelLa
         # Bit-packed frames (Bits Allocated 1) need not start on a byte boundary:
         # no direct ranges, the retrieve path decodes such frames instead.
         return PixelLayout(False, (offset, length), ())
-    size = bits // 8
-    frames = tuple(((offset + i * size, size),) for i in range(frames_needed))
-    return PixelLayout(False, (offset, length), frames)
+    return PixelLayout(False, (offset, length), UniformFrames(offset, bits // 8, frames_needed))
 
 
 def _read_item(fp: BinaryIO, file_size: int) -> tuple[int, int, int]:
@@ -170,7 +230,7 @@ def _group_fragments(
     bot: bytes,
     first_item_pos: int,
     frame_count: int,
-) -> tuple[tuple[tuple[int, int], ...], ...]:
+) -> tuple[Ranges, ...]:
     if not fragments:
         raise InvalidInstance("encapsulated Pixel Data holds no fragments")
     if frame_count == 1:
@@ -179,9 +239,9 @@ def _group_fragments(
         return tuple((f,) for f in fragments)
     if len(bot) >= 4 * frame_count:
         # Offsets count from the first byte of the first fragment's item tag.
-        starts = struct.unpack_from(f"<{frame_count}I", bot)
-        return _split_at(fragments, [first_item_pos + s + 8 for s in starts])
-    starts = []
+        offsets = struct.unpack_from(f"<{frame_count}I", bot)
+        return _split_at(fragments, [first_item_pos + s + 8 for s in offsets])
+    starts: list[int] = []
     for pos, _length in fragments:
         fp.seek(pos)
         if fp.read(4).startswith(_FRAME_STARTS):
@@ -195,9 +255,11 @@ def _group_fragments(
 
 def _split_at(
     fragments: list[tuple[int, int]], starts: list[int]
-) -> tuple[tuple[tuple[int, int], ...], ...]:
+) -> tuple[Ranges, ...]:
     index = {pos: i for i, (pos, _) in enumerate(fragments)}
-    if any(s not in index for s in starts) or starts != sorted(starts) or starts[0] != fragments[0][0]:
+    # Strictly increasing: a repeated offset would make an empty frame.
+    increasing = all(a < b for a, b in itertools.pairwise(starts))
+    if any(s not in index for s in starts) or not increasing or starts[0] != fragments[0][0]:
         raise InvalidInstance("the Basic Offset Table does not match the fragments")
     bounds = [index[s] for s in starts] + [len(fragments)]
     return tuple(tuple(fragments[bounds[i] : bounds[i + 1]]) for i in range(len(starts)))

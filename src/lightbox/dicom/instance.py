@@ -29,6 +29,11 @@ _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIn
 _DIGITS = re.compile(r"\d+")
 
 
+class MissingOrInvalidUID(InvalidInstance):
+    """A readable data set without a well-formed SOP Class, SOP Instance, Study
+    or Series Instance UID (STOW-RS Failure Reason A900, not C000)."""
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """Everything the index keeps about one stored instance."""
@@ -44,8 +49,42 @@ class InstanceRecord:
     size: int
 
 
-def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return int(tag) in _PIXEL_TAGS
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# What pydicom (or our own decoding) raises on malformed bytes.
+_PARSE_ERRORS = (
+    ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError,
+    struct.error, OSError, IndexError,
+)
+
+
+class _HeaderCallback:
+    """The parser's per-element callback: stop at Pixel Data, and note the first
+    top-level element whose length runs past the end of the file (pydicom would
+    take the rest of the file as its value and carry on).
+
+    Noted, not raised: in a deflated file the parser reads an inflated copy,
+    whose positions are not the file's.
+    """
+
+    def __init__(self, fp: BinaryIO, size: int) -> None:
+        self._fp = fp
+        self._size = size
+        self.overrun: str | None = None
+
+    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        if int(tag) in _PIXEL_TAGS:
+            return True
+        remaining = self._size - self._fp.tell()
+        if self.overrun is None and length != _UNDEFINED_LENGTH and length > remaining:
+            self.overrun = (
+                f"element {tag} has length {length} but only {max(remaining, 0)} bytes "
+                "remain in the file"
+            )
+        return False
+
+
+# Where the instance's own URL goes in its JSON, until the UIDs are known to be valid.
+_INSTANCE = "@@LIGHTBOX_INSTANCE@@"
 
 
 def read_instance(path: Path) -> InstanceRecord:
@@ -55,20 +94,20 @@ def read_instance(path: Path) -> InstanceRecord:
     """
     size = os.path.getsize(path)
     with open(path, "rb") as fp:
-        ds = _read_header(fp)
+        ds = _read_header(fp, size)
         syntax = _transfer_syntax(ds)
         for keyword in _REQUIRED_UIDS:
             _check_uid(ds, keyword)
         layout, pixel_vr = _pixel_layout(fp, ds, syntax, size)
     study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-    prefix = dicomjson.instance_path(study, series, sop)
-    metadata = dicomjson.to_json(
-        ds,
-        uri_prefix=prefix,
-        pixel_vr=pixel_vr,
-        pixel_bulk_uri=f"{prefix}/bulkdata/7FE00010" if pixel_vr else None,
-    )
-    values = extract_values(ds)
+    try:
+        # Nested sequences are only parsed here, so their errors surface here.
+        obj = dicomjson.to_dict(ds, uri_prefix=_INSTANCE, pixel_vr=pixel_vr)
+    except _PARSE_ERRORS as exc:
+        raise InvalidInstance(f"unreadable DICOM value: {exc}") from exc
+    prefix = dicomjson.instance_path(study, series, sop).encode()
+    metadata = dicomjson.dumps(obj).replace(_INSTANCE.encode(), prefix)
+    values = extract_values(obj)
     values["transfer_syntax_uid"] = syntax
     return InstanceRecord(
         study_instance_uid=study,
@@ -83,21 +122,25 @@ def read_instance(path: Path) -> InstanceRecord:
     )
 
 
-def _read_header(fp: BinaryIO) -> Dataset:
+def _read_header(fp: BinaryIO, size: int) -> Dataset:
+    callback = _HeaderCallback(fp, size)
     try:
-        ds = read_partial(fp, stop_when=_stop_at_pixels, force=False)
-        # Touch every top-level element now so a value pydicom cannot decode
-        # is reported as a rejection here, not as an error on retrieval.
-        for _elem in ds:
-            pass
+        # Values stay raw: the DICOM JSON encoder reads most of them straight
+        # from their bytes, and one that cannot be decoded is left out of the
+        # metadata rather than refusing the instance (its bytes are kept as sent).
+        ds = read_partial(fp, stop_when=callback, force=False)
     except InvalidDicomError as exc:
         raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from exc
-    except (EOFError, struct.error) as exc:
+    except (EOFError, struct.error, OSError) as exc:
+        # pydicom reports a sequence that runs off the end of the file as OSError.
         raise InvalidInstance(f"truncated DICOM file: {exc}") from exc
-    except (ValueError, TypeError, KeyError, NotImplementedError, OverflowError) as exc:
+    except _PARSE_ERRORS as exc:
         raise InvalidInstance(f"unreadable DICOM header: {exc}") from exc
     if not isinstance(ds, Dataset):
         raise InvalidInstance("not a DICOM dataset")
+    deflated = _transfer_syntax(ds) == uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    if callback.overrun is not None and not deflated:
+        raise InvalidInstance(callback.overrun)
     return ds
 
 
@@ -113,12 +156,12 @@ def _check_uid(ds: Dataset, keyword: str) -> None:
     try:
         value = ds.get(keyword)
     except Exception as exc:
-        raise InvalidInstance(f"{keyword} cannot be read: {exc}") from exc
+        raise MissingOrInvalidUID(f"{keyword} cannot be read: {exc}") from exc
     if value is None or str(value) == "":
-        raise InvalidInstance(f"{keyword} is missing")
+        raise MissingOrInvalidUID(f"{keyword} is missing")
     if not uids.is_valid_uid(str(value)):
         shown = str(value)[:80].encode("ascii", "backslashreplace").decode()
-        raise InvalidInstance(f"{keyword} is not a valid UID: {shown!r}")
+        raise MissingOrInvalidUID(f"{keyword} is not a valid UID: {shown!r}")
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
@@ -143,15 +186,21 @@ def _pixel_layout(
     if (group << 16 | elem) not in _PIXEL_TAGS:
         return None, None
     implicit = syntax == uids.IMPLICIT_VR_LITTLE_ENDIAN
-    vr = "OB" if syntax not in uids.NATIVE_SYNTAXES else ("OW" if _int(ds, "BitsAllocated", 8) > 8 else "OB")
+    wide = syntax in uids.NATIVE_SYNTAXES and _int(ds, "BitsAllocated", 8) > 8
+    vr = "OW" if wide else "OB"
     if syntax in (uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN):
         return None, vr  # byte positions in the file do not map to frames
     if (group << 16 | elem) != 0x7FE00010:
         return None, None  # float pixel data: kept, served whole, no frame table
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        # Native YBR_FULL_422 stores Y Y Cb Cr per two pixels (PS3.3 C.7.6.3.1.2):
+        # two samples per pixel on average, not three.
+        samples = 2
     geometry = ImageGeometry(
         rows=_int(ds, "Rows", 0),
         columns=_int(ds, "Columns", 0),
-        samples_per_pixel=_int(ds, "SamplesPerPixel", 1),
+        samples_per_pixel=samples,
         bits_allocated=_int(ds, "BitsAllocated", 0),
         number_of_frames=max(_int(ds, "NumberOfFrames", 1), 1),
     )
@@ -159,19 +208,15 @@ def _pixel_layout(
     return read_pixel_layout(fp, implicit_vr=implicit, geometry=geometry, file_size=size), vr
 
 
-def extract_values(ds: Dataset) -> dict[str, Any]:
-    """The indexed attribute values of ``ds``, keyed by column name."""
+def extract_values(obj: dict[str, Any]) -> dict[str, Any]:
+    """The indexed attribute values of a DICOM JSON object, keyed by column name."""
     values: dict[str, Any] = {}
     for attribute in ATTRIBUTES:
-        if attribute.kind in (Kind.COUNT, Kind.MULTI) or attribute.vr == "UI" and (
+        if attribute.kind in (Kind.COUNT, Kind.MULTI) or (
             attribute.keyword == "AvailableTransferSyntaxUID"
         ):
             continue
-        try:
-            raw = ds.get(attribute.keyword)
-        except Exception:
-            raw = None
-        values[attribute.column] = _normalise(attribute, raw)
+        values[attribute.column] = _normalise(attribute, dicomjson.first_value(obj, attribute.tag))
     return values
 
 

@@ -62,26 +62,42 @@ def name_words(name: str | None) -> str | None:
 
 
 def store(
-    db: Database, conn: Connection, record: InstanceRecord, blob_key: str, *, overwrite: bool
-) -> tuple[Stored, str | None]:
+    db: Database,
+    conn: Connection,
+    record: InstanceRecord,
+    blob_key: str,
+    *,
+    overwrite: bool,
+    known: dict[str, tuple[int, int]] | None = None,
+) -> tuple[Stored, str | None, int | None]:
     """Index one instance inside the caller's transaction.
 
-    Returns the outcome and, when an earlier copy was replaced or the new one
-    is a duplicate, the blob key that is no longer referenced.
+    Returns the outcome; when an earlier copy was replaced or the new one is a
+    duplicate, the blob key that is no longer referenced; and the study whose
+    counters the caller must bring up to date with ``refresh_studies`` before
+    committing (once per batch, not once per instance).
+    ``known`` remembers series rows across the calls of one transaction
+    (series UID -> (series pk, study pk)); clear it after a rollback.
     Raises Conflict when the series is already filed under another study.
     """
     now = datetime.now(UTC)
     old = conn.execute(
-        select(instances.c.pk, instances.c.blob_key).where(
+        select(instances.c.pk, instances.c.blob_key, instances.c.study_pk).where(
             instances.c.sop_instance_uid == record.sop_instance_uid
         )
     ).first()
     if old is not None and not overwrite:
-        return Stored.DUPLICATE, blob_key
+        return Stored.DUPLICATE, blob_key, None
     if old is not None:
         _delete_instance_rows(conn, [old.pk])
-    study_pk = _study(db, conn, record, now)
-    series_pk = _series(db, conn, record, study_pk)
+    cached = known.get(record.series_instance_uid) if known is not None else None
+    if cached is not None and not overwrite:
+        series_pk, study_pk = cached  # the batch's earlier instance made both rows
+    else:
+        study_pk = _study(db, conn, record, now)
+        series_pk = _series(db, conn, record, study_pk)
+        if known is not None:
+            known[record.series_instance_uid] = (series_pk, study_pk)
     values = _columns(QueryLevel.INSTANCE, record)
     conn.execute(
         instances.insert().values(
@@ -100,10 +116,24 @@ def store(
         .where(series.c.pk == series_pk)
         .values(number_of_instances=series.c.number_of_instances + 1)
     )
-    _refresh_study(conn, study_pk, now)
     if old is not None:
-        return Stored.REPLACED, old.blob_key
-    return Stored.STORED, None
+        # The replaced copy may have been the last of another series or study.
+        _prune(conn, {old.study_pk}, now)
+        return Stored.REPLACED, old.blob_key, study_pk
+    return Stored.STORED, None, study_pk
+
+
+def refresh_studies(conn: Connection, study_pks: set[int]) -> None:
+    """Bring counters and ModalitiesInStudy of ``study_pks`` up to date."""
+    now = datetime.now(UTC)
+    for study_pk in sorted(study_pks):
+        _refresh_study(conn, study_pk, now)
+
+
+def _upsert(db: Database, table: Any) -> Any:
+    """``db.insert(table)``: the dialect's INSERT, which has ``on_conflict_do_nothing``
+    (Database.insert is annotated with the generic Insert, which has not)."""
+    return db.insert(table)
 
 
 def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime) -> int:
@@ -114,12 +144,14 @@ def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime
         return int(found)
     pvalues = _columns(QueryLevel.PATIENT, record)
     identity = patient_identity(pvalues)
-    conn.execute(db.insert(patients).values(identity=identity, **pvalues).on_conflict_do_nothing())
+    conn.execute(
+        _upsert(db, patients).values(identity=identity, **pvalues).on_conflict_do_nothing()
+    )
     patient_pk = conn.execute(
         select(patients.c.pk).where(patients.c.identity == identity)
     ).scalar_one()
     conn.execute(
-        db.insert(studies)
+        _upsert(db, studies)
         .values(
             patient_pk=patient_pk,
             **pvalues,
@@ -146,7 +178,7 @@ def _series(db: Database, conn: Connection, record: InstanceRecord, study_pk: in
     ).first()
     if row is None:
         conn.execute(
-            db.insert(series)
+            _upsert(db, series)
             .values(study_pk=study_pk, number_of_instances=0, **_columns(QueryLevel.SERIES, record))
             .on_conflict_do_nothing()
         )
@@ -162,6 +194,13 @@ def _series(db: Database, conn: Connection, record: InstanceRecord, study_pk: in
 
 def _refresh_study(conn: Connection, study_pk: int, now: datetime) -> None:
     """Recompute the study's counters and ModalitiesInStudy from its series."""
+    # Lock the study row first (FOR NO KEY UPDATE, the lock the UPDATE below
+    # takes anyway): a concurrent writer filing another series of this study
+    # then waits for our commit, and its counts, read after the wait, include
+    # ours. Without it, both count before either commits and one total is lost.
+    conn.execute(
+        select(studies.c.pk).where(studies.c.pk == study_pk).with_for_update(key_share=True)
+    )
     counts = conn.execute(
         select(
             func.count(series.c.pk), func.coalesce(func.sum(series.c.number_of_instances), 0)
@@ -300,11 +339,16 @@ def remove(
     if not rows:
         raise NotFound(_what(study, series_uid, sop) + " not found")
     _delete_instance_rows(conn, [r.pk for r in rows])
-    study_pks = {r.study_pk for r in rows}
+    _prune(conn, {r.study_pk for r in rows}, datetime.now(UTC))
+    return [r.blob_key for r in rows]
+
+
+def _prune(conn: Connection, study_pks: set[int], now: datetime) -> None:
+    """After instance rows went: drop empty series, refresh the studies' counters,
+    drop studies left without series and patients left without studies."""
     conn.execute(
         delete(series).where(series.c.study_pk.in_(study_pks), series.c.number_of_instances <= 0)
     )
-    now = datetime.now(UTC)
     for study_pk in study_pks:
         _refresh_study(conn, study_pk, now)
     patient_pks = list(
@@ -317,4 +361,3 @@ def remove(
     conn.execute(
         delete(patients).where(patients.c.pk.in_(patient_pks), patients.c.pk.notin_(still_used))
     )
-    return [r.blob_key for r in rows]

@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from lightbox.archive import Archive
-from lightbox.dicom.instance import InstanceRecord, read_instance
+from lightbox.dicom.instance import InstanceRecord, MissingOrInvalidUID, read_instance
 from lightbox.errors import Conflict, InvalidInstance
 from lightbox.index import instances as index
 from lightbox.index.schema import instances as instances_table
@@ -61,12 +62,28 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Offer:
-    """A file offered for storage. ``staged`` files already live, fsynced, in
-    the blob store's staging folder and are moved, not copied."""
+    """A file offered for storage. ``staged`` files already live in the blob
+    store's staging folder and are moved, not copied; ``synced`` says whether
+    their bytes were fsynced already (if not, ingest does it)."""
 
     path: Path
     source: str
     staged: bool = False
+    synced: bool = True
+
+
+# Headers are parsed while other files' fsyncs are in flight: the waits overlap.
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An offer checked and made durable, waiting for ``commit``: ``record``
+    when it is to be stored, ``rejected`` when it was refused."""
+
+    offer: Offer
+    record: InstanceRecord | None
+    rejected: Outcome | None
 
 
 def store_instances(
@@ -76,27 +93,60 @@ def store_instances(
 
     Staged files are consumed (moved or deleted) whatever the outcome.
     """
-    outcomes: list[Outcome | None] = [None] * len(offers)
-    accepted: list[tuple[int, InstanceRecord, Path]] = []
-    offers = [_with_preamble(archive, offer) for offer in offers]
-    for i, offer in enumerate(offers):
-        try:
-            record = _validate(archive, offer, expected_study)
-            accepted.append((i, record, offer.path))
-        except InvalidInstance as exc:
-            outcomes[i] = _rejected(offer, exc)
-            _discard(offer)
-    duplicates = _existing(archive, [r.sop_instance_uid for _, r, _ in accepted])
+    return commit(archive, list(_pool.map(lambda o: prepare(archive, o, expected_study), offers)))
+
+
+def prepare_async(
+    archive: Archive, offer: Offer, expected_study: str | None
+) -> Future[Prepared]:
+    """Start ``prepare`` on the ingest pool (for callers still receiving more)."""
+    return _pool.submit(prepare, archive, offer, expected_study)
+
+
+def discard(prepared: Sequence[Prepared]) -> None:
+    """Forget prepared offers that will not be committed (their files go)."""
+    for item in prepared:
+        _discard(item.offer)
+
+
+def commit(archive: Archive, prepared: Sequence[Prepared]) -> list[Outcome]:
+    """Store what ``prepare`` accepted; one Outcome per item, in order."""
+    offers = [p.offer for p in prepared]
+    outcomes: list[Outcome | None] = [p.rejected for p in prepared]
+    accepted = [(i, p.record) for i, p in enumerate(prepared) if p.record is not None]
+    duplicates = _existing(archive, [r.sop_instance_uid for _, r in accepted])
     to_write = []
-    for i, record, path in accepted:
+    for i, record in accepted:
         if record.sop_instance_uid in duplicates and not archive.settings.overwrite:
             outcomes[i] = _outcome(Status.DUPLICATE, offers[i], record)
             _discard(offers[i])
         else:
-            to_write.append((i, record, path))
+            to_write.append((i, record, offers[i].path))
     for i, outcome in _write(archive, offers, to_write):
         outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
+
+
+def prepare(archive: Archive, offer: Offer, expected_study: str | None) -> Prepared:
+    """Validate one offer and make its bytes durable in the staging folder.
+
+    Safe to run for many offers at once; nothing is stored until ``commit``.
+    """
+    offer = _with_preamble(archive, offer)
+    try:
+        record = _validate(archive, offer, expected_study)
+    except InvalidInstance as exc:
+        _discard(offer)
+        return Prepared(offer, None, _rejected(offer, exc))
+    try:
+        offer = _stage(archive, offer)
+    except OSError as exc:
+        log.error("cannot stage %s: %s", offer.source, exc)
+        _discard(offer)
+        failure = _outcome(Status.REJECTED, offer, record, "storage is not writable",
+                           FailureReason.OUT_OF_RESOURCES)
+        return Prepared(offer, None, failure)
+    return Prepared(offer, record, None)
 
 
 PREAMBLE = bytes(128) + b"DICM"
@@ -118,32 +168,44 @@ def _with_preamble(archive: Archive, offer: Offer) -> Offer:
                 shutil.copyfileobj(fh, out, 1024 * 1024)
     except OSError:
         return offer
-    fsync_file(target)
     _discard(offer)
-    return Offer(target, offer.source, staged=True)
+    return Offer(target, offer.source, staged=True, synced=False)
 
 
 def _validate(archive: Archive, offer: Offer, expected_study: str | None) -> InstanceRecord:
-    size = os.path.getsize(offer.path)
-    if size > archive.settings.max_instance_bytes:
-        raise InvalidInstance(f"object of {size} bytes exceeds the limit")
-    record = read_instance(offer.path)
+    try:
+        if not offer.path.is_file():
+            raise InvalidInstance("not a regular file")
+        size = os.path.getsize(offer.path)
+        if size > archive.settings.max_instance_bytes:
+            raise InvalidInstance(f"object of {size} bytes exceeds the limit")
+        record = read_instance(offer.path)
+    except OSError as exc:
+        # One unreadable offer (gone, no permission) must not sink the batch.
+        raise InvalidInstance(f"cannot read the file: {exc.strerror or exc}") from exc
     if expected_study is not None and record.study_instance_uid != expected_study:
         raise _StudyMismatch(
-            f"instance belongs to study {record.study_instance_uid}, not {expected_study}"
+            f"instance belongs to study {record.study_instance_uid}, not {expected_study}",
+            record,
         )
     return record
 
 
 class _StudyMismatch(InvalidInstance):
-    pass
+    """A valid instance of another study than the one the caller named."""
+
+    def __init__(self, message: str, record: InstanceRecord) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def _rejected(offer: Offer, exc: InvalidInstance) -> Outcome:
-    failure = FailureReason.CANNOT_UNDERSTAND
     if isinstance(exc, _StudyMismatch):
-        failure = FailureReason.STUDY_UID_MISMATCH
-    elif "UID" in exc.message or "missing" in exc.message:
+        # The header was read: the response can name the refused SOP Instance.
+        return _outcome(Status.REJECTED, offer, exc.record, exc.message,
+                        FailureReason.STUDY_UID_MISMATCH)
+    failure = FailureReason.CANNOT_UNDERSTAND
+    if isinstance(exc, MissingOrInvalidUID):
         failure = FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     return Outcome(Status.REJECTED, offer.source, reason=exc.message, failure=failure)
 
@@ -175,15 +237,21 @@ def _existing(archive: Archive, sop_uids: list[str]) -> set[str]:
         return set(conn.execute(select(col).where(col.in_(sop_uids))).scalars())
 
 
-def _stage(archive: Archive, offer: Offer) -> Path:
-    """A durable copy of the offer inside the staging folder."""
+def _stage(archive: Archive, offer: Offer) -> Offer:
+    """The offer as a durable file inside the staging folder."""
     if offer.staged:
-        return offer.path
+        if not offer.synced:
+            fsync_file(offer.path)
+        return Offer(offer.path, offer.source, staged=True)
     fd, target = archive.blobs.new_staging_file()
-    with os.fdopen(fd, "wb") as out, open(offer.path, "rb") as src:
-        shutil.copyfileobj(src, out, 1024 * 1024)
-    fsync_file(target)
-    return target
+    try:
+        with os.fdopen(fd, "wb") as out, open(offer.path, "rb") as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+        fsync_file(target)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
+    return Offer(target, offer.source, staged=True)
 
 
 def _write(
@@ -195,11 +263,13 @@ def _write(
     results: list[tuple[int, Outcome]] = []
     for i, record, _path in items:
         try:
-            keys.append((i, record, archive.blobs.put_file(_stage(archive, offers[i]), sync_dir=False)))
+            key = archive.blobs.put_file(offers[i].path, sync_dir=False)
+            keys.append((i, record, key))
         except OSError as exc:
             log.error("cannot write blob for %s: %s", offers[i].source, exc)
             _discard(offers[i])
-            results.append((i, _outcome(Status.REJECTED, offers[i], record, "storage is not writable",
+            results.append((i, _outcome(Status.REJECTED, offers[i], record,
+                                        "storage is not writable",
                                         FailureReason.OUT_OF_RESOURCES)))
     archive.blobs.sync(k for _, _, k in keys)
     try:
@@ -218,27 +288,44 @@ def _write(
     return results + indexed
 
 
+def _lock_order(item: tuple[int, InstanceRecord, str]) -> tuple[str, str, str, int]:
+    """Index a batch patient by patient, study by study, series by series, so that
+    concurrent transactions take row locks in one order and cannot deadlock
+    (a batch with studies A, B next to one with B, A would). Ties keep the
+    offered order, so the first of two copies in a batch is the one stored."""
+    i, record, _key = item
+    patient = index.patient_identity(record.values)
+    return patient, record.study_instance_uid, record.series_instance_uid, i
+
+
 def _index(
     archive: Archive, offers: Sequence[Offer], keys: list[tuple[int, InstanceRecord, str]]
 ) -> tuple[list[tuple[int, Outcome]], list[str]]:
     results: list[tuple[int, Outcome]] = []
     unreferenced: list[str] = []
+    touched: set[int] = set()
+    known: dict[str, tuple[int, int]] = {}
     with archive.db.write() as conn:
-        for i, record, key in keys:
+        for i, record, key in sorted(keys, key=_lock_order):
             savepoint = conn.begin_nested()
             try:
-                stored, freed = index.store(
-                    archive.db, conn, record, key, overwrite=archive.settings.overwrite
+                stored, freed, study_pk = index.store(
+                    archive.db, conn, record, key, overwrite=archive.settings.overwrite,
+                    known=known,
                 )
                 savepoint.commit()
             except Conflict as exc:
                 savepoint.rollback()
+                known.clear()  # rows it remembered may have been rolled back
                 unreferenced.append(key)
                 results.append((i, _outcome(Status.REJECTED, offers[i], record, exc.message,
                                             FailureReason.PROCESSING_FAILURE)))
                 continue
             if freed is not None:
                 unreferenced.append(freed)
+            if study_pk is not None:
+                touched.add(study_pk)
             status = Status.DUPLICATE if stored is index.Stored.DUPLICATE else Status.STORED
             results.append((i, _outcome(status, offers[i], record)))
+        index.refresh_studies(conn, touched)
     return results, unreferenced

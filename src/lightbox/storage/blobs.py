@@ -10,16 +10,22 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import time
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 
 def new_key() -> str:
-    """A fresh, unguessable storage key (32 hex characters)."""
-    return secrets.token_hex(16)
+    """A fresh, unguessable storage key (32 hex characters).
+
+    The first 6 digits count minutes, so the blobs of one batch share a
+    folder and one directory fsync makes them all durable; the other 26 are
+    random.
+    """
+    minute = int(time.time() // 60) & 0xFFFFFF
+    return f"{minute:06x}{secrets.token_hex(13)}"
 
 
 def _is_key(key: str) -> bool:
@@ -77,7 +83,7 @@ def fsync_dir(path: Path) -> None:
 
 
 class FileBlobStore:
-    """Blobs as files under ``root/ab/cd/<key>``, staged in ``root/.staging``."""
+    """Blobs as files under ``root/<minute>/<key>``, staged in ``root/.staging``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -95,16 +101,28 @@ class FileBlobStore:
     def path(self, key: str) -> Path:
         if not _is_key(key):
             raise ValueError(f"not a blob key: {key!r}")
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / key[:6] / key
 
     def put_file(self, source: Path, *, sync_dir: bool = True) -> str:
         key = new_key()
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(target.parent)
         os.rename(source, target)
         if sync_dir:
             fsync_dir(target.parent)
         return key
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` durably: a new folder's own entry in its parent is
+        fsynced too, or a power cut could lose the folder and every blob in it
+        even after the blobs' own directory was synced."""
+        if folder.is_dir():
+            return
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            return  # made by a concurrent writer, which syncs it
+        fsync_dir(folder.parent)
 
     def sync(self, keys: Iterable[str]) -> None:
         for folder in {self.path(k).parent for k in keys}:

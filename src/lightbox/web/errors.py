@@ -26,10 +26,25 @@ STATUS: dict[type[errors.LightboxError], int] = {
 }
 
 
+def warning_value(text: str, limit: int = 300) -> str:
+    """A ``Warning`` header value carrying ``text``: ``299 lightbox "<text>"``.
+
+    Only printable ASCII is kept (others become ``?``): reasons may quote what a
+    client sent, and a CR, LF or non-Latin-1 character would make the response
+    unsendable. A double quote becomes ``'`` and a backslash ``?`` so that the
+    quoted string needs no escapes.
+    """
+    safe = "".join(
+        "'" if ch == '"' else ch if " " <= ch <= "~" and ch != "\\" else "?"
+        for ch in text[:limit]
+    )
+    return f'299 lightbox "{safe}"'
+
+
 def _status_of(exc: errors.LightboxError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 400
 
 
@@ -38,9 +53,8 @@ async def domain_error(request: Request, exc: Exception) -> Response:
     status = _status_of(exc)
     headers = {"WWW-Authenticate": 'Bearer realm="lightbox"'} if status == 401 else None
     # The Warning header carries the reason for clients that only look at headers.
-    reason = exc.message.encode("ascii", "replace").decode()[:300].replace('"', "'")
     hdrs = dict(headers or {})
-    hdrs["Warning"] = f'299 lightbox "{reason}"'
+    hdrs["Warning"] = warning_value(exc.message)
     return JSONResponse({"error": exc.message}, status_code=status, headers=hdrs)
 
 

@@ -323,9 +323,13 @@ def _fsync_and_close(file: io.BufferedWriter) -> None:
         file.close()
 
 
-async def _seal(file: io.BufferedWriter, part: Part) -> Part:
-    """Fsync and close a finished part off the event loop; delete it on failure."""
+async def _seal(file: io.BufferedWriter, part: Part, sync: bool) -> Part:
+    """Fsync (unless ``sync`` is False) and close a finished part off the event
+    loop; delete it on failure."""
     try:
+        if not sync:
+            file.close()
+            return part
         # Why a thread: fsync can take milliseconds and would stall every other request.
         await asyncio.to_thread(_fsync_and_close, file)
     except BaseException:
@@ -342,6 +346,7 @@ async def iter_parts(
     max_part_size: int,
     max_parts: int,
     max_header_bytes: int = 16384,
+    sync: bool = True,
 ) -> AsyncIterator[Part]:
     """Yield the parts of a ``multipart/related`` body streamed as ``chunks``.
 
@@ -366,7 +371,7 @@ async def iter_parts(
         async for chunk in chunks:
             parser.feed(chunk)
             while (finished := parser.next_part()) is not None:
-                yield await _seal(*finished)
+                yield await _seal(*finished, sync)
         parser.finish()
     finally:
         parser.abort()

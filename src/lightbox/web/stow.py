@@ -7,6 +7,8 @@ once the whole body has arrived.
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,8 +19,18 @@ from starlette.routing import Route
 
 from lightbox.dicom import uids
 from lightbox.errors import BadRequest, TooLarge, UnsupportedMediaType
-from lightbox.services.ingest import FailureReason, Offer, Outcome, Status, store_instances
+from lightbox.services.ingest import (
+    FailureReason,
+    Offer,
+    Outcome,
+    Prepared,
+    Status,
+    commit,
+    discard,
+    prepare_async,
+)
 from lightbox.web import context
+from lightbox.web.errors import warning_value
 from lightbox.web.multipart import Part, iter_parts, parse_content_type
 
 DICOM_TYPES = ("application/dicom",)
@@ -55,22 +67,31 @@ async def store(request: Request) -> Response:
     principal.require_write()
     boundary = _boundary(request)
     settings = archive.settings
-    offers: list[Offer] = []
+    pending: list[asyncio.Future[Prepared]] = []
     parts = iter_parts(
         _limited(request, settings.max_upload_bytes), boundary,
         spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
-        max_parts=settings.max_parts,
+        max_parts=settings.max_parts, sync=False,  # ingest fsyncs them, in parallel
     )
-    # The whole body is received (parts spooled to disk, never to memory) before
-    # anything is stored, so a request that breaks off half-way changes nothing.
+    # Each part is checked (and fsynced) while the next ones arrive, but nothing
+    # is stored before the whole body has arrived: a request that breaks off
+    # half-way changes nothing.
     try:
         async for part in parts:
-            offers.append(_offer(part, len(offers)))
+            offer = _offer(part, len(pending))
+            pending.append(asyncio.wrap_future(prepare_async(archive, offer, study)))
+        prepared = list(await asyncio.gather(*pending))
     except BaseException:
-        for offer in offers:
-            offer.path.unlink(missing_ok=True)
+        done = await asyncio.gather(*pending, return_exceptions=True)
+        discard([p for p in done if isinstance(p, Prepared)])
         raise
-    outcomes = await context.blocking(store_instances, archive, offers, expected_study=study)
+    try:
+        outcomes = await context.blocking(commit, archive, prepared)
+    except Exception:
+        # The ingest path consumes staged files; if it failed unexpectedly, what
+        # is left must not wait in staging for the next start-up sweep.
+        discard(prepared)
+        raise
     if not outcomes:
         raise BadRequest("the request holds no DICOM instances")
     return _response(request, outcomes, study)
@@ -81,7 +102,7 @@ def _offer(part: Part, number: int) -> Offer:
     if part.content_type not in ("", *DICOM_TYPES):
         # Still offered: the ingest path rejects what is not DICOM, with a reason.
         source += f" ({part.content_type})"
-    return Offer(part.path, source, staged=True)
+    return Offer(part.path, source, staged=True, synced=False)
 
 
 def _response(request: Request, outcomes: list[Outcome], study: str | None) -> Response:
@@ -125,8 +146,7 @@ def _warnings(outcomes: list[Outcome]) -> dict[str, str] | None:
             notes.append(f"{o.source}: {o.sop_instance_uid} was already stored (kept)")
     if not notes:
         return None
-    text = "; ".join(notes[:20]).encode("ascii", "replace").decode().replace('"', "'")[:2000]
-    return {"Warning": f'299 lightbox "{text}"'}
+    return {"Warning": warning_value("; ".join(notes[:20]), limit=2000)}
 
 
 routes = [
