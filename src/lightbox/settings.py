@@ -23,6 +23,19 @@ class Settings:
     http_port: int = 8042
     dicom_port: int = 11112
     aet: str = "LIGHTBOX"
+    # DIMSE: who may call ("loopback": unknown callers from 127.0.0.1/::1 may echo
+    # and store; "all": unknown callers from anywhere may; "none": known nodes only).
+    dicom_accept_unknown: str = "loopback"
+    dicom_acse_timeout: int = 30  # seconds to wait for association messages
+    dicom_dimse_timeout: int = 60  # seconds to wait for a DIMSE response
+    dicom_network_timeout: int = 120  # seconds an association may stay idle
+    dicom_connection_timeout: int = 10  # seconds to connect to a peer (SCU)
+    dicom_max_associations: int = 32
+    dicom_max_pdu: int = 1024 * 1024  # largest PDU we accept, in bytes
+    dicom_find_max_results: int = 10_000  # C-FIND matches returned per request
+    tls_cert: str = ""  # PEM certificate chain: DICOM TLS on dicom_port when set
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_ca: str = ""  # PEM CA bundle: verify peers' certificates (SCP: require one)
     public_url: str = ""  # e.g. https://images.example.org when behind a proxy
     overwrite: bool = False
     qido_max_results: int = 1000
@@ -31,7 +44,7 @@ class Settings:
     max_instance_bytes: int = 4 * 1024**3
     max_parts: int = 100_000
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
-    workers: int = 1
+    workers: int = 0  # HTTP worker processes; 0: one per core, at most 4
     log_level: str = "info"
 
     @property
@@ -39,6 +52,12 @@ class Settings:
         if self.database:
             return self.database
         return f"sqlite:///{self.data.resolve() / 'index.sqlite'}"
+
+    @property
+    def http_workers(self) -> int:
+        if self.workers > 0:
+            return self.workers
+        return max(1, min(os.cpu_count() or 1, 4))
 
     @property
     def blob_root(self) -> Path:

@@ -1,4 +1,4 @@
-"""``lightbox``: serve, import, demo, users and tokens, stats.
+"""``lightbox``: serve, import, demo, users and tokens, stats, DICOM nodes and DIMSE.
 
 Every option can also come from the environment (``LIGHTBOX_DATA``,
 ``LIGHTBOX_HTTP_PORT``, ...) or a TOML file (``--config`` / ``LIGHTBOX_CONFIG``).
@@ -34,6 +34,13 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-port", type=int)
     parser.add_argument("--aet")
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--tls-cert", help="PEM certificate: DICOM TLS on the DICOM port")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", help="PEM CA bundle: require and verify client certificates")
+    parser.add_argument(
+        "--dicom-accept-unknown", choices=["loopback", "all", "none"],
+        help="unknown calling AEs may echo and store from: loopback (default), all, none",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,13 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires", default="30d", help="lifetime, e.g. 30d, 12h (default 30d)")
     stats = sub.add_parser("stats", help="counts and sizes")
     _common(stats)
+    from lightbox.cli import dimse
+
+    dimse.add_parsers(sub, _common)
     return parser
 
 
 def _settings(args: argparse.Namespace) -> settings_module.Settings:
     overrides = {
         k: getattr(args, k, None)
-        for k in ("data", "database", "host", "http_port", "dicom_port", "aet", "workers")
+        for k in ("data", "database", "host", "http_port", "dicom_port", "aet", "workers",
+                  "tls_cert", "tls_key", "tls_ca", "dicom_accept_unknown")
     }
     return settings_module.load(getattr(args, "config", None), overrides)
 
@@ -177,10 +188,13 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lightbox.cli import dimse
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    commands = {**COMMANDS, **dimse.commands(_open)}
     try:
-        return int(COMMANDS[args.command](args))
+        return int(commands[args.command](args))
     except LightboxError as exc:
         print(f"lightbox: {exc.message}", file=sys.stderr)
         return 2

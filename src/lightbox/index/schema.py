@@ -105,6 +105,19 @@ instances = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("ae_title", String(16), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("tls", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+Index("ix_nodes_ae_title", nodes.c.ae_title)
 Index("ix_studies_patient_id", studies.c.patient_id)
 Index("ix_studies_patient_name", studies.c.patient_name)
 Index("ix_studies_study_date", studies.c.study_date)

@@ -8,7 +8,6 @@ once the whole body has arrived.
 from __future__ import annotations
 
 import asyncio
-
 import json
 from collections.abc import AsyncIterator
 from typing import Any

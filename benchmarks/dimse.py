@@ -1,0 +1,314 @@
+"""DIMSE benchmark: Lightbox's SCP vs Orthanc's, measured in the same run.
+
+    .venv/bin/python benchmarks/dimse.py [--slices 200] [--size 512] [--finds 50]
+                                         [--work DIR] [--keep] [--database URL]
+                                         [--lightbox-cmd CMD]
+
+- C-STORE ingest: DCMTK storescu sends a synthetic corpus (CT + MR, by default
+  200 + 50 = 250 instances of 512x512) over one association; instances/s and
+  MB/s from the wall time of storescu. Both servers make every instance durable
+  before answering (Lightbox always; Orthanc with "SyncStorageArea": true).
+- C-FIND: study-level queries (PatientID plus five return keys) over one
+  pynetdicom association per server, the servers taking turns query by query
+  after a warm-up; median and 90th percentile latency of a complete request
+  (request to final response). Nagle's algorithm is off on every socket (the
+  client's, Lightbox's, and Orthanc's through DCMTK's TCP_NODELAY variable).
+
+Lightbox runs as ``lightbox serve`` (SQLite unless --database), Orthanc from a
+generated config, both on free loopback ports in a temporary work dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE_CORPUS = REPO.parent / "shared/corpus/make_corpus.py"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+SCU_AET = "BENCHSCU"
+HOST = "127.0.0.1"
+_RUNNING: list[subprocess.Popen[bytes]] = []
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+    if proc in _RUNNING:
+        _RUNNING.remove(proc)
+
+
+atexit.register(lambda: [_stop(p) for p in list(_RUNNING)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(argv: Sequence[str], log: Path, cwd: Path,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=env, stdin=subprocess.DEVNULL)
+    _RUNNING.append(proc)
+    return proc
+
+
+def _wait(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path,
+          timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+
+
+def _listening(port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex((HOST, port)) == 0
+    return probe
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+    return probe
+
+
+class Peer:
+    """A running SCP under test."""
+
+    def __init__(self, label: str, aet: str, port: int, proc: subprocess.Popen[bytes],
+                 count: Callable[[], int]) -> None:
+        self.label, self.aet, self.port, self.proc, self.count = label, aet, port, proc, count
+
+
+def start_orthanc(work: Path) -> Peer:
+    work.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "bench-dimse", "DicomAet": "ORTHANC", "DicomPort": dicom_port,
+        "HttpPort": http_port, "StorageDirectory": str(work / "storage"),
+        "IndexDirectory": str(work / "index"), "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        # Durability on: every stored file is fsynced before the C-STORE response.
+        "SyncStorageArea": True, "StorageCompression": False, "SaveJobs": False,
+        "LimitFindResults": 0, "LimitFindInstances": 0, "TcpNoDelay": True,
+        "DicomModalities": {"bench": {"AET": SCU_AET, "Host": HOST, "Port": 1}},
+    }
+    (work / "orthanc.json").write_text(json.dumps(config, indent=2))
+    log = work / "orthanc.log"
+    # DCMTK (Orthanc's DICOM layer) keeps Nagle's algorithm on unless told otherwise,
+    # which adds a delayed-ACK wait (~40 ms) to every C-FIND; Lightbox turns it off.
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = _spawn(["Orthanc", str(work / "orthanc.json")], log, work, env)
+    url = f"http://{HOST}:{http_port}"
+    _wait(_http_ok(url + "/system"), proc, "Orthanc", log)
+
+    def count() -> int:
+        with urllib.request.urlopen(url + "/statistics", timeout=10) as resp:
+            return int(json.loads(resp.read())["CountInstances"])
+
+    return Peer("orthanc", "ORTHANC", dicom_port, proc, count)
+
+
+def start_lightbox(work: Path, command: str, database: str | None) -> Peer:
+    work.mkdir(parents=True, exist_ok=True)
+    argv0 = shlex.split(command)
+    data = work / "data"
+    options = ["--data", str(data), *(["--database", database] if database else [])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+    # The query client must be a known node to use C-FIND (C-STORE from loopback needs not).
+    subprocess.run([*argv0, "node", "add", "bench", "--aet", SCU_AET, "--host", HOST,
+                    "--port", "1", *options], check=True, env=env, cwd=work,
+                   capture_output=True, timeout=120)
+    http_port, dicom_port = free_port(), free_port()
+    log = work / "lightbox.log"
+    proc = _spawn([*argv0, "serve", *options, "--host", HOST, "--http-port", str(http_port),
+                   "--dicom-port", str(dicom_port), "--aet", "LIGHTBOX"], log, work, env)
+    _wait(_http_ok(f"http://{HOST}:{http_port}/healthz"), proc, "Lightbox", log)
+    _wait(_listening(dicom_port), proc, "Lightbox SCP", log)
+
+    def count() -> int:
+        done = subprocess.run([*argv0, "stats", *options], env=env, cwd=work, text=True,
+                              capture_output=True, timeout=120, check=True)
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith("instances"))
+        return int(line.split()[1])
+
+    return Peer("lightbox", "LIGHTBOX", dicom_port, proc, count)
+
+
+def make_corpus(out: Path, slices: int, size: int) -> list[Path]:
+    if not out.exists():
+        subprocess.run([sys.executable, str(MAKE_CORPUS), str(out), "--patients", "1",
+                        "--slices", str(slices), "--size", str(size), "--mr"],
+                       check=True, timeout=1800)
+    return sorted(out.rglob("*.dcm"))
+
+
+def measure_store(peer: Peer, corpus: Path, files: list[Path]) -> dict[str, float]:
+    """storescu of the whole corpus over one association; wall time."""
+    started = time.perf_counter()
+    done = subprocess.run(["storescu", "-aec", peer.aet, "+sd", "+r", HOST, str(peer.port),
+                           str(corpus)], capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"storescu to {peer.label} failed:\n{done.stdout}\n{done.stderr}")
+    stored = peer.count()
+    if stored < len(files):
+        raise SystemExit(f"{peer.label} holds {stored} of {len(files)} instances")
+    size = sum(f.stat().st_size for f in files)
+    return {"seconds": seconds, "per_second": len(files) / seconds,
+            "mb_per_second": size / seconds / 1e6}
+
+
+def _identifier(patient_id: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient_id
+    ds.PatientName = ""
+    ds.StudyInstanceUID = ""
+    ds.StudyDate = ""
+    ds.ModalitiesInStudy = ""
+    ds.NumberOfStudyRelatedInstances = ""
+    return ds
+
+
+def _associate(peer: Peer) -> Association:
+    ae = AE(ae_title=SCU_AET)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate(HOST, peer.port, ae_title=peer.aet)
+    if not assoc.is_established:
+        raise SystemExit(f"cannot associate with {peer.label} for C-FIND")
+    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+        # Without it, every request waits for a delayed ACK (Nagle): 40 ms of nothing.
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def _find_once(assoc: Association, identifier: Dataset) -> tuple[float, int]:
+    started = time.perf_counter()
+    matches = 0
+    for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+        code = int(status.get("Status", -1))
+        if code in (0xFF00, 0xFF01) and found is not None:
+            matches += 1
+        elif code != 0:
+            raise SystemExit(f"C-FIND failed with status 0x{code:04X}")
+    return time.perf_counter() - started, matches
+
+
+def measure_find(peers: list[Peer], rounds: int) -> dict[str, dict[str, float]]:
+    """Median and p90 C-FIND latency, the servers taking turns query by query."""
+    identifier = _identifier("DEMO00001")
+    links = {p.label: _associate(p) for p in peers}
+    times: dict[str, list[float]] = {p.label: [] for p in peers}
+    try:
+        for n in range(rounds + 5):
+            for peer in peers:
+                seconds, matches = _find_once(links[peer.label], identifier)
+                if matches != 1:
+                    raise SystemExit(f"{peer.label} answered {matches} matches, not 1")
+                if n >= 5:  # warm-up
+                    times[peer.label].append(seconds)
+    finally:
+        for assoc in links.values():
+            assoc.release()
+    return {label: {"median_ms": 1000 * statistics.median(values),
+                    "p90_ms": 1000 * statistics.quantiles(values, n=10)[-1]}
+            for label, values in times.items()}
+
+
+def _row(name: str, lightbox: float, orthanc: float) -> str:
+    ratio = lightbox / orthanc if orthanc else float("nan")
+    return f"{name:<34}{lightbox:>12.1f}{orthanc:>12.1f}{ratio:>9.2f}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--slices", type=int, default=200,
+                   help="CT slices; the MR series has a quarter as many (default 200: 250 total)")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--finds", type=int, default=50, help="timed C-FIND queries per server")
+    p.add_argument("--work", type=Path, default=REPO / "bench-work")
+    p.add_argument("--keep", action="store_true", help="keep the run dir")
+    p.add_argument("--database", help="Lightbox database URL (default SQLite)")
+    p.add_argument("--lightbox-cmd", default=str(REPO / ".venv/bin/lightbox"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    for tool in ("storescu", "Orthanc"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (make system-deps)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    corpus = args.work / f"dimse-corpus-{args.slices}x{args.size}"
+    files = make_corpus(corpus, args.slices, args.size)
+    run = Path(tempfile.mkdtemp(prefix="dimse-", dir=args.work))
+    results: dict[str, Any] = {"instances": len(files),
+                               "bytes": sum(f.stat().st_size for f in files)}
+    try:
+        orthanc = start_orthanc(run / "orthanc")
+        lightbox = start_lightbox(run / "lightbox", args.lightbox_cmd, args.database)
+        peers = [orthanc, lightbox]
+        results["store"] = {p.label: measure_store(p, corpus, files) for p in peers}
+        results["find"] = measure_find(peers, args.finds)
+    finally:
+        for proc in list(_RUNNING):
+            _stop(proc)
+        if not args.keep:
+            shutil.rmtree(run, ignore_errors=True)
+    store, find = results["store"], results["find"]
+    print(f"\nDIMSE, {len(files)} instances ({results['bytes'] / 1e6:.0f} MB), one storescu "
+          f"association; C-FIND over {args.finds} study-level queries")
+    print(f"{'figure':<34}{'lightbox':>12}{'orthanc':>12}{'ratio':>9}")
+    print(_row("C-STORE ingest (instances/s)", store["lightbox"]["per_second"],
+               store["orthanc"]["per_second"]))
+    print(_row("C-STORE ingest (MB/s)", store["lightbox"]["mb_per_second"],
+               store["orthanc"]["mb_per_second"]))
+    print(_row("C-FIND study median (ms)", find["lightbox"]["median_ms"],
+               find["orthanc"]["median_ms"]))
+    print(_row("C-FIND study p90 (ms)", find["lightbox"]["p90_ms"], find["orthanc"]["p90_ms"]))
+    print("ratio is lightbox / orthanc; for ms lower is better")
+    (args.work / "dimse-results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

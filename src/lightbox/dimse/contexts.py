@@ -1,0 +1,134 @@
+"""What Lightbox negotiates: SOP classes, transfer syntaxes, presentation contexts,
+and the process-wide pynetdicom configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts, _config
+from pynetdicom.presentation import PresentationContext, build_context
+
+from lightbox.dicom import uids
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1387.1.1"
+IMPLEMENTATION_VERSION_NAME = "LIGHTBOX_01"
+
+# A proposed presentation context may list several transfer syntaxes; pynetdicom as
+# acceptor picks the first of *these* that the requestor listed, so native syntaxes
+# come first: when a sender offers both, nothing is compressed (or lost) on the way.
+NATIVE_SYNTAXES: tuple[str, ...] = (
+    uids.EXPLICIT_VR_LITTLE_ENDIAN,
+    uids.IMPLICIT_VR_LITTLE_ENDIAN,
+)
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    *NATIVE_SYNTAXES,
+    uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    uids.EXPLICIT_VR_BIG_ENDIAN,
+    uids.JPEG_BASELINE,
+    uids.JPEG_EXTENDED,
+    uids.JPEG_LOSSLESS,
+    uids.JPEG_LOSSLESS_SV1,
+    uids.JPEG_LS_LOSSLESS,
+    uids.JPEG_LS_NEAR_LOSSLESS,
+    uids.JPEG_2000_LOSSLESS,
+    uids.JPEG_2000,
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    uids.RLE_LOSSLESS,
+)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+)
+# The classes pynetdicom picked to fit in one association (at most 128 contexts).
+COMMON_STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
+    str(cx.abstract_syntax) for cx in StoragePresentationContexts
+)
+
+# SOP Classes (PS3.4 Annex A.1, C.6, J.3; UIDs from PS3.6 Annex A).
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+PATIENT_ROOT = frozenset({PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET})
+QUERY_RETRIEVE = PATIENT_ROOT | {STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET}
+
+MAX_REQUESTED_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings Lightbox relies on.
+
+    Received datasets go straight to a file instead of memory, and pynetdicom's
+    per-message logging (identifiers, PDU dumps) stays off: our own association
+    log says what happened.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def scp_contexts() -> list[PresentationContext]:
+    """Everything the SCP accepts.
+
+    Storage contexts allow both roles: a C-GET requestor takes the Storage SCP
+    role and Lightbox sends it C-STOREs over the same association.
+    """
+    contexts = [build_context(VERIFICATION, list(NATIVE_SYNTAXES))]
+    for uid in STORAGE_SOP_CLASSES:
+        cx = build_context(uid, list(TRANSFER_SYNTAXES))
+        cx.scu_role = True
+        cx.scp_role = True
+        contexts.append(cx)
+    for uid in sorted(QUERY_RETRIEVE):
+        contexts.append(build_context(uid, list(NATIVE_SYNTAXES)))
+    contexts.append(build_context(STORAGE_COMMITMENT, list(NATIVE_SYNTAXES)))
+    return contexts
+
+
+def storage_proposals(
+    classes_and_syntaxes: Iterable[tuple[str, str]], *, limit: int = MAX_REQUESTED_CONTEXTS
+) -> list[PresentationContext]:
+    """Contexts to send stored objects: per SOP class, one with each stored
+    compressed syntax as is, and one with the native syntaxes (which compressed
+    objects fall back to, decompressed, when the peer refuses their syntax)."""
+    contexts: list[PresentationContext] = []
+    seen: set[tuple[str, str]] = set()
+    for sop_class, syntax in classes_and_syntaxes:
+        wanted = [(sop_class, "native")]
+        if syntax not in NATIVE_SYNTAXES:
+            wanted.insert(0, (sop_class, syntax))
+        for key in wanted:
+            if key in seen or len(contexts) >= limit:
+                continue
+            seen.add(key)
+            if key[1] == "native":
+                contexts.append(build_context(sop_class, list(NATIVE_SYNTAXES)))
+            else:
+                contexts.append(build_context(sop_class, [key[1]]))
+    return contexts
+
+
+def receiving_proposals(sop_classes: Iterable[str], *, reserved: int) -> list[PresentationContext]:
+    """Storage contexts for a C-GET requestor (Lightbox takes the Storage SCP role).
+
+    The sender has to find an accepted context in its object's own transfer
+    syntax (many peers cannot transcode, JPEG 2000 least of all), and an
+    acceptor picks one syntax per context: so each syntax gets a context of its
+    own when the SOP classes are few enough, else each class one with them all.
+    """
+    classes = list(dict.fromkeys(sop_classes))
+    room = MAX_REQUESTED_CONTEXTS - reserved
+    if len(classes) * len(TRANSFER_SYNTAXES) <= room:
+        return [build_context(uid, [syntax]) for uid in classes for syntax in TRANSFER_SYNTAXES]
+    return [build_context(uid, list(TRANSFER_SYNTAXES)) for uid in classes[:room]]

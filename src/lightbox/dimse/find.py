@@ -1,0 +1,77 @@
+"""C-FIND SCP: the identifier becomes the shared Query and runs through the same
+search service as QIDO-RS; each match goes back as a Pending response."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+
+from lightbox.archive import Archive
+from lightbox.dimse import query
+from lightbox.dimse.access import Peer, Service, principal_for
+from lightbox.dimse.session import Session
+from lightbox.dimse.status import Find, find_failure, status_dataset
+from lightbox.errors import LightboxError
+from lightbox.services import search
+
+log = logging.getLogger("lightbox.dimse")
+
+FindYield = tuple[int | Dataset, Dataset | None]
+
+
+def find(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterator[FindYield]:
+    """The EVT_C_FIND handler: Pending matches, then pynetdicom adds the final Success.
+
+    Results are fetched a page at a time (memory stays flat), up to
+    ``dicom_find_max_results``; a C-CANCEL stops between matches.
+    """
+    session.note("C-FIND")
+    if not peer.may(Service.FIND):
+        yield status_dataset(Find.NOT_AUTHORIZED, "not a known node"), None
+        return
+    try:
+        request = query.find_request(event.identifier, str(event.context.abstract_syntax))
+    except LightboxError as exc:
+        yield status_dataset(find_failure(exc), exc.message), None
+        return
+    except Exception as exc:  # an identifier pydicom cannot decode
+        yield status_dataset(Find.UNABLE_TO_PROCESS, f"unreadable identifier: {exc}"), None
+        return
+    if request.query.unsupported:
+        log.debug("C-FIND keys matched by nothing: %s", ", ".join(request.query.unsupported))
+    yield from _matches(archive, peer, session, event, request)
+
+
+def _matches(
+    archive: Archive, peer: Peer, session: Session, event: Event, request: query.FindRequest
+) -> Iterator[FindYield]:
+    settings = archive.settings
+    principal = principal_for(peer)
+    page = max(1, settings.qido_max_results)
+    sent = 0
+    while sent < settings.dicom_find_max_results:
+        request.query.limit = min(page, settings.dicom_find_max_results - sent)
+        request.query.offset = sent
+        try:
+            items = search.search(archive, principal, request.query).items
+            responses = [query.response(i, request, settings.aet) for i in items]
+        except LightboxError as exc:
+            yield status_dataset(find_failure(exc), exc.message), None
+            return
+        except Exception:
+            log.exception("C-FIND from %s failed", peer)
+            yield status_dataset(Find.UNABLE_TO_PROCESS, "internal error while searching"), None
+            return
+        for ds in responses:
+            if event.is_cancelled:
+                yield Find.CANCEL, None
+                return
+            yield Find.PENDING, ds
+        sent += len(responses)
+        session.note("C-FIND matches", len(responses))
+        if len(responses) < request.query.limit:
+            return
+    log.warning("C-FIND from %s stopped at %d matches (dicom_find_max_results)", peer, sent)

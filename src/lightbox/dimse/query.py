@@ -1,0 +1,276 @@
+"""C-FIND / C-MOVE / C-GET identifiers <-> the query model shared with QIDO-RS.
+
+An identifier's keys become ``Query.add(keyword, value)`` calls with the value
+as DICOM encodes it (``A\\B`` lists, ``a-b`` ranges, ``*``/``?`` wildcards), so
+both protocols match by the same rules. The keys asked for are the keys
+returned: missing values come back empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from lightbox.dicom import uids
+from lightbox.dicom.attributes import BY_TAG, QueryLevel
+from lightbox.dicom.query import Query
+from lightbox.dimse import contexts
+from lightbox.errors import BadRequest
+
+QUERY_RETRIEVE_LEVEL = 0x00080052
+SPECIFIC_CHARACTER_SET = 0x00080005
+RETRIEVE_AE_TITLE = 0x00080054
+INSTANCE_AVAILABILITY = 0x00080056
+UTF8 = "ISO_IR 192"
+# Keys the SCP answers itself rather than from the index.
+_ANSWERED = {QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, RETRIEVE_AE_TITLE,
+             INSTANCE_AVAILABILITY}
+_UNMATCHABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+MAX_KEYS = 200
+
+DEFAULT_KEYS: dict[QueryLevel, tuple[str, ...]] = {
+    QueryLevel.PATIENT: ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"),
+    QueryLevel.STUDY: (
+        "PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber",
+        "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+        "StudyInstanceUID",
+    ),
+    QueryLevel.SERIES: (
+        "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+        "SeriesDescription", "NumberOfSeriesRelatedInstances",
+    ),
+    QueryLevel.INSTANCE: (
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+        "InstanceNumber",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ReturnKey:
+    tag: int
+    vr: str
+
+
+@dataclass
+class FindRequest:
+    """A parsed C-FIND identifier: the query and the keys to return."""
+
+    query: Query
+    keys: list[ReturnKey]
+
+
+def level_of(identifier: Dataset, model: str) -> QueryLevel:
+    """The Query/Retrieve Level, checked against the information model."""
+    raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    try:
+        level = QueryLevel(raw)
+    except ValueError as exc:
+        raise BadRequest(f"Query/Retrieve Level {raw[:16]!r} is not valid") from exc
+    if level is QueryLevel.PATIENT and model not in contexts.PATIENT_ROOT:
+        raise BadRequest("the Study Root model has no PATIENT level")
+    return level
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, PersonName):
+        return str(value)
+    return "" if value is None else str(value)
+
+
+def encoded_value(elem: DataElement) -> str | None:
+    """The element's value as DICOM encodes it, or None when it cannot be matched on."""
+    if elem.VR in _UNMATCHABLE_VRS:
+        return None
+    value = elem.value
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(_text(v) for v in value)
+    return _text(value)
+
+
+def _keyword(elem: DataElement) -> str:
+    return elem.keyword or f"{int(elem.tag):08X}"
+
+
+def find_request(identifier: Dataset, model: str) -> FindRequest:
+    """Parse a C-FIND identifier; BadRequest when it cannot be answered."""
+    query = Query(level=level_of(identifier, model))
+    keys: list[ReturnKey] = []
+    try:
+        elements = [e for e in identifier if e.tag.group not in (0x0000, 0x0002)]
+    except Exception as exc:  # pydicom decodes lazily: any bad element surfaces here
+        raise BadRequest(f"unreadable identifier: {exc}") from exc
+    if len(elements) > MAX_KEYS:
+        raise BadRequest(f"too many keys (at most {MAX_KEYS})")
+    for elem in elements:
+        tag = int(elem.tag)
+        if tag == QUERY_RETRIEVE_LEVEL:
+            continue
+        keys.append(ReturnKey(tag, elem.VR))
+        if tag in _ANSWERED:
+            continue
+        value = encoded_value(elem)
+        if value is not None:
+            query.add(_keyword(elem), value)
+        if tag not in BY_TAG:
+            # Not indexed: returned from a stored instance of the match.
+            query.include.add(tag)
+    return FindRequest(query=query, keys=keys)
+
+
+def response(item: dict[str, Any], request: FindRequest, ae_title: str) -> Dataset:
+    """One C-FIND match: the requested keys, filled from a DICOM JSON search result."""
+    wanted = {f"{k.tag:08X}" for k in request.keys}
+    subset = {
+        key: value for key, value in item.items()
+        if key in wanted and "BulkDataURI" not in value and "InlineBinary" not in value
+    }
+    ds = Dataset.from_json(subset)
+    for key in request.keys:
+        if key.tag in ds:
+            continue
+        if key.tag == RETRIEVE_AE_TITLE:
+            ds.RetrieveAETitle = ae_title
+        elif key.tag == INSTANCE_AVAILABILITY:
+            ds.InstanceAvailability = "ONLINE"
+        elif key.tag != SPECIFIC_CHARACTER_SET:
+            ds.add_new(key.tag, key.vr, [] if key.vr == "SQ" else None)
+    if any(k.tag == SPECIFIC_CHARACTER_SET for k in request.keys) or not _ascii(ds):
+        ds.SpecificCharacterSet = UTF8
+    ds.QueryRetrieveLevel = request.query.level.value
+    return ds
+
+
+def _ascii(ds: Dataset) -> bool:
+    for elem in ds:
+        if elem.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and not str(elem.value).isascii():
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class RetrieveRequest:
+    """What a C-MOVE / C-GET identifier names, by unique keys (PS3.4 C.4.2.2.1)."""
+
+    level: QueryLevel
+    patient_id: str | None = None
+    studies: tuple[str, ...] = ()
+    series: tuple[str, ...] = ()
+    instances: tuple[str, ...] = ()
+
+
+def _uid_list(identifier: Dataset, keyword: str, *, single: bool) -> tuple[str, ...]:
+    value = encoded_value(identifier[keyword]) or "" if keyword in identifier else ""
+    parts = tuple(v.strip() for v in value.split("\\") if v.strip())
+    if not parts:
+        raise BadRequest(f"{keyword} is required at this level")
+    if single and len(parts) > 1:
+        raise BadRequest(f"{keyword} must be a single UID at this level")
+    return tuple(uids.require_uid(p, keyword) for p in parts)
+
+
+def retrieve_request(identifier: Dataset, model: str) -> RetrieveRequest:
+    """Parse a C-MOVE / C-GET identifier; BadRequest when a unique key is missing."""
+    level = level_of(identifier, model)
+    if level is QueryLevel.PATIENT:
+        pid = str(identifier.get("PatientID", "") or "").strip()
+        if not pid or "*" in pid or "?" in pid:
+            raise BadRequest("a single Patient ID is required at PATIENT level")
+        return RetrieveRequest(level, patient_id=pid)
+    if level is QueryLevel.STUDY:
+        return RetrieveRequest(level, studies=_uid_list(identifier, "StudyInstanceUID",
+                                                        single=False))
+    study = _uid_list(identifier, "StudyInstanceUID", single=True)
+    if level is QueryLevel.SERIES:
+        return RetrieveRequest(level, studies=study,
+                               series=_uid_list(identifier, "SeriesInstanceUID", single=False))
+    return RetrieveRequest(
+        level,
+        studies=study,
+        series=_uid_list(identifier, "SeriesInstanceUID", single=True),
+        instances=_uid_list(identifier, "SOPInstanceUID", single=False),
+    )
+
+
+def parse_key(text: str) -> tuple[int, str]:
+    """``Keyword=value``, ``0010,0020=value`` or ``00100020=value`` -> (tag, value)."""
+    name, _, value = text.partition("=")
+    name = name.strip().strip("()")
+    tag: int | None
+    if "," in name:
+        group, _, element = name.partition(",")
+        tag = _hex(group + element)
+    else:
+        tag = _hex(name) if len(name) == 8 else None
+        if tag is None:
+            found = tag_for_keyword(name)
+            tag = int(found) if found is not None else None
+    if tag is None:
+        raise BadRequest(f"not a DICOM keyword or tag: {name!r}")
+    return tag, value
+
+
+def _hex(text: str) -> int | None:
+    try:
+        return int(text, 16) if len(text) == 8 else None
+    except ValueError:
+        return None
+
+
+def identifier(level: QueryLevel, keys: Iterable[tuple[int, str]]) -> Dataset:
+    """A C-FIND / C-MOVE identifier at ``level`` with the given (tag, value) keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.value
+    for tag, value in keys:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError as exc:
+            raise BadRequest(f"unknown DICOM tag {tag:08X}") from exc
+        vr = vr.split(" or ")[0]
+        if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+            ds.add_new(tag, vr, int(value) if value else None)
+        elif vr == "SQ":
+            ds.add_new(tag, vr, [])
+        else:
+            ds.add_new(tag, vr, value)
+    return ds
+
+
+def default_keys(level: QueryLevel) -> list[tuple[int, str]]:
+    return [(_tag(k), "") for k in DEFAULT_KEYS[level]]
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise BadRequest(f"not a DICOM keyword: {keyword!r}")
+    return int(tag)
+
+
+def merged_keys(
+    level: QueryLevel, extra: Sequence[tuple[int, str]]
+) -> list[tuple[int, str]]:
+    """The default return keys of ``level`` with the caller's keys added or overriding."""
+    merged = dict(default_keys(level))
+    for tag, value in extra:
+        merged[tag] = value
+    return list(merged.items())
+
+
+def describe(ds: Dataset) -> str:
+    """One line per C-FIND match, ``Keyword=value`` pairs, for people."""
+    parts = []
+    for elem in ds:
+        if int(elem.tag) in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
+            continue
+        name = keyword_for_tag(elem.tag) or f"{int(elem.tag):08X}"
+        value = encoded_value(elem)
+        parts.append(f"{name}={value if value is not None else '<binary>'}")
+    return "  ".join(parts)

@@ -1,0 +1,164 @@
+"""Shared helpers for the DIMSE tests: our SCP in a thread, real peers in subprocesses
+(DCMTK, Orthanc), certificates, corpora. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lightbox.archive import Archive
+from lightbox.dimse.scp import DicomServer
+from tests.conftest import free_port
+
+MAKE_CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/make_corpus.py"
+PEER_TIMEOUT = 60  # seconds any one DCMTK command may take
+
+
+def with_settings(archive: Archive, **changes: Any) -> Archive:
+    """The same index and blobs under changed settings."""
+    return Archive(settings=replace(archive.settings, **changes), db=archive.db,
+                   blobs=archive.blobs)
+
+
+@contextmanager
+def scp(archive: Archive, port: int | None = None) -> Iterator[DicomServer]:
+    """Our SCP on a free loopback port, in this process."""
+    server = DicomServer(archive, host="127.0.0.1", port=port or free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def dcmtk(
+    *argv: str, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool; its output is kept for the assertion message."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=PEER_TIMEOUT,
+                          cwd=cwd, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{argv[0]} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def make_corpus(out: Path, *args: str) -> list[Path]:
+    subprocess.run([sys.executable, str(MAKE_CORPUS), str(out), *args], check=True,
+                   capture_output=True, timeout=120)
+    return sorted(out.rglob("*.dcm"))
+
+
+@contextmanager
+def storescp(folder: Path, ae_title: str = "STORESCP") -> Iterator[int]:
+    """DCMTK storescp accepting every transfer syntax, writing into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", ae_title, "+xa", "-od", str(folder), "--fork", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port, proc)
+        yield port
+    finally:
+        _stop(proc)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc: its DICOM port and AE title, and its REST root."""
+
+    aet: str
+    dicom_port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+@contextmanager
+def orthanc(workdir: Path, modalities: dict[str, tuple[str, int]],
+            **extra: Any) -> Iterator[Orthanc]:
+    """Orthanc from a generated config in ``workdir``; ``modalities`` maps a name to
+    (AE title, port) of peers on 127.0.0.1 it may move to and accept queries from."""
+    if shutil.which("Orthanc") is None:
+        raise RuntimeError("Orthanc is not installed (scripts/system-deps.sh)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    peer = Orthanc("ORTHANC", free_port(), free_port())
+    config = {
+        "Name": "lightbox-test",
+        "DicomAet": peer.aet,
+        "DicomPort": peer.dicom_port,
+        "HttpPort": peer.http_port,
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomModalities": {
+            name: {"AET": aet, "Host": "127.0.0.1", "Port": port}
+            for name, (aet, port) in modalities.items()
+        },
+        "DicomScpTimeout": 30,
+        "SaveJobs": False,
+        **extra,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    log = (workdir / "orthanc.log").open("wb")
+    proc = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")], cwd=workdir,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_http(peer, proc)
+        yield peer
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _wait_http(peer: Orthanc, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {proc.returncode}")
+        try:
+            peer.get("/system")
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("Orthanc did not start")

@@ -1,0 +1,82 @@
+"""``lightbox node …`` and ``lightbox serve`` with its SCP, as an operator uses them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightbox.archive import Archive
+from lightbox.cli.main import main
+from tests.conftest import free_port
+from tests.dimse_peers import dcmtk
+
+
+def _run(archive: Archive, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    settings = archive.settings
+    code = main([*argv, "--data", str(settings.data), "--database", settings.database_url])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_node_add_list_remove(archive: Archive, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(archive, capsys, "node", "add", "pacs", "--aet", "PACS", "--host",
+                "pacs.example.org", "--port", "104", "--tls")[0] == 0
+    assert _run(archive, capsys, "node", "add", "ct", "--aet", "CT01", "--host", "10.0.0.7",
+                "--port", "11112")[0] == 0
+    code, listed = _run(archive, capsys, "node", "list")
+    assert code == 0
+    assert listed.splitlines() == ["ct: CT01@10.0.0.7:11112",
+                                   "pacs: PACS@pacs.example.org:104 (TLS)"]
+
+    duplicate = _run(archive, capsys, "node", "add", "pacs", "--aet", "X", "--host", "h",
+                     "--port", "1")
+    assert duplicate[0] == 2 and "already exists" in duplicate[1]
+    for bad in (["--aet", "A" * 17, "--host", "h", "--port", "1"],
+                ["--aet", "BAD\\AET", "--host", "h", "--port", "1"],
+                ["--aet", "OK", "--host", "h", "--port", "70000"]):
+        code, message = _run(archive, capsys, "node", "add", "other", *bad)
+        assert code == 2 and message.startswith("lightbox: ")
+
+    assert _run(archive, capsys, "node", "remove", "pacs")[0] == 0
+    assert _run(archive, capsys, "node", "list")[1].splitlines() == ["ct: CT01@10.0.0.7:11112"]
+    code, message = _run(archive, capsys, "node", "remove", "pacs")
+    assert code == 2 and "no node named 'pacs'" in message
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "lightbox serve exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_serve_runs_the_scp_next_to_http_and_stops_cleanly(tmp_path: Path) -> None:
+    http_port, dicom_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "lightbox", "serve", "--data", str(tmp_path / "data"),
+            "--http-port", str(http_port), "--dicom-port", str(dicom_port), "--aet", "ARCHIVE1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_port(dicom_port, proc)
+        _wait_port(http_port, proc)
+        dcmtk("echoscu", "-aec", "ARCHIVE1", "127.0.0.1", str(dicom_port))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert code == 0, output
+    assert "DICOM SCP ARCHIVE1 listening" in output
+    assert "from ECHOSCU@127.0.0.1" in output and "released" in output

@@ -1,0 +1,145 @@
+"""C-FIND against our SCP with DCMTK findscu (responses extracted with -X) at every
+level, with wildcard, date-range and UID-list keys; refusals name their reason."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from lightbox.archive import Archive
+from lightbox.dimse import contexts
+from lightbox.dimse.status import Find
+from lightbox.services import nodes
+from lightbox.services.ingest import Offer, Status, store_instances
+from tests.dimse_peers import dcmtk, scp
+from tests.factories import ROOT, ct_dataset, write
+
+STUDIES = {  # study UID suffix: (patient, name, date, modality, instances)
+    "1": ("P1", "SMITH^ANNA", "20240115", "CT", 3),
+    "2": ("P1", "SMITH^ANNA", "20240620", "MR", 2),
+    "3": ("P2", "JONES^BOB", "20241201", "CT", 1),
+}
+
+
+def _study_uid(key: str) -> str:
+    return f"{ROOT}500.{key}"
+
+
+@pytest.fixture
+def loaded(archive: Archive, tmp_path: Path) -> Archive:
+    """Three studies of two patients, and FINDSCU registered as a node on loopback."""
+    offers = []
+    for key, (pid, name, date, modality, count) in STUDIES.items():
+        series = f"{ROOT}501.{key}"
+        for n in range(1, count + 1):
+            ds = ct_dataset(study=_study_uid(key), series=series, sop=f"{ROOT}502.{key}.{n}",
+                            patient_id=pid, patient_name=name, instance_number=n,
+                            StudyDate=date, Modality=modality)
+            offers.append(Offer(write(ds, tmp_path / f"{key}-{n}.dcm"), "test"))
+    assert all(o.status is Status.STORED for o in store_instances(archive, offers))
+    nodes.add_node(archive, name="finder", ae_title="FINDSCU", host="127.0.0.1", port=1)
+    return archive
+
+
+def _findscu(port: int, model: str, keys: list[str], folder: Path) -> list[Dataset]:
+    """Run findscu; its responses, written as files by -X, read back."""
+    folder.mkdir()
+    argv = ["findscu", model, "-aec", "LIGHTBOX", "-X", "127.0.0.1", str(port)]
+    for key in keys:
+        argv += ["-k", key]
+    dcmtk(*argv, cwd=folder)
+    return [pydicom.dcmread(f) for f in sorted(folder.glob("rsp*.dcm"))]
+
+
+def test_findscu_at_every_level_with_wildcards_ranges_and_lists(
+    loaded: Archive, tmp_path: Path
+) -> None:
+    with scp(loaded) as server:
+        patients = _findscu(server.port, "-P", [
+            "QueryRetrieveLevel=PATIENT", "PatientName=SMI*", "PatientID", "PatientBirthDate",
+        ], tmp_path / "patients")
+        studies = _findscu(server.port, "-S", [
+            "QueryRetrieveLevel=STUDY", "StudyDate=20240101-20240630", "PatientName",
+            "StudyInstanceUID", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+            "RetrieveAETitle",
+        ], tmp_path / "studies")
+        series = _findscu(server.port, "-S", [
+            "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={_study_uid('1')}",
+            "SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances",
+        ], tmp_path / "series")
+        images = _findscu(server.port, "-S", [
+            "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={_study_uid('1')}",
+            f"SOPInstanceUID={ROOT}502.1.1\\{ROOT}502.1.3", "SOPClassUID", "InstanceNumber",
+        ], tmp_path / "images")
+        open_ended = _findscu(server.port, "-S", [
+            "QueryRetrieveLevel=STUDY", "StudyDate=20240601-", "PatientName=*ones*",
+            "StudyInstanceUID",
+        ], tmp_path / "open")
+
+    assert [(p.PatientID, str(p.PatientName)) for p in patients] == [("P1", "SMITH^ANNA")]
+    assert "PatientBirthDate" in patients[0]  # asked for: returned, here with its value
+    assert {s.StudyInstanceUID: (s.ModalitiesInStudy, int(s.NumberOfStudyRelatedInstances))
+            for s in studies} == {_study_uid("1"): ("CT", 3), _study_uid("2"): ("MR", 2)}
+    assert all(s.RetrieveAETitle == "LIGHTBOX" and s.QueryRetrieveLevel == "STUDY"
+               for s in studies)
+    # The keys asked for are the keys returned (no more, apart from the character set).
+    asked = {"QueryRetrieveLevel", "StudyDate", "PatientName", "StudyInstanceUID",
+             "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "RetrieveAETitle"}
+    assert {e.keyword for e in studies[0]} - {"SpecificCharacterSet"} == asked
+    assert [(s.Modality, int(s.NumberOfSeriesRelatedInstances)) for s in series] == [("CT", 3)]
+    assert sorted(int(i.InstanceNumber) for i in images) == [1, 3]
+    assert {i.SOPClassUID for i in images} == {"1.2.840.10008.5.1.4.1.1.2"}
+    # Person names match case-insensitively; an open date range has one bound.
+    assert [s.StudyInstanceUID for s in open_ended] == [_study_uid("3")]
+
+
+def test_unknown_caller_cannot_query(archive: Archive, tmp_path: Path) -> None:
+    with scp(archive) as server:
+        done = dcmtk("findscu", "-S", "-aec", "LIGHTBOX", "-k", "QueryRetrieveLevel=STUDY",
+                     "127.0.0.1", str(server.port), check=False)
+    assert done.returncode != 0
+    assert "No Acceptable Presentation Contexts" in done.stdout + done.stderr
+
+
+def _find(port: int, model: str, identifier: Dataset) -> list[tuple[int, str]]:
+    ae = AE(ae_title="FINDSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX")
+    assert assoc.is_established
+    try:
+        return [(int(status.Status), str(status.get("ErrorComment", "")))
+                for status, _ in assoc.send_c_find(identifier, model)]
+    finally:
+        assoc.release()
+
+
+def test_bad_identifiers_get_a_failure_status_with_a_reason(loaded: Archive) -> None:
+    patient_level = Dataset()
+    patient_level.QueryRetrieveLevel = "PATIENT"
+    patient_level.PatientID = ""
+    bad_range = Dataset()
+    bad_range.QueryRetrieveLevel = "STUDY"
+    with warnings.catch_warnings():  # pydicom warns about the invalid date, as it should
+        warnings.simplefilter("ignore")
+        bad_range.StudyDate = "2024-01"
+    no_level = Dataset()
+    no_level.PatientID = "P1"
+    with scp(loaded) as server:
+        answers = [
+            _find(server.port, contexts.STUDY_ROOT_FIND, patient_level),
+            _find(server.port, contexts.STUDY_ROOT_FIND, bad_range),
+            _find(server.port, contexts.PATIENT_ROOT_FIND, no_level),
+        ]
+    for answer in answers:
+        assert len(answer) == 1
+        status, comment = answer[0]
+        assert status == Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+        assert comment
+    assert "PATIENT" in answers[0][0][1]
+    assert "StudyDate" in answers[1][0][1]

@@ -1,0 +1,271 @@
+"""C-MOVE (DCMTK movescu to a storescp registered as a node), C-GET (getscu), and
+Storage Commitment (pynetdicom SCU, on the same and on a new association)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+
+from lightbox.archive import Archive
+from lightbox.dimse import contexts
+from lightbox.dimse.access import operator_principal
+from lightbox.dimse.status import CommitmentFailure, EventType, Retrieve
+from lightbox.services import nodes, retrieve
+from lightbox.services.ingest import Offer, Status, store_instances
+from tests.conftest import free_port
+from tests.dimse_peers import dcmtk, make_corpus, scp, storescp
+from tests.factories import ROOT
+
+
+@pytest.fixture
+def study(archive: Archive, tmp_path: Path) -> tuple[Archive, str, list[Path]]:
+    """One stored study: CT slices in JPEG 2000, as a modality might compress them."""
+    files = make_corpus(tmp_path / "corpus", "--slices", "3", "--size", "64",
+                        "--syntax", "jpeg2000", "--seed", "41")
+    outcomes = store_instances(archive, [Offer(f, "test") for f in files])
+    assert all(o.status is Status.STORED for o in outcomes)
+    for aet in ("MOVESCU", "GETSCU", "COMMITSCU", "TESTSCU"):
+        nodes.add_node(archive, name=aet.lower(), ae_title=aet, host="127.0.0.1", port=1)
+    return archive, str(pydicom.dcmread(files[0]).StudyInstanceUID), files
+
+
+def test_movescu_sends_the_study_to_a_known_node(
+    study: tuple[Archive, str, list[Path]], tmp_path: Path
+) -> None:
+    archive, study_uid, files = study
+    with storescp(tmp_path / "received") as peer_port, scp(archive) as server:
+        nodes.add_node(archive, name="viewer", ae_title="STORESCP", host="127.0.0.1",
+                       port=peer_port)
+        done = dcmtk("movescu", "-v", "-S", "-aec", "LIGHTBOX", "-aem", "STORESCP",
+                     "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                     "127.0.0.1", str(server.port))
+    received = sorted((tmp_path / "received").iterdir())
+    assert len(received) == len(files), done.stdout + done.stderr
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files}
+    for path in received:
+        ds = pydicom.dcmread(path)
+        # storescp accepts JPEG 2000: the stored compressed pixel data travels as is.
+        original = sent[ds.SOPInstanceUID]
+        assert ds.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert ds.PixelData == original.PixelData
+    output = done.stdout + done.stderr
+    assert "Received Final Move Response (Success)" in output
+    assert output.count("(Pending)") == len(files)  # one pending response per sub-operation
+
+
+def _move(port: int, identifier: Dataset, destination: str) -> list[Dataset]:
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX")
+    assert assoc.is_established
+    try:
+        return [status for status, _ in assoc.send_c_move(identifier, destination,
+                                                           contexts.STUDY_ROOT_MOVE)]
+    finally:
+        assoc.release()
+
+
+def test_move_to_an_unknown_destination_fails_without_connecting(
+    study: tuple[Archive, str, list[Path]], tmp_path: Path
+) -> None:
+    archive, study_uid, _files = study
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    missing_key = Dataset()
+    missing_key.QueryRetrieveLevel = "SERIES"
+    missing_key.StudyInstanceUID = study_uid
+    with storescp(tmp_path / "received") as peer_port, scp(archive) as server:
+        unknown = _move(server.port, identifier, "NOWHERE")
+        # A known destination that is down: the association attempt fails.
+        nodes.add_node(archive, name="down", ae_title="DOWN", host="127.0.0.1", port=free_port())
+        down = _move(server.port, identifier, "DOWN")
+        # A bad identifier is answered with its reason (pynetdicom relays a handler's
+        # failure once the sub-association to the destination exists).
+        nodes.add_node(archive, name="viewer", ae_title="STORESCP", host="127.0.0.1",
+                       port=peer_port)
+        bad = _move(server.port, missing_key, "STORESCP")
+    assert [int(s.Status) for s in unknown] == [Retrieve.MOVE_DESTINATION_UNKNOWN]
+    assert [int(s.Status) for s in down] == [Retrieve.MOVE_DESTINATION_UNKNOWN]
+    assert int(bad[-1].Status) == Retrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert "SeriesInstanceUID" in bad[-1].ErrorComment
+    assert not any((tmp_path / "received").iterdir())
+
+
+def test_getscu_receives_the_study_decompressed_when_it_asks_for_native(
+    study: tuple[Archive, str, list[Path]], tmp_path: Path
+) -> None:
+    archive, study_uid, files = study
+    out = tmp_path / "got"
+    out.mkdir()
+    with scp(archive) as server:
+        # getscu proposes uncompressed syntaxes only: the SCP decodes JPEG 2000 for it.
+        dcmtk("getscu", "-S", "-aec", "LIGHTBOX", "-od", str(out),
+              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+              "127.0.0.1", str(server.port))
+    got = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p) for p in out.iterdir())}
+    assert len(got) == len(files)
+    for path in files:
+        original = pydicom.dcmread(path)
+        back = got[original.SOPInstanceUID]
+        assert not back.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(back.pixel_array, original.pixel_array)
+
+
+# --- Storage Commitment ---------------------------------------------------------------
+
+
+def _commitment_request(files: list[Path]) -> tuple[Dataset, dict[str, int | None]]:
+    """Two stored instances, one never stored, one named with the wrong SOP Class."""
+    stored = [pydicom.dcmread(f, stop_before_pixels=True) for f in files[:2]]
+    expected: dict[str, int | None] = {str(ds.SOPInstanceUID): None for ds in stored}
+    info = Dataset()
+    info.TransactionUID = generate_uid(prefix=ROOT)
+    items = []
+    for ds in stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        items.append(item)
+    absent = Dataset()
+    absent.ReferencedSOPClassUID = stored[0].SOPClassUID
+    absent.ReferencedSOPInstanceUID = generate_uid(prefix=ROOT)
+    expected[absent.ReferencedSOPInstanceUID] = CommitmentFailure.NO_SUCH_OBJECT_INSTANCE
+    wrong_class = Dataset()
+    wrong_class.ReferencedSOPClassUID = MRImageStorage
+    wrong_class.ReferencedSOPInstanceUID = pydicom.dcmread(files[2]).SOPInstanceUID
+    expected[wrong_class.ReferencedSOPInstanceUID] = CommitmentFailure.CLASS_INSTANCE_CONFLICT
+    info.ReferencedSOPSequence = [*items, absent, wrong_class]
+    return info, expected
+
+
+def _outcomes(report: Dataset) -> dict[str, int | None]:
+    found: dict[str, int | None] = {
+        str(i.ReferencedSOPInstanceUID): None for i in report.get("ReferencedSOPSequence", [])
+    }
+    for item in report.get("FailedSOPSequence", []):
+        found[str(item.ReferencedSOPInstanceUID)] = int(item.FailureReason)
+    return found
+
+
+def test_storage_commitment_reports_on_the_same_association(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    archive, _study_uid, files = study
+    info, expected = _commitment_request(files)
+    reports: list[tuple[int, Dataset]] = []
+    arrived = threading.Event()
+
+    def on_report(event: Event) -> tuple[int, None]:
+        reports.append((int(event.event_type or 0), event.event_information))
+        arrived.set()
+        return 0, None
+
+    ae = AE(ae_title="COMMITSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(contexts.STORAGE_COMMITMENT)
+    with scp(archive) as server:
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX",
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+        assert assoc.is_established
+        try:
+            status, _reply = assoc.send_n_action(
+                info, 1, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)
+            assert status.Status == 0
+            assert arrived.wait(10)
+        finally:
+            assoc.release()
+    [(event_type, report)] = reports
+    assert event_type == EventType.FAILURES_EXIST
+    assert report.TransactionUID == info.TransactionUID
+    assert _outcomes(report) == expected
+
+
+def test_storage_commitment_reports_on_a_new_association_after_release(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    archive, _study_uid, files = study
+    info, expected = _commitment_request(files)
+    reports: list[Dataset] = []
+    arrived = threading.Event()
+
+    def on_report(event: Event) -> tuple[int, None]:
+        reports.append(event.event_information)
+        arrived.set()
+        return 0, None
+
+    # The requester listens as a node (COMMITSCU) for the report Lightbox will send.
+    listener = AE(ae_title="COMMITSCU")
+    listener.add_supported_context(contexts.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
+    port = free_port()
+    nodes.remove_node(archive, "commitscu")
+    nodes.add_node(archive, name="commitscu", ae_title="COMMITSCU", host="127.0.0.1", port=port)
+    listening = listener.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    ae = AE(ae_title="COMMITSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(contexts.STORAGE_COMMITMENT)
+    try:
+        with scp(archive) as server:
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX")
+            assert assoc.is_established
+            status, _reply = assoc.send_n_action(
+                info, 1, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)
+            assoc.release()  # before the report could come
+            assert status.Status == 0
+            assert arrived.wait(10)
+    finally:
+        assert listening is not None
+        listening.shutdown()
+    assert _outcomes(reports[0]) == expected
+
+
+def test_retrieve_of_a_study_we_do_not_have_completes_with_nothing(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    archive, _study_uid, _files = study
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = generate_uid(prefix=ROOT)
+    with scp(archive) as server:
+        statuses = _move(server.port, identifier, "TESTSCU")
+    assert int(statuses[-1].Status) == Retrieve.SUCCESS
+    assert int(statuses[-1].NumberOfCompletedSuboperations) == 0
+
+
+def test_move_counts_a_lost_object_as_a_failed_suboperation(
+    study: tuple[Archive, str, list[Path]], tmp_path: Path
+) -> None:
+    archive, study_uid, files = study
+    lost = str(pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
+    [instance] = [i for i in retrieve.find_instances(archive, operator_principal(), study_uid)
+                  if i.sop_instance_uid == lost]
+    archive.blobs.delete(instance.blob_key)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    with storescp(tmp_path / "received") as peer_port, scp(archive) as server:
+        nodes.add_node(archive, name="viewer", ae_title="STORESCP", host="127.0.0.1",
+                       port=peer_port)
+        ae = AE(ae_title="TESTSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX")
+        responses = list(assoc.send_c_move(identifier, "STORESCP", contexts.STUDY_ROOT_MOVE))
+        assoc.release()
+    pending = [s for s, _ in responses if s.Status == Retrieve.PENDING]
+    assert [int(s.NumberOfRemainingSuboperations) for s in pending] == [2, 1, 0]
+    final, failed = responses[-1]
+    assert final.Status == Retrieve.WARNING_SUBOPERATIONS_FAILED
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 1)
+    assert failed is not None and failed.FailedSOPInstanceUIDList == lost
+    assert len(list((tmp_path / "received").iterdir())) == 2
