@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts, _config
+from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationContexts, _config
 from pynetdicom.presentation import PresentationContext, build_context
 
 from lightbox.dicom import uids
+from lightbox.settings import Settings
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1387.1.1"
 IMPLEMENTATION_VERSION_NAME = "LIGHTBOX_01"
@@ -132,3 +133,16 @@ def receiving_proposals(sop_classes: Iterable[str], *, reserved: int) -> list[Pr
     if len(classes) * len(TRANSFER_SYNTAXES) <= room:
         return [build_context(uid, [syntax]) for uid in classes for syntax in TRANSFER_SYNTAXES]
     return [build_context(uid, list(TRANSFER_SYNTAXES)) for uid in classes[:room]]
+
+
+def make_ae(settings: Settings) -> AE:
+    """An AE titled and timed as the settings say (for the SCP and the SCU alike)."""
+    configure_pynetdicom()
+    ae = AE(ae_title=settings.aet)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = settings.dicom_acse_timeout
+    ae.dimse_timeout = settings.dicom_dimse_timeout
+    ae.network_timeout = settings.dicom_network_timeout
+    ae.connection_timeout = settings.dicom_connection_timeout
+    return ae

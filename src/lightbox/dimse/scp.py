@@ -59,15 +59,8 @@ class DicomServer:
     def start(self) -> None:
         settings = self.archive.settings
         accept_unknown(settings.dicom_accept_unknown)  # a typo fails here, not per caller
-        contexts.configure_pynetdicom()
         tls_context = tls.server_context(settings)
-        ae = AE(ae_title=settings.aet)
-        ae.implementation_class_uid = contexts.IMPLEMENTATION_CLASS_UID
-        ae.implementation_version_name = contexts.IMPLEMENTATION_VERSION_NAME
-        ae.acse_timeout = settings.dicom_acse_timeout
-        ae.dimse_timeout = settings.dicom_dimse_timeout
-        ae.network_timeout = settings.dicom_network_timeout
-        ae.connection_timeout = settings.dicom_connection_timeout
+        ae = contexts.make_ae(settings)
         ae.maximum_pdu_size = settings.dicom_max_pdu
         ae.maximum_associations = settings.dicom_max_associations
         # Given to the server, not to ae.supported_contexts, whose setter drops the roles.

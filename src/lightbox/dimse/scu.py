@@ -54,16 +54,7 @@ def resolve_node(archive: Archive, text: str) -> Node:
 
 def new_ae(archive: Archive) -> AE:
     """An AE titled like our SCP, with the configured timeouts."""
-    contexts.configure_pynetdicom()
-    settings = archive.settings
-    ae = AE(ae_title=settings.aet)
-    ae.implementation_class_uid = contexts.IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = contexts.IMPLEMENTATION_VERSION_NAME
-    ae.acse_timeout = settings.dicom_acse_timeout
-    ae.dimse_timeout = settings.dicom_dimse_timeout
-    ae.network_timeout = settings.dicom_network_timeout
-    ae.connection_timeout = settings.dicom_connection_timeout
-    return ae
+    return contexts.make_ae(archive.settings)
 
 
 @contextmanager
