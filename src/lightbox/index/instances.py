@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 
-from lightbox.dicom.attributes import QueryLevel, at_level
+from lightbox.dicom.attributes import Kind, QueryLevel, at_level
 from lightbox.dicom.frames import PixelLayout
 from lightbox.dicom.instance import InstanceRecord
 from lightbox.errors import Conflict, NotFound
@@ -61,6 +61,18 @@ def name_words(name: str | None) -> str | None:
     return " " + " ".join(words) + " "
 
 
+_INSTANCE_ATTRIBUTES = tuple(a for a in at_level(QueryLevel.INSTANCE) if a.kind is not Kind.COUNT)
+_FIND_OLD = select(instances.c.pk, instances.c.blob_key, instances.c.study_pk).where(
+    instances.c.sop_instance_uid == bindparam("sop")
+)
+_INSERT_INSTANCE = instances.insert()
+_BUMP_SERIES = (
+    update(series)
+    .where(series.c.pk == bindparam("series"))
+    .values(number_of_instances=series.c.number_of_instances + 1)
+)
+
+
 def store(
     db: Database,
     conn: Connection,
@@ -81,11 +93,7 @@ def store(
     Raises Conflict when the series is already filed under another study.
     """
     now = datetime.now(UTC)
-    old = conn.execute(
-        select(instances.c.pk, instances.c.blob_key, instances.c.study_pk).where(
-            instances.c.sop_instance_uid == record.sop_instance_uid
-        )
-    ).first()
+    old = conn.execute(_FIND_OLD, {"sop": record.sop_instance_uid}).first()
     if old is not None and not overwrite:
         return Stored.DUPLICATE, blob_key, None
     if old is not None:
@@ -98,24 +106,19 @@ def store(
         series_pk = _series(db, conn, record, study_pk)
         if known is not None:
             known[record.series_instance_uid] = (series_pk, study_pk)
-    values = _columns(QueryLevel.INSTANCE, record)
-    conn.execute(
-        instances.insert().values(
-            **values,
-            series_pk=series_pk,
-            study_pk=study_pk,
-            blob_key=blob_key,
-            size=record.size,
-            pixel_layout=record.layout.to_bytes() if record.layout else None,
-            dicom_json=record.metadata,
-            created_at=now,
-        )
+    # The same two statements every time: compiled once, not per instance.
+    row = {a.column: record.values.get(a.column) for a in _INSTANCE_ATTRIBUTES}
+    row.update(
+        series_pk=series_pk,
+        study_pk=study_pk,
+        blob_key=blob_key,
+        size=record.size,
+        pixel_layout=record.layout.to_bytes() if record.layout else None,
+        dicom_json=record.metadata,
+        created_at=now,
     )
-    conn.execute(
-        update(series)
-        .where(series.c.pk == series_pk)
-        .values(number_of_instances=series.c.number_of_instances + 1)
-    )
+    conn.execute(_INSERT_INSTANCE, row)
+    conn.execute(_BUMP_SERIES, {"series": series_pk})
     if old is not None:
         # The replaced copy may have been the last of another series or study.
         _prune(conn, {old.study_pk}, now)
