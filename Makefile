@@ -34,6 +34,7 @@ system-deps:
 bench: install system-deps
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/qido_scale.py
+	$(BIN)/python benchmarks/dimse.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-work
