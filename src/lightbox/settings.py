@@ -39,7 +39,6 @@ class Settings:
     public_url: str = ""  # e.g. https://images.example.org when behind a proxy
     overwrite: bool = False
     qido_max_results: int = 1000
-    qido_default_limit: int = 200
     max_upload_bytes: int = 8 * 1024**3
     max_instance_bytes: int = 4 * 1024**3
     max_parts: int = 100_000
