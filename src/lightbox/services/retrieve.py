@@ -36,6 +36,10 @@ class InstanceCache:
             if len(self._items) > self._size:
                 self._items.popitem(last=False)
 
+    def discard(self, key: tuple[str, str, str]) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -68,6 +72,10 @@ def find_instance(
     """One instance, from the cache when possible."""
     principal.require_read(study)
     found = cache.get((study, series, sop))
+    if found is not None and not archive.blobs.path(found.blob_key).exists():
+        # Deleted through another worker process since it was cached.
+        cache.discard((study, series, sop))
+        found = None
     if found is None:
         found = find_instances(archive, principal, study, series, sop)[0]
         cache.put(found)

@@ -148,11 +148,9 @@ async def frames(request: Request) -> Response:
     archive = context.archive(request)
     cache = context.instance_cache(request)
     principal = context.principal(request)
-    instance = cache.get((study, series, sop))
-    if instance is None or not principal.may_read(study):
-        instance = await context.blocking(
-            retrieve.find_instance, archive, cache, principal, study, series, sop
-        )
+    instance = await context.blocking(
+        retrieve.find_instance, archive, cache, principal, study, series, sop
+    )
     native, media = frame_syntax(request.headers.get("accept"), instance.transfer_syntax_uid)
     boundary = new_boundary()
     chunks: list[bytes] = []
