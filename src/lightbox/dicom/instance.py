@@ -83,6 +83,8 @@ class _HeaderCallback:
         return False
 
 
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (DICOMDIR)
+
 # Where the instance's own URL goes in its JSON, until the UIDs are known to be valid.
 _INSTANCE = "@@LIGHTBOX_INSTANCE@@"
 
@@ -96,6 +98,10 @@ def read_instance(path: Path) -> InstanceRecord:
     with open(path, "rb") as fp:
         ds = _read_header(fp, size)
         syntax = _transfer_syntax(ds)
+        if getattr(ds.file_meta, "MediaStorageSOPClassUID", None) == MEDIA_DIRECTORY:
+            raise InvalidInstance(
+                "a DICOMDIR indexes files and is not itself an image: import its folder"
+            )
         for keyword in _REQUIRED_UIDS:
             _check_uid(ds, keyword)
         layout, pixel_vr = _pixel_layout(fp, ds, syntax, size)
@@ -130,7 +136,10 @@ def _read_header(fp: BinaryIO, size: int) -> Dataset:
         # metadata rather than refusing the instance (its bytes are kept as sent).
         ds = read_partial(fp, stop_when=callback, force=False)
     except InvalidDicomError as exc:
-        raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from exc
+        raise InvalidInstance(
+            "not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble "
+            "and no File Meta Information at the start)"
+        ) from exc
     except (EOFError, struct.error, OSError) as exc:
         # pydicom reports a sequence that runs off the end of the file as OSError.
         raise InvalidInstance(f"truncated DICOM file: {exc}") from exc
