@@ -22,7 +22,6 @@ from lightbox.services.ingest import (
     FailureReason,
     Offer,
     Outcome,
-    Prepared,
     Status,
     commit,
     discard,
@@ -66,24 +65,25 @@ async def store(request: Request) -> Response:
     principal.require_write()
     boundary = _boundary(request)
     settings = archive.settings
-    pending: list[asyncio.Future[Prepared]] = []
+    offers: list[Offer] = []
     parts = iter_parts(
         _limited(request, settings.max_upload_bytes), boundary,
         spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
         max_parts=settings.max_parts, sync=False,  # ingest fsyncs them, in parallel
     )
-    # Each part is checked (and fsynced) while the next ones arrive, but nothing
-    # is stored before the whole body has arrived: a request that breaks off
-    # half-way changes nothing.
+    # The whole body is received (parts spooled to disk, never to memory) before
+    # anything is checked or stored, so a request that breaks off half-way
+    # changes nothing. Checking while receiving was tried: both are Python work
+    # in one process, and interleaving them made uploads slower, not faster.
     try:
         async for part in parts:
-            offer = _offer(part, len(pending))
-            pending.append(asyncio.wrap_future(prepare_async(archive, offer, study)))
-        prepared = list(await asyncio.gather(*pending))
+            offers.append(_offer(part, len(offers)))
     except BaseException:
-        done = await asyncio.gather(*pending, return_exceptions=True)
-        discard([p for p in done if isinstance(p, Prepared)])
+        for offer in offers:
+            offer.path.unlink(missing_ok=True)
         raise
+    futures = [asyncio.wrap_future(prepare_async(archive, o, study)) for o in offers]
+    prepared = list(await asyncio.gather(*futures))
     try:
         outcomes = await context.blocking(commit, archive, prepared)
     except Exception:
