@@ -53,6 +53,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
     # pynetdicom logs every PDU at INFO; our association log says what happened.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
     archive = Archive.open(settings)
     archive.blobs.clear_staging()
     app = create_asgi(archive)
