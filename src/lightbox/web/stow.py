@@ -7,7 +7,6 @@ once the whole body has arrived.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +24,7 @@ from lightbox.services.ingest import (
     Status,
     commit,
     discard,
-    prepare_async,
+    prepare,
 )
 from lightbox.web import context
 from lightbox.web.errors import warning_value
@@ -82,8 +81,7 @@ async def store(request: Request) -> Response:
         for offer in offers:
             offer.path.unlink(missing_ok=True)
         raise
-    futures = [asyncio.wrap_future(prepare_async(archive, o, study)) for o in offers]
-    prepared = list(await asyncio.gather(*futures))
+    prepared = await context.blocking(prepare, archive, offers, study)
     try:
         outcomes = await context.blocking(commit, archive, prepared)
     except Exception:
