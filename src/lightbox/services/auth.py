@@ -135,26 +135,32 @@ class Authenticator:
             hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-        principal = self._lookup(digest)
+        principal, lifetime = self._lookup(digest)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[digest] = (now + _CACHE_SECONDS, principal)
+            # Never remembered past the token's own expiry.
+            self._cache[digest] = (now + min(_CACHE_SECONDS, lifetime), principal)
         return principal
 
-    def _lookup(self, digest: str) -> Principal:
+    def _lookup(self, digest: str) -> tuple[Principal, float]:
+        """The token's Principal and how many seconds it stays valid."""
         with self._archive.db.read() as conn:
             row = accounts.token_by_hash(conn, digest)
         if row is None or row.user.disabled:
             raise Unauthenticated("invalid or revoked token")
-        if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
-            raise Unauthenticated("token has expired")
+        lifetime = float("inf")
+        if row.expires_at is not None:
+            lifetime = (row.expires_at - datetime.now(UTC)).total_seconds()
+            if lifetime <= 0:
+                raise Unauthenticated("token has expired")
         studies, read_only = None, False
         if row.scope:
             scope = json.loads(row.scope)
             if scope.get("studies") is not None:
                 studies = frozenset(scope["studies"])
             read_only = bool(scope.get("read_only"))
-        return Principal(
+        principal = Principal(
             user=row.user.name, is_admin=row.user.is_admin, studies=studies, read_only=read_only
         )
+        return principal, lifetime
