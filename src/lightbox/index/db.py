@@ -12,7 +12,6 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.dml import Insert
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -44,7 +43,7 @@ class Database:
         with self.engine.connect() as conn:
             yield conn
 
-    def insert(self, table: Any) -> Insert:
+    def insert(self, table: Any) -> sqlite.Insert | postgresql.Insert:
         """An INSERT that supports ``on_conflict_do_nothing`` on both backends."""
         if self.is_sqlite:
             return sqlite.insert(table)

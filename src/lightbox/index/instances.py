@@ -133,12 +133,6 @@ def refresh_studies(conn: Connection, study_pks: set[int]) -> None:
         _refresh_study(conn, study_pk, now)
 
 
-def _upsert(db: Database, table: Any) -> Any:
-    """``db.insert(table)``: the dialect's INSERT, which has ``on_conflict_do_nothing``
-    (Database.insert is annotated with the generic Insert, which has not)."""
-    return db.insert(table)
-
-
 def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime) -> int:
     found = conn.execute(
         select(studies.c.pk).where(studies.c.study_instance_uid == record.study_instance_uid)
@@ -147,14 +141,12 @@ def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime
         return int(found)
     pvalues = _columns(QueryLevel.PATIENT, record)
     identity = patient_identity(pvalues)
-    conn.execute(
-        _upsert(db, patients).values(identity=identity, **pvalues).on_conflict_do_nothing()
-    )
+    conn.execute(db.insert(patients).values(identity=identity, **pvalues).on_conflict_do_nothing())
     patient_pk = conn.execute(
         select(patients.c.pk).where(patients.c.identity == identity)
     ).scalar_one()
     conn.execute(
-        _upsert(db, studies)
+        db.insert(studies)
         .values(
             patient_pk=patient_pk,
             **pvalues,
@@ -181,7 +173,7 @@ def _series(db: Database, conn: Connection, record: InstanceRecord, study_pk: in
     ).first()
     if row is None:
         conn.execute(
-            _upsert(db, series)
+            db.insert(series)
             .values(study_pk=study_pk, number_of_instances=0, **_columns(QueryLevel.SERIES, record))
             .on_conflict_do_nothing()
         )

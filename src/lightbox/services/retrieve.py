@@ -93,15 +93,19 @@ def metadata(
     return b"[" + b",".join(parts) + b"]"
 
 
+# Pixel data whose frames ingest could not map: it is decoded instead.
+_UNMAPPED_SYNTAXES = (uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN)
+
+
 def stored_frame(archive: Archive, instance: StoredInstance, number: int) -> Frame | None:
     """Frame ``number`` (1-based) as stored, by ranged reads; None when the stored
     form cannot be cut into frames directly (the caller then decodes)."""
     layout = instance.layout
-    if layout is None or not layout.frames:
-        if instance.transfer_syntax_uid in (
-            uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN
-        ) or (layout is not None):
-            return None
+    if layout is not None and not layout.frames:
+        return None  # bit-packed frames: not byte-addressable
+    if layout is None:
+        if instance.transfer_syntax_uid in _UNMAPPED_SYNTAXES:
+            return None  # byte positions in the file do not map to frames
         raise NotFound(f"instance {instance.sop_instance_uid} has no pixel data")
     if not 1 <= number <= len(layout.frames):
         raise NotFound(f"frame {number} not in instance (it has {len(layout.frames)})")
