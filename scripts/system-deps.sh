@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Debian packages the tests and benchmarks talk to: DICOM peers and a static server.
+# Debian packages the tests and benchmarks talk to: DICOM peers, a static server
+# and the browser that drives the viewer tests.
 # Installs only what is missing; needs root (or sudo) the first time.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb nginx-light)
+packages=(dcmtk orthanc orthanc-dicomweb nginx-light chromium fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -62,3 +62,16 @@ def to_bytes(ds: Dataset) -> bytes:
 def write(ds: Dataset, path: Path) -> Path:
     path.write_bytes(to_bytes(ds))
     return path
+
+
+def make_instance(**attributes: Any) -> bytes:
+    """One small CT as Part 10 bytes."""
+    return to_bytes(ct_dataset(**attributes))
+
+
+def stow_body(parts: list[bytes], boundary: str = "lightbox-test-boundary") -> tuple[bytes, str]:
+    """A STOW-RS request body and its Content-Type for Part 10 ``parts``."""
+    from lightbox.web.multipart import encode_parts
+
+    body = encode_parts([("application/dicom", part) for part in parts], boundary)
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'

@@ -106,7 +106,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             summary = import_paths(archive, files, progress=False)
         print(f"loaded {summary.counts['stored']} sample instances")
     token = auth.create_token(archive, expires=auth.parse_duration("30d"), label="demo")
+    name, password = auth.demo_login(archive)
     print(f"DICOMweb token (30 days): {token}")
+    print(f"Sign in to the browser pages as {name} / {password}")
     archive.close()
     serve(archive.settings)
     return 0

@@ -117,5 +117,9 @@ def token_by_hash(conn: Connection, token_hash: str) -> TokenRow | None:
     return TokenRow(user=_user(row), scope=row.scope, expires_at=expires)
 
 
+def revoke_token(conn: Connection, token_hash: str) -> None:
+    conn.execute(update(tokens).where(tokens.c.token_hash == token_hash).values(revoked=True))
+
+
 def count_users(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(users)).scalar_one())

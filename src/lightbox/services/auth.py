@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import threading
 import time
@@ -24,6 +25,8 @@ from lightbox.index import accounts
 _hasher = PasswordHasher()
 TOKEN_PREFIX = "lbx_"
 _CACHE_SECONDS = 30.0
+SESSION_LABEL = "session"
+SESSION_LIFETIME = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,47 @@ def create_token(
     return token
 
 
+def demo_login(archive: Archive) -> tuple[str, str]:
+    """The demo's administrator and password, made on first use.
+
+    The password is random and kept in the data folder (readable by its owner
+    only), so every ``lightbox demo`` can print it again.
+    """
+    path = archive.settings.data / "demo-login.txt"
+    if path.exists():
+        name, _, password = path.read_text().strip().partition(":")
+        return name, password
+    name, password = "admin", secrets.token_urlsafe(12)
+    with archive.db.write() as conn:
+        try:
+            accounts.get_user(conn, name)
+            accounts.set_password(conn, name, hash_password(password))
+        except NotFound:
+            accounts.add_user(conn, name, hash_password(password), is_admin=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{name}:{password}\n")
+    return name, password
+
+
+def login(archive: Archive, name: str, password: str) -> str:
+    """A browser session token for ``name``; the same answer for every failure."""
+    with archive.db.read() as conn:
+        try:
+            user = accounts.get_user(conn, name)
+        except NotFound:
+            user = None
+    if user is None or user.disabled or not verify_password(user.password_hash, password):
+        raise Unauthenticated("wrong user name or password")
+    return create_token(archive, user=name, expires=SESSION_LIFETIME, label=SESSION_LABEL)
+
+
+def revoke_token(archive: Archive, token: str) -> None:
+    """Revoke a presented token (logout); unknown tokens are ignored."""
+    with archive.db.write() as conn:
+        accounts.revoke_token(conn, hash_token(token))
+
+
 class Authenticator:
     """Turns a presented token into a Principal, with a short positive cache."""
 
@@ -142,6 +186,11 @@ class Authenticator:
             # Never remembered past the token's own expiry.
             self._cache[digest] = (now + min(_CACHE_SECONDS, lifetime), principal)
         return principal
+
+    def forget(self, token: str) -> None:
+        """Drop a token from this process's cache (after revoking it)."""
+        with self._lock:
+            self._cache.pop(hash_token(token), None)
 
     def _lookup(self, digest: str) -> tuple[Principal, float]:
         """The token's Principal and how many seconds it stays valid."""

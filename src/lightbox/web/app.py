@@ -17,7 +17,7 @@ from lightbox import errors
 from lightbox.archive import Archive
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
-from lightbox.web import manage, qido, stow, wado, wadouri
+from lightbox.web import manage, pages, qido, stow, wado, wadouri
 from lightbox.web.errors import domain_error, http_error, unexpected_error
 from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
@@ -25,7 +25,7 @@ from lightbox.web.observability import routes as ops_routes
 
 
 async def _home(_request: object) -> Response:
-    return RedirectResponse("/healthz")
+    return RedirectResponse("/browse", status_code=303)
 
 
 def create_app(archive: Archive) -> Starlette:
@@ -52,11 +52,13 @@ def create_app(archive: Archive) -> Starlette:
         routes=[
             Route("/", _home),
             *ops_routes,
+            *pages.routes,
             *wadouri.routes,
             Mount("/dicom-web", routes=dicomweb),
         ],
         middleware=middleware,
         exception_handlers={
+            pages.LoginRequired: pages.login_required,
             errors.LightboxError: domain_error,
             HTTPException: http_error,
             Exception: unexpected_error,

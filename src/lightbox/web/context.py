@@ -13,12 +13,14 @@ from starlette.responses import Response
 
 from lightbox.archive import Archive
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
-from lightbox.errors import Unauthenticated
+from lightbox.errors import Forbidden, Unauthenticated
 from lightbox.services.auth import Authenticator, Principal
 from lightbox.services.retrieve import InstanceCache
 
 T = TypeVar("T")
 DICOM_JSON = "application/dicom+json"
+SESSION_COOKIE = "lightbox_session"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def archive(request: Request) -> Archive:
@@ -49,13 +51,56 @@ def bearer_token(request: Request) -> str:
     raise Unauthenticated("authentication required: send Authorization: Bearer <token>")
 
 
+def session_token(request: Request) -> str | None:
+    return request.cookies.get(SESSION_COOKIE) or None
+
+
+def origin(request: Request) -> str:
+    """This server's origin as the browser sees it (scheme://host[:port])."""
+    public: str = request.app.state.archive.settings.public_url
+    if public:
+        scheme, _, rest = public.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}".lower()
+    return f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+
+
+def require_same_origin(request: Request) -> None:
+    """CSRF protection for cookie-authenticated requests that change state.
+
+    Browsers send ``Origin`` (or at least ``Sec-Fetch-Site``) on every POST,
+    PUT and DELETE; a request from another site cannot forge them. The session
+    cookie is also ``SameSite=Lax``.
+    """
+    sent = request.headers.get("origin")
+    if sent is not None:
+        if sent.lower() == origin(request):
+            return
+        raise Forbidden("cross-site request refused")
+    site = request.headers.get("sec-fetch-site")
+    if site in ("same-origin", "none"):
+        return
+    referer = request.headers.get("referer", "").lower()
+    if site is None and referer.startswith(origin(request) + "/"):
+        return
+    raise Forbidden("cross-site request refused (no Origin header)")
+
+
 def principal(request: Request) -> Principal:
+    """The caller: a bearer token, Basic credentials, or the browser's session cookie."""
     cached = request.scope.get("lightbox.principal")
     if cached is not None:
         assert isinstance(cached, Principal)
         return cached
     auth: Authenticator = request.app.state.authenticator
-    found = auth.authenticate(bearer_token(request))
+    if "authorization" in request.headers:
+        found = auth.authenticate(bearer_token(request))
+    else:
+        cookie = session_token(request)
+        if cookie is None:
+            raise Unauthenticated("authentication required: send Authorization: Bearer <token>")
+        found = auth.authenticate(cookie)
+        if request.method not in SAFE_METHODS:
+            require_same_origin(request)
     request.scope["lightbox.principal"] = found
     return found
 

@@ -19,6 +19,7 @@ from lightbox.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from lightbox.errors import LightboxError
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
+from lightbox.web.context import SESSION_COOKIE
 from lightbox.web.multipart import closing, new_boundary, part_header
 from lightbox.web.wado import frame_syntax
 
@@ -26,6 +27,19 @@ _FRAME_URL = re.compile(
     r"/dicom-web/studies/([0-9.]{1,64})/series/([0-9.]{1,64})/instances/([0-9.]{1,64})"
     r"/frames/([0-9]{1,6})"
 )
+
+
+_COOKIE = re.compile(rb"(?:^|;)\s*" + SESSION_COOKIE.encode() + rb"=([^;\s]+)")
+
+
+def _credential(headers: dict[bytes, bytes]) -> str | None:
+    """A bearer token or the session cookie; anything else goes the full way."""
+    auth = headers.get(b"authorization")
+    if auth is not None:
+        scheme, _, token = auth.decode("latin-1").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    found = _COOKIE.search(headers.get(b"cookie", b""))
+    return found.group(1).decode("latin-1") if found else None
 
 
 class FramesFastPath:
@@ -80,12 +94,11 @@ class FramesFastPath:
 
     def _answer(self, scope: Scope, match: re.Match[str]) -> tuple[bytes, bytes | bytearray] | None:
         headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = _credential(headers)
+        if token is None:
             return None
         try:
-            principal = self.authenticator.authenticate(token.strip())
+            principal = self.authenticator.authenticate(token)
             study, series, sop, number = match.groups()
             if not principal.may_read(study):
                 return None
