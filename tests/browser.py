@@ -53,3 +53,17 @@ def shot(page: object, name: str) -> Path:
     path = ARTIFACTS / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png")
     page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
     return path
+
+
+def sign_in(browser: object, base_url: str, name: str, password: str) -> object:
+    """A fresh browser context signed in through the login page; returns its page."""
+    context = browser.new_context(  # type: ignore[attr-defined]
+        base_url=base_url, viewport={"width": 1280, "height": 900}
+    )
+    page = context.new_page()
+    page.goto("/login")
+    page.fill('input[name="username"]', name)
+    page.fill('input[name="password"]', password)
+    page.click('button[type="submit"]')
+    page.wait_for_load_state()
+    return page

@@ -17,7 +17,7 @@ from lightbox import errors
 from lightbox.archive import Archive
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
-from lightbox.web import manage, pages, qido, stow, wado, wadouri
+from lightbox.web import browse, download, manage, pages, qido, stow, upload, viewer, wado, wadouri
 from lightbox.web.errors import domain_error, http_error, unexpected_error
 from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
@@ -53,6 +53,10 @@ def create_app(archive: Archive) -> Starlette:
             Route("/", _home),
             *ops_routes,
             *pages.routes,
+            *browse.routes,
+            *upload.routes,
+            *download.routes,
+            *viewer.routes,
             *wadouri.routes,
             Mount("/dicom-web", routes=dicomweb),
         ],

@@ -1,0 +1,7 @@
+"""Placeholder: routes are added by the module's owner."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+routes: list[BaseRoute] = []
