@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	$(BIN)/python scripts/fetch_viewer.py
 
 run: install
 	$(BIN)/lightbox demo

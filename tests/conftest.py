@@ -47,7 +47,12 @@ def database_url(backend: str, data: Path) -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+# The viewer fetched by `make install` (tests that need it fail if it is missing).
+VIEWER_DIR = Path(__file__).resolve().parent.parent / ".viewer" / "ohif-3.13.2"
+
+
 def make_settings(data: Path, url: str, **extra: Any) -> Settings:
+    extra.setdefault("viewer_dir", VIEWER_DIR)
     return Settings(data=data, database=url, **extra)
 
 

@@ -45,6 +45,8 @@ class Settings:
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     workers: int = 0  # HTTP worker processes; 0: one per core, at most 4
     log_level: str = "info"
+    # The unpacked OHIF build served under /viewer/ (fetched by `make install`).
+    viewer_dir: Path = Path(".viewer/ohif-3.13.2")
 
     @property
     def database_url(self) -> str:
