@@ -146,8 +146,10 @@ def start_orthanc(work: Path) -> Peer:
     return Peer("orthanc", "ORTHANC", dicom_port, proc, count)
 
 
-def start_lightbox(work: Path, command: str, database: str | None) -> Peer:
+def start_lightbox(work: Path, command: str, database: str | None, studies: int = 0) -> Peer:
     work.mkdir(parents=True, exist_ok=True)
+    if studies:
+        fill_studies(work, database, studies)
     argv0 = shlex.split(command)
     data = work / "data"
     options = ["--data", str(data), *(["--database", database] if database else [])]
@@ -172,12 +174,56 @@ def start_lightbox(work: Path, command: str, database: str | None) -> Peer:
     return Peer("lightbox", "LIGHTBOX", dicom_port, proc, count)
 
 
-def make_corpus(out: Path, slices: int, size: int) -> list[Path]:
+def make_corpus(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
     if not out.exists():
         subprocess.run([sys.executable, str(MAKE_CORPUS), str(out), "--patients", "1",
-                        "--slices", str(slices), "--size", str(size), "--mr"],
-                       check=True, timeout=1800)
+                        "--slices", str(slices), "--size", str(size), "--mr",
+                        "--seed", str(seed)], check=True, timeout=1800)
     return sorted(out.rglob("*.dcm"))
+
+
+def split_corpus(files: list[Path], parts: int, out: Path) -> list[Path]:
+    """``parts`` folders of hard links, one per parallel association."""
+    folders = [out / f"part{i}" for i in range(parts)]
+    if not out.exists():
+        for folder in folders:
+            folder.mkdir(parents=True)
+        for i, path in enumerate(files):
+            os.link(path, folders[i % parts] / f"{i:05d}.dcm")
+    return folders
+
+
+def measure_store_parallel(peer: Peer, folders: list[Path], files: list[Path]) -> dict[str, float]:
+    """One storescu per folder, all at once; wall time until the last one ends."""
+    before = peer.count()
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", peer.aet, "+sd", "+r", HOST, str(peer.port),
+                               str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for folder in folders]
+    outputs = [proc.communicate(timeout=1800)[0] for proc in procs]
+    seconds = time.perf_counter() - started
+    for proc, out in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise SystemExit(f"parallel storescu to {peer.label} failed:\n{out.decode()[-2000:]}")
+    if peer.count() - before < len(files):
+        raise SystemExit(f"{peer.label} stored {peer.count() - before} of {len(files)}")
+    size = sum(f.stat().st_size for f in files)
+    return {"seconds": seconds, "per_second": len(files) / seconds,
+            "mb_per_second": size / seconds / 1e6}
+
+
+def fill_studies(work: Path, database: str | None, studies: int) -> None:
+    """Generated study rows in Lightbox's index, before it starts (C-FIND at scale)."""
+    from lightbox.archive import Archive
+    from lightbox.settings import Settings
+    from qido_scale import STUDIES_PER_PATIENT, fill
+
+    archive = Archive.open(Settings(data=work / "data", database=database or ""))
+    try:
+        # fill() makes one instance per series while the total stays small.
+        fill(archive, (studies + STUDIES_PER_PATIENT - 1) // STUDIES_PER_PATIENT * 12)
+    finally:
+        archive.close()
 
 
 def measure_store(peer: Peer, corpus: Path, files: list[Path]) -> dict[str, float]:
@@ -238,12 +284,14 @@ def measure_find(peers: list[Peer], rounds: int) -> dict[str, dict[str, float]]:
     identifier = _identifier("DEMO00001")
     links = {p.label: _associate(p) for p in peers}
     times: dict[str, list[float]] = {p.label: [] for p in peers}
+    expected = 0  # both servers hold the same studies of this patient
     try:
         for n in range(rounds + 5):
             for peer in peers:
                 seconds, matches = _find_once(links[peer.label], identifier)
-                if matches != 1:
-                    raise SystemExit(f"{peer.label} answered {matches} matches, not 1")
+                expected = expected or matches
+                if matches != expected or not matches:
+                    raise SystemExit(f"{peer.label} answered {matches} matches, not {expected}")
                 if n >= 5:  # warm-up
                     times[peer.label].append(seconds)
     finally:
@@ -265,6 +313,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="CT slices; the MR series has a quarter as many (default 200: 250 total)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--finds", type=int, default=50, help="timed C-FIND queries per server")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="associations for the parallel C-STORE figure (0: skip)")
+    p.add_argument("--find-studies", type=int, default=10_000,
+                   help="generated studies in Lightbox's index before C-FIND")
     p.add_argument("--work", type=Path, default=REPO / "bench-work")
     p.add_argument("--keep", action="store_true", help="keep the run dir")
     p.add_argument("--database", help="Lightbox database URL (default SQLite)")
@@ -285,9 +337,17 @@ def main(argv: list[str]) -> int:
                                "bytes": sum(f.stat().st_size for f in files)}
     try:
         orthanc = start_orthanc(run / "orthanc")
-        lightbox = start_lightbox(run / "lightbox", args.lightbox_cmd, args.database)
+        lightbox = start_lightbox(run / "lightbox", args.lightbox_cmd, args.database,
+                                  args.find_studies)
         peers = [orthanc, lightbox]
         results["store"] = {p.label: measure_store(p, corpus, files) for p in peers}
+        if args.parallel:
+            other = make_corpus(args.work / f"dimse-corpus-{args.slices}x{args.size}-b",
+                                args.slices, args.size, seed=7)
+            split = args.work / f"dimse-split-{args.slices}x{args.size}-{args.parallel}"
+            folders = split_corpus(other, args.parallel, split)
+            results["parallel"] = {p.label: measure_store_parallel(p, folders, other)
+                                   for p in peers}
         results["find"] = measure_find(peers, args.finds)
     finally:
         for proc in list(_RUNNING):
@@ -302,6 +362,12 @@ def main(argv: list[str]) -> int:
                store["orthanc"]["per_second"]))
     print(_row("C-STORE ingest (MB/s)", store["lightbox"]["mb_per_second"],
                store["orthanc"]["mb_per_second"]))
+    if "parallel" in results:
+        par = results["parallel"]
+        print(_row(f"C-STORE, {args.parallel} associations (inst/s)",
+                   par["lightbox"]["per_second"], par["orthanc"]["per_second"]))
+    print(f"C-FIND: Lightbox's index holds {args.find_studies} generated studies besides the "
+          "corpus; Orthanc's only the corpus")
     print(_row("C-FIND study median (ms)", find["lightbox"]["median_ms"],
                find["orthanc"]["median_ms"]))
     print(_row("C-FIND study p90 (ms)", find["lightbox"]["p90_ms"], find["orthanc"]["p90_ms"]))
