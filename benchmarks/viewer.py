@@ -312,12 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         add_user(lightbox, args.lightbox_cmd)
         lb_study = load_series(files, "viewlb", lightbox)
         or_study = load_series(files, "viewor", orthanc)
+        root = f"http://{servers.HOST}:{lightbox.port}"
         targets = {
             "orthanc": (f"http://{servers.HOST}:{nginx.port}/viewer?StudyInstanceUIDs={or_study}",
                         None),
             "lightbox": (
-                f"{lightbox.base_url}/viewer/viewer?StudyInstanceUIDs={lb_study}",
-                f"{lightbox.base_url}/login",
+                f"{root}/viewer/viewer?StudyInstanceUIDs={lb_study}",
+                f"{root}/login",
             ),
         }
         if args.only:
