@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
 )
 
 from lightbox.dicom.attributes import Attribute, Kind, QueryLevel, at_level
@@ -130,3 +131,16 @@ Index("ix_tokens_user_id", tokens.c.user_id)
 Index("ux_studies_study_instance_uid", studies.c.study_instance_uid, unique=True)
 Index("ux_series_series_instance_uid", series.c.series_instance_uid, unique=True)
 Index("ux_instances_sop_instance_uid", instances.c.sop_instance_uid, unique=True)
+
+# The study browser's orders and name search (migration 0003).
+Index("ix_studies_date_time", studies.c.study_date, studies.c.study_time)
+Index("ix_studies_name_id_date", studies.c.patient_name, studies.c.patient_id, studies.c.study_date)
+Index("ix_studies_id_date", studies.c.patient_id, studies.c.study_date)
+Index("ix_studies_patient_name_nocase", studies.c.patient_name.collate("NOCASE")).ddl_if(
+    dialect="sqlite"
+)
+Index(
+    "ix_studies_patient_name_upper",
+    func.upper(studies.c.patient_name).label("patient_name_upper"),
+    postgresql_ops={"patient_name_upper": "text_pattern_ops"},
+).ddl_if(dialect="postgresql")
