@@ -17,7 +17,19 @@ from lightbox import errors
 from lightbox.archive import Archive
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
-from lightbox.web import browse, download, manage, pages, qido, stow, upload, viewer, wado, wadouri
+from lightbox.web import (
+    browse,
+    download,
+    keyimages,
+    manage,
+    pages,
+    qido,
+    stow,
+    upload,
+    viewer,
+    wado,
+    wadouri,
+)
 from lightbox.web.errors import domain_error, http_error, unexpected_error
 from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
@@ -56,6 +68,7 @@ def create_app(archive: Archive) -> Starlette:
             *browse.routes,
             *upload.routes,
             *download.routes,
+            *keyimages.routes,
             *viewer.routes,
             *wadouri.routes,
             Mount("/dicom-web", routes=dicomweb),
