@@ -238,6 +238,26 @@ def test_attribute_table_nests_sequences(server: RunningServer) -> None:
     assert re.search(r'class="depth-1"><td class="tag">\(0008,0100\)</td>', html)
 
 
+def test_key_image_form_adds_a_key_object_series(
+    server: RunningServer, filled: list[Study]
+) -> None:
+    study = filled[0]
+    page = _get(server, f"/browse/studies/{study.uid}").text
+    form = re.search(r'<form method="post" action="/key-images".*?</form>', page, re.S)
+    assert form is not None
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
+    assert fields == {"study": study.uid, "series": study.series, "sop": study.sops[0],
+                      "frame": "1"}
+    marked = httpx.post(server.url + "/key-images", data=fields, headers=server.headers)
+    assert marked.status_code == 303
+    assert marked.headers["location"] == f"/browse/studies/{study.uid}"
+    after = _get(server, marked.headers["location"]).text
+    assert "<strong>KO" in after
+    ko_series = re.findall(rf"/browse/thumbnails/{re.escape(study.uid)}/([0-9.]+)\.jpg", after)
+    placeholder = _get(server, f"/browse/thumbnails/{study.uid}/{ko_series[-1]}.jpg")
+    assert placeholder.headers["content-type"] in ("image/svg+xml", "image/jpeg")
+
+
 @pytest.mark.parametrize("uid", ["1.2.3.4.5.6.7", "not-a-uid", "1.2..3"])
 def test_study_page_of_unknown_study(server: RunningServer, uid: str) -> None:
     page = _get(server, f"/browse/studies/{uid}")
