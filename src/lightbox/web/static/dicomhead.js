@@ -140,7 +140,7 @@ function parse(buffer, complete) {
   const meta = readMeta(cur);
   if (!meta.sopInstanceUID) return { kind: "skip", reason: "no SOP Instance UID in the file meta" };
   if (meta.sopClassUID === MEDIA_STORAGE_DIRECTORY) {
-    return { kind: "skip", reason: "DICOMDIR (the files it lists are uploaded)" };
+    return { kind: "skip", reason: "DICOMDIR index (the image files themselves are uploaded)" };
   }
   const found = { kind: "dicom", sopInstanceUID: meta.sopInstanceUID,
                   transferSyntax: meta.transferSyntax || "" };

@@ -99,6 +99,7 @@ async function readAll(items) {
 
 async function addFiles(items) {
   if (!items.length) return;
+  items.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
   state.planning++;
   $("summary").hidden = true;
   for (const item of await readAll(items)) {
