@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 PACKAGE = "@ohif/app"
 VERSION = "3.13.2"
 INTEGRITY = (
-    "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
+    "sha512-"
+    "WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
 )
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEST = ROOT / ".viewer" / f"ohif-{VERSION}"
