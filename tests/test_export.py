@@ -144,3 +144,20 @@ def test_download_memory_stays_flat_for_a_larger_study(
     with zipfile.ZipFile(target) as zf:
         assert len(zf.namelist()) == 81
         assert zf.testzip() is None
+
+
+def test_key_object_gets_a_key_object_record(server: RunningServer, tmp_path: Path) -> None:
+    ds = ct_dataset()
+    _store(server, [to_bytes(ds)])
+    marked = httpx.post(server.url + "/key-images", headers=server.headers, data={
+        "study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID, "sop": ds.SOPInstanceUID})
+    assert marked.status_code == 303
+    answer = httpx.get(f"{server.url}/download/studies/{ds.StudyInstanceUID}.zip",
+                       headers=server.headers)
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as zf:
+        fileset = _read_fileset(zf, tmp_path / "out")
+    kinds = sorted(i.DirectoryRecordType for i in fileset)
+    assert kinds == ["IMAGE", "KEY OBJECT DOC"]
+    ko = next(i for i in fileset if i.DirectoryRecordType == "KEY OBJECT DOC")
+    assert ko.load().Modality == "KO"
+    assert ko.ConceptNameCodeSequence[0].CodeValue == "113000"

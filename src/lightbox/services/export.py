@@ -158,7 +158,9 @@ class _Directory:
     def encode(self) -> bytes:
         """The DICOMDIR file: records in depth-first order, offsets from the file start."""
         nodes = list(_depth_first(self.root.children))
-        head_size = len(_head(0, 0)) + 12  # + the sequence's tag, VR, reserved, length
+        # Generated once: a UID's length varies, and the offsets depend on it.
+        uid = generate_uid(prefix="1.2.826.0.1.3680043.10.1387.2.")
+        head_size = len(_head(uid, 0, 0)) + 12  # + the sequence's tag, VR, reserved, length
         positions: dict[int, int] = {}
         offset = head_size
         for node in nodes:
@@ -168,7 +170,7 @@ class _Directory:
         top = self.root.children
         first = positions[id(top[0])] if top else 0
         last = positions[id(top[-1])] if top else 0
-        body = [_head(first, last), _SEQUENCE_START]
+        body = [_head(uid, first, last), _SEQUENCE_START]
         for node in nodes:
             encoded = _encode_record(node.record)
             body += [_ITEM_TAG, len(encoded).to_bytes(4, "little"), encoded]
@@ -201,13 +203,14 @@ def _link(siblings: list[_Node], positions: dict[int, int]) -> None:
         _link(node.children, positions)
 
 
-def _head(first: int, last: int) -> bytes:
+def _head(uid: str, first: int, last: int) -> bytes:
     """Preamble, File Meta Information and the elements before the record sequence."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(MEDIA_STORAGE_DIRECTORY)
-    meta.MediaStorageSOPInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.10.1387.2.")
+    meta.MediaStorageSOPInstanceUID = UID(uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = "LIGHTBOX_01"
     out = DicomBytesIO()
     out.is_little_endian, out.is_implicit_VR = True, False
     out.write(bytes(128) + b"DICM")

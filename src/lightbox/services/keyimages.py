@@ -146,6 +146,7 @@ def _meta(ds: Dataset) -> FileMetaDataset:
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = "LIGHTBOX_01"
     return meta
 
 
