@@ -92,10 +92,18 @@ def test_bad_references_store_nothing(server: RunningServer) -> None:
                               "sop": ds.SOPInstanceUID})
     assert denied.status_code == 403
     assert _ko_series(server, ds.StudyInstanceUID) == []
+    assert _mark(server, ds).status_code == 303
+    ko = _ko_series(server, ds.StudyInstanceUID)[0]
+    ko_sop = httpx.get(f"{server.dicomweb}/studies/{ds.StudyInstanceUID}/series/"
+                       f"{_value(ko, '0020000E')}/instances", headers=server.headers).json()[0]
+    not_an_image = _mark(server, ds, series=_value(ko, "0020000E"),
+                         sop=_value(ko_sop, "00080018"))
+    assert not_an_image.status_code == 400
+    assert len(_ko_series(server, ds.StudyInstanceUID)) == 1
     count = httpx.get(f"{server.dicomweb}/studies",
                       params={"StudyInstanceUID": ds.StudyInstanceUID},
                       headers=server.headers).json()
-    assert _value(count[0], "00201208") == 1
+    assert _value(count[0], "00201208") == 2
 
 
 def test_cookie_mark_needs_same_origin(server: RunningServer) -> None:

@@ -53,12 +53,22 @@ def mark_key_image(
     principal.require_read(study)
     principal.require_write()
     instance = retrieve.find_instances(archive, principal, study, series, sop)[0]
+    if not _is_image(instance):
+        raise BadRequest(f"instance {sop} has no pixel data: only images can be key images")
     if frame is not None and not 1 <= frame <= instance.number_of_frames:
         raise BadRequest(f"frame {frame} not in the image (it has {instance.number_of_frames})")
     with archive.blobs.open(instance.blob_key) as fh:
         source = dcmread(fh, stop_before_pixels=True, specific_tags=_COPIED)
     document = key_object(source, instance, frame, observer=principal.user)
     return _store(archive, document, study)
+
+
+# Pixel data that ingest does not map into frames (it is decoded when served).
+_UNMAPPED = (uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN)
+
+
+def _is_image(instance: StoredInstance) -> bool:
+    return instance.layout is not None or instance.transfer_syntax_uid in _UNMAPPED
 
 
 def key_object(
