@@ -251,32 +251,40 @@ def last_instance_pk(conn: Connection, series_pk: int) -> int:
     return int(found or 0)
 
 
-def instances_of_series(conn: Connection, series_pk: int, *, limit: int) -> list[InstanceRef]:
-    """Up to ``limit`` instances of a series in instance-number order."""
+def _instance_refs() -> Select[Any]:
+    return select(
+        instances.c.pk,
+        instances.c.sop_instance_uid,
+        instances.c.instance_number,
+        instances.c.number_of_frames,
+        instances.c.blob_key,
+        instances.c.pixel_layout.is_not(None).label("has_pixels"),
+    )
+
+
+def _ref(row: Any) -> InstanceRef:
+    return InstanceRef(
+        pk=row.pk,
+        sop_instance_uid=row.sop_instance_uid,
+        instance_number=row.instance_number,
+        number_of_frames=row.number_of_frames or 1,
+        blob_key=row.blob_key,
+        has_pixels=bool(row.has_pixels),
+    )
+
+
+def instances_of_series(
+    conn: Connection, series_pk: int, *, limit: int, offset: int = 0
+) -> list[InstanceRef]:
+    """Up to ``limit`` instances of a series in instance-number order, from ``offset``."""
     stmt = (
-        select(
-            instances.c.pk,
-            instances.c.sop_instance_uid,
-            instances.c.instance_number,
-            instances.c.number_of_frames,
-            instances.c.blob_key,
-            instances.c.pixel_layout.is_not(None).label("has_pixels"),
-        )
+        _instance_refs()
         .where(instances.c.series_pk == series_pk)
         .order_by(instances.c.instance_number, instances.c.pk)
         .limit(limit)
+        .offset(offset)
     )
-    return [
-        InstanceRef(
-            pk=row.pk,
-            sop_instance_uid=row.sop_instance_uid,
-            instance_number=row.instance_number,
-            number_of_frames=row.number_of_frames or 1,
-            blob_key=row.blob_key,
-            has_pixels=bool(row.has_pixels),
-        )
-        for row in conn.execute(stmt)
-    ]
+    return [_ref(row) for row in conn.execute(stmt)]
 
 
 def instance_json(conn: Connection, series_pk: int, sop_instance_uid: str) -> bytes | None:

@@ -179,8 +179,12 @@ def study_view(
         all_series = index.series_of_study(conn, found.pk)
         views = []
         for row in all_series:
-            refs = index.instances_of_series(conn, row.pk, limit=MAX_INSTANCE_CHOICES)
-            candidates = [refs[0], refs[len(refs) // 2]] if refs else []
+            # The first and the middle image are offered as key images.
+            candidates = [
+                *index.instances_of_series(conn, row.pk, limit=1),
+                *index.instances_of_series(conn, row.pk, limit=1,
+                                           offset=row.number_of_instances // 2),
+            ]
             views.append(SeriesView(row, list({r.pk: r for r in candidates}.values())))
         chosen = next((s for s in all_series if s.series_instance_uid == series_uid), None)
         chosen = chosen or (all_series[0] if all_series else None)

@@ -49,7 +49,7 @@ def person(value: str | None) -> str:
     """DOE^JANE^M → DOE, JANE M (the alphabetic group only)."""
     if not value:
         return ""
-    parts = [p for p in value.split("=")[0].split("^")]
+    parts = value.split("=")[0].split("^")
     family, given = parts[0], " ".join(p for p in parts[1:] if p)
     return f"{family}, {given}" if given else family
 
