@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import tracemalloc
 import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
@@ -161,3 +164,24 @@ def test_key_object_gets_a_key_object_record(server: RunningServer, tmp_path: Pa
     ko = next(i for i in fileset if i.DirectoryRecordType == "KEY OBJECT DOC")
     assert ko.load().Modality == "KO"
     assert ko.ConceptNameCodeSequence[0].CodeValue == "113000"
+
+
+def test_zip64_records_when_sizes_need_them(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large studies get ZIP64 records; shown with a lowered limit, not 4 GiB of data."""
+    study, parts = _study(n_series=1, per_series=3)
+    _store(server, parts)
+    with monkeypatch.context() as patched:
+        patched.setattr(zipfile, "ZIP64_LIMIT", 1000)
+        answer = httpx.get(f"{server.url}/download/studies/{study}.zip", headers=server.headers)
+    assert answer.status_code == 200
+    target = tmp_path / "study.zip"
+    target.write_bytes(answer.content)
+    with zipfile.ZipFile(target) as zf:
+        assert zf.testzip() is None
+        assert sorted(zf.read(n) for n in zf.namelist() if n != "DICOMDIR") == sorted(parts)
+    assert b"PK\x06\x06" in answer.content  # the ZIP64 end of central directory record
+    if shutil.which("unzip"):
+        tested = subprocess.run(["unzip", "-t", str(target)], capture_output=True, text=True)
+        assert tested.returncode == 0, tested.stdout + tested.stderr
