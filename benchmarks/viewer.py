@@ -124,19 +124,22 @@ window.config = {
 """
 
 # Watches every viewport canvas from the first script on; records when one
-# first shows non-blank pixels (sampled, so the check costs little per frame).
+# first shows non-blank pixels.
 PAINT_PROBE = """
 (() => {
   window.__lbx = { firstImage: null };
+  performance.setResourceTimingBufferSize(100000);
+  // The canvas is scaled down to 64x64 before reading, so a check is cheap.
+  const probe = document.createElement('canvas');
+  probe.width = probe.height = 64;
+  const pctx = probe.getContext('2d', { willReadFrequently: true });
   const blank = (canvas) => {
     try {
-      const w = canvas.width, h = canvas.height;
-      if (w < 16 || h < 16) return true;
-      const ctx = canvas.getContext('2d', { willReadFrequently: true });
-      if (!ctx) return true;
-      const data = ctx.getImageData(0, 0, w, h).data;
-      const step = Math.max(4, Math.floor(data.length / 4 / 4096) * 4);
-      for (let i = 0; i < data.length; i += step) {
+      if (canvas === probe || canvas.width < 16 || canvas.height < 16) return true;
+      pctx.clearRect(0, 0, 64, 64);
+      pctx.drawImage(canvas, 0, 0, 64, 64);
+      const data = pctx.getImageData(0, 0, 64, 64).data;
+      for (let i = 0; i < data.length; i += 4) {
         if (data[i] > 8 || data[i + 1] > 8 || data[i + 2] > 8) return false;
       }
     } catch (e) { return true; }
@@ -144,7 +147,7 @@ PAINT_PROBE = """
   };
   const tick = () => {
     if (window.__lbx.firstImage === null) {
-      for (const c of document.querySelectorAll('.cornerstone-canvas, canvas')) {
+      for (const c of document.querySelectorAll('canvas.cornerstone-canvas')) {
         if (!blank(c)) { window.__lbx.firstImage = performance.now(); break; }
       }
       requestAnimationFrame(tick);
@@ -152,6 +155,25 @@ PAINT_PROBE = """
   };
   requestAnimationFrame(tick);
 })();
+"""
+
+# Read from the page's own Resource Timing entries: no per-request traffic
+# between the browser and this script while the viewer loads.
+PROGRESS = """
+(() => {
+  const entries = performance.getEntriesByType('resource');
+  const isPixel = (u) => u.includes('/frames/') || u.includes('/bulkdata') ||
+                         u.endsWith('/pixeldata');
+  let appStarted = null, lastPixel = 0; const pixels = new Set();
+  for (const e of entries) {
+    if (!e.name.includes('/dicom-web/')) continue;
+    if (appStarted === null || e.startTime < appStarted) appStarted = e.startTime;
+    if (isPixel(e.name) && e.responseEnd > 0) {
+      pixels.add(e.name); lastPixel = Math.max(lastPixel, e.responseEnd);
+    }
+  }
+  return { appStarted, lastPixel, pixels: pixels.size, firstImage: window.__lbx.firstImage };
+})()
 """
 
 
@@ -171,10 +193,6 @@ class Load:
         return self.slices / max(1e-9, (self.all_slices_ms - self.app_started_ms) / 1000)
 
 
-def is_pixel_request(url: str) -> bool:
-    return "/frames/" in url or "/bulkdata" in url or url.endswith("/pixeldata")
-
-
 def measure(browser: Any, url: str, slices: int, sign_in: str | None, timeout_s: float) -> Load:
     """Open ``url`` in a fresh context; time the first image and every slice."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -189,36 +207,21 @@ def measure(browser: Any, url: str, slices: int, sign_in: str | None, timeout_s:
             page.close()
         page = context.new_page()
         page.add_init_script(PAINT_PROBE)
-        dicomweb_starts: list[float] = []
-        pixel_done: dict[str, float] = {}
-
-        def on_finished(request: Any) -> None:
-            # Chromium's timing: startTime in epoch ms, responseEnd relative to it.
-            timing = request.timing
-            if "/dicom-web/" in request.url:
-                dicomweb_starts.append(timing["startTime"])
-            if is_pixel_request(request.url) and request.url not in pixel_done:
-                pixel_done[request.url] = timing["startTime"] + timing["responseEnd"]
-
-        page.on("requestfinished", on_finished)
         page.goto(url)
-        origin_ms = float(page.evaluate("performance.timeOrigin"))
         deadline = time.monotonic() + timeout_s
-        painted = None
+        progress: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            painted = page.evaluate("window.__lbx && window.__lbx.firstImage")
-            if len(pixel_done) >= slices and painted is not None:
+            progress = page.evaluate(PROGRESS)
+            if progress["pixels"] >= slices and progress["firstImage"] is not None:
                 break
-            page.wait_for_timeout(100)
+            page.wait_for_timeout(250)
         else:
-            raise RuntimeError(
-                f"{url}: {len(pixel_done)}/{slices} slices, image painted: {painted is not None}"
-            )
+            raise RuntimeError(f"{url}: did not finish: {progress}")
         return Load(
-            app_started_ms=min(dicomweb_starts) - origin_ms,
-            first_image_ms=float(painted),
-            all_slices_ms=max(pixel_done.values()) - origin_ms,
-            slices=len(pixel_done),
+            app_started_ms=progress["appStarted"],
+            first_image_ms=progress["firstImage"],
+            all_slices_ms=progress["lastPixel"],
+            slices=progress["pixels"],
         )
     finally:
         context.close()

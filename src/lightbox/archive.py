@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lightbox.index.db import Database
+from lightbox.services.atna import SyslogSender
+from lightbox.services.audit import Auditor
 from lightbox.settings import Settings
 from lightbox.storage.blobs import FileBlobStore
 
@@ -16,6 +18,13 @@ class Archive:
     settings: Settings
     db: Database
     blobs: FileBlobStore
+    audit: Auditor = field(init=False)
+
+    def __post_init__(self) -> None:
+        sender = None
+        if self.settings.audit_syslog:
+            sender = SyslogSender(self.settings.audit_syslog, self.settings.aet)
+        self.audit = Auditor(self.db, sender)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Archive:
@@ -26,4 +35,5 @@ class Archive:
         return cls(settings=settings, db=db, blobs=FileBlobStore(settings.blob_root))
 
     def close(self) -> None:
+        self.audit.close()
         self.db.dispose()

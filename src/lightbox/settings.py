@@ -45,6 +45,9 @@ class Settings:
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     workers: int = 0  # HTTP worker processes; 0: one per core, at most 4
     log_level: str = "info"
+    # Audit messages (DICOM PS3.15 / IHE ATNA) also go to this syslog collector:
+    # udp://host:port or tcp://host:port. Empty: kept in the index only.
+    audit_syslog: str = ""
     # The unpacked OHIF build served under /viewer/ (fetched by `make install`).
     viewer_dir: Path = Path(".viewer/ohif-3.13.2")
 

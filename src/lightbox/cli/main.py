@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires", default="30d", help="lifetime, e.g. 30d, 12h (default 30d)")
     stats = sub.add_parser("stats", help="counts and sizes")
     _common(stats)
-    from lightbox.cli import dimse
+    from lightbox.cli import audit, dimse
 
     dimse.add_parsers(sub, _common)
+    audit.add_parsers(sub, _common)
     return parser
 
 
@@ -143,6 +144,7 @@ def _read_password(name: str) -> str:
 def cmd_user(args: argparse.Namespace) -> int:
     archive = _open(args)
     auth.add_user(archive, args.name, _read_password(args.name), is_admin=args.admin)
+    _audit(archive, "user_add", {"user": args.name, "admin": args.admin})
     print(f"user {args.name} added{' (administrator)' if args.admin else ''}")
     return 0
 
@@ -150,8 +152,22 @@ def cmd_user(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     archive = _open(args)
     expires = auth.parse_duration(args.expires)
-    print(auth.create_token(archive, user=args.user, expires=expires))
+    token = auth.create_token(archive, user=args.user, expires=expires)
+    _audit(archive, "token_create", {"user": args.user or "(first administrator)",
+                                     "expires": args.expires})
+    print(token)
     return 0
+
+
+def _audit(archive: Archive, action: str, detail: dict[str, Any]) -> None:
+    """Rights given from the command line, in the audit trail (written at once)."""
+    from lightbox.services.audit import Event
+
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # no login name in this environment
+        who = "unknown"
+    archive.audit.record(Event(action, f"cli:{who}", detail=detail), now=True)
 
 
 def _count_instances(archive: Archive) -> int:
@@ -190,11 +206,11 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightbox.cli import dimse
+    from lightbox.cli import audit, dimse
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    commands = {**COMMANDS, **dimse.commands(_open)}
+    commands = {**COMMANDS, **dimse.commands(_open), **audit.commands(_open)}
     try:
         return int(commands[args.command](args))
     except LightboxError as exc:

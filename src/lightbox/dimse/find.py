@@ -16,6 +16,7 @@ from lightbox.dimse.session import Session
 from lightbox.dimse.status import Find, find_failure, status_dataset
 from lightbox.errors import LightboxError
 from lightbox.services import search
+from lightbox.services.audit import Event as AuditEvent
 
 log = logging.getLogger("lightbox.dimse")
 
@@ -40,9 +41,22 @@ def find(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterat
     except Exception as exc:  # an identifier pydicom cannot decode
         yield status_dataset(Find.UNABLE_TO_PROCESS, f"unreadable identifier: {exc}"), None
         return
+    archive.audit.record(AuditEvent(
+        "query", f"dicom:{peer.ae_title}", source=peer.address,
+        detail={"service": "C-FIND", "identifier": _keys(event.identifier)},
+    ))
     if request.query.unsupported:
         log.debug("C-FIND keys matched by nothing: %s", ", ".join(request.query.unsupported))
     yield from _matches(archive, peer, session, event, request)
+
+
+def _keys(identifier: Dataset) -> str:
+    """The identifier's non-empty keys, for the audit trail."""
+    try:
+        return "&".join(f"{e.keyword or e.tag}={e.value}" for e in identifier
+                        if e.value not in (None, "") and e.VR != "SQ")[:500]
+    except Exception:
+        return "(unreadable)"
 
 
 def _matches(

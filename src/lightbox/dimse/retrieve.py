@@ -10,6 +10,7 @@ sub-operation; for C-GET the number, then the datasets.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from io import BytesIO
 from typing import Any
@@ -32,6 +33,7 @@ from lightbox.dimse.status import Retrieve, retrieve_failure, status_dataset
 from lightbox.errors import LightboxError, NotFound
 from lightbox.index.instances import StoredInstance
 from lightbox.services import nodes, retrieve, search
+from lightbox.services.audit import Event as AuditEvent
 from lightbox.services.auth import Principal
 
 log = logging.getLogger("lightbox.dimse")
@@ -168,6 +170,7 @@ def move(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterat
         return
     log.info("C-MOVE from %s: %d instances to %s", peer, len(found), node)
     session.note("C-MOVE instances", len(found))
+    _audit(archive, "export", peer, found, {"destination": node.ae_title})
     yield len(found)
     yield from _send_all(archive, event, found, lambda: link.accepted)
 
@@ -185,11 +188,21 @@ def get(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterato
         yield failure, None
         return
     session.note("C-GET instances", len(found))
+    _audit(archive, "retrieve", peer, found, {"service": "C-GET"})
     yield len(found)
     assoc: Association = event.assoc
     yield from _send_all(
         archive, event, found, lambda: list(assoc.accepted_contexts)
     )
+
+
+def _audit(archive: Archive, action: str, peer: Peer, found: list[StoredInstance],
+           detail: dict[str, Any]) -> None:
+    per_study = Counter(i.study_instance_uid for i in found)
+    for study, n in per_study.items():
+        archive.audit.record(AuditEvent(action, f"dicom:{peer.ae_title}", study_uid=study,
+                                        source=peer.address,
+                                        detail={**detail, "instances": n}))
 
 
 def _send_all(

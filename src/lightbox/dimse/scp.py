@@ -26,6 +26,7 @@ from lightbox.dimse.access import Peer, Service, accept_unknown, admit
 from lightbox.dimse.session import Session
 from lightbox.dimse.status import General, Store, status_dataset
 from lightbox.dimse.transport import MIN_PDU_LIMIT, AssociationServer
+from lightbox.services.ingest import Status as IngestStatus
 
 log = logging.getLogger("lightbox.dimse")
 
@@ -186,6 +187,9 @@ class DicomServer:
                 self.archive, event, calling_ae=peer.ae_title, source=f"C-STORE from {peer}"
             )
             session.note(f"C-STORE {outcome.status.value}" if outcome else "C-STORE failed")
+            if outcome is not None and outcome.status is IngestStatus.STORED:
+                self.archive.audit.count("upload", f"dicom:{peer.ae_title}",
+                                         outcome.study_instance_uid, source=peer.address)
             return status
         except Exception:
             log.exception("C-STORE handler failed")

@@ -30,6 +30,7 @@ from lightbox.web import (
     wado,
     wadouri,
 )
+from lightbox.web.audit import AuditTrail
 from lightbox.web.errors import domain_error, http_error, unexpected_error
 from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
@@ -49,7 +50,10 @@ def create_app(archive: Archive) -> Starlette:
         yield
 
     dicomweb = [*qido.routes, *stow.routes, *manage.routes, *wado.routes]
-    middleware = [Middleware(RequestLog, metrics=metrics)]
+    middleware = [
+        Middleware(RequestLog, metrics=metrics),
+        Middleware(AuditTrail, auditor=archive.audit),
+    ]
     if archive.settings.cors_origins:
         middleware.append(
             Middleware(

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from lightbox.archive import Archive
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
 from lightbox.errors import Forbidden, Unauthenticated
+from lightbox.services.audit import Caller
 from lightbox.services.auth import Authenticator, Principal
 from lightbox.services.retrieve import InstanceCache
 
@@ -135,3 +136,11 @@ def dicom_json(request: Request, payload: bytes, headers: dict[str, str] | None 
 async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run index or file work off the event loop."""
     return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def caller(request: Request) -> Caller:
+    """The request's origin for the audit trail."""
+    return Caller(
+        source=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+    )

@@ -19,6 +19,7 @@ from lightbox.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from lightbox.errors import LightboxError
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
+from lightbox.web.audit import client_of
 from lightbox.web.context import SESSION_COOKIE
 from lightbox.web.multipart import closing, new_boundary, part_header
 from lightbox.web.wado import frame_syntax
@@ -110,7 +111,13 @@ class FramesFastPath:
             frames = instance.layout.frames
             if not 1 <= int(number) <= len(frames):
                 return None
-            return self._native_frame(instance.blob_key, frames[int(number) - 1][0], media)
+            answer = self._native_frame(instance.blob_key, frames[int(number) - 1][0], media)
+            if answer is not None:
+                source, agent = client_of(scope)
+                self.archive.audit.count(
+                    "frames", principal.user, study, source=source, user_agent=agent
+                )
+            return answer
         except (LightboxError, OSError):
             return None
 

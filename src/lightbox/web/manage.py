@@ -16,7 +16,9 @@ async def delete(request: Request) -> Response:
     archive = context.archive(request)
     principal = context.principal(request)
     cache = context.instance_cache(request)
-    await context.blocking(manage.delete, archive, cache, principal, study, series, sop)
+    await context.blocking(
+        manage.delete, archive, cache, principal, study, series, sop, context.caller(request)
+    )
     return Response(status_code=204)
 
 

@@ -17,8 +17,10 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from lightbox.archive import Archive
 from lightbox.errors import LightboxError, Unauthenticated
 from lightbox.services import auth
+from lightbox.services.audit import Caller, Event
 from lightbox.services.auth import Principal
 from lightbox.web import context
 
@@ -85,10 +87,14 @@ async def login_page(request: Request) -> Response:
     form = await request.form()
     name, password = str(form.get("username", "")), str(form.get("password", ""))
     next_url = safe_next(str(form.get("next", "")) or None)
+    archive = context.archive(request)
+    caller = context.caller(request)
     try:
-        token = await context.blocking(auth.login, context.archive(request), name, password)
+        token = await context.blocking(auth.login, archive, name, password)
     except LightboxError as exc:
+        _audit(archive, "login", name, "failure", caller)
         return render(request, "login.html", 401, next_url=next_url, error=exc.message)
+    _audit(archive, "login", name, "success", caller)
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         context.SESSION_COOKIE,
@@ -102,12 +108,27 @@ async def login_page(request: Request) -> Response:
     return response
 
 
+def _audit(archive: Archive, action: str, actor: str, outcome: str, caller: Caller) -> None:
+    # Written before the answer goes out (a sign-in is a security event).
+    archive.audit.record(
+        Event(action, actor[:128] or "anonymous", outcome, source=caller.source,
+              user_agent=caller.user_agent),
+        now=True,
+    )
+
+
 async def logout(request: Request) -> Response:
     context.require_same_origin(request)
     token = context.session_token(request)
     if token is not None:
-        await context.blocking(auth.revoke_token, context.archive(request), token)
+        archive = context.archive(request)
+        try:
+            who = context.principal(request).user
+        except LightboxError:
+            who = "anonymous"
+        await context.blocking(auth.revoke_token, archive, token)
         request.app.state.authenticator.forget(token)
+        _audit(archive, "logout", who, "success", context.caller(request))
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(context.SESSION_COOKIE, path="/")
     return response

@@ -8,6 +8,7 @@ once the whole body has arrived.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,6 +90,7 @@ async def store(request: Request) -> Response:
         # is left must not wait in staging for the next start-up sweep.
         discard(prepared)
         raise
+    _audit(request, principal.user, outcomes)
     if not outcomes:
         raise BadRequest("the request holds no DICOM instances")
     return _response(request, outcomes, study)
@@ -100,6 +102,16 @@ def _offer(part: Part, number: int) -> Offer:
         # Still offered: the ingest path rejects what is not DICOM, with a reason.
         source += f" ({part.content_type})"
     return Offer(part.path, source, staged=True, synced=False)
+
+
+def _audit(request: Request, actor: str, outcomes: list[Outcome]) -> None:
+    """Count what was stored, per study, in the audit trail."""
+    stored = Counter(o.study_instance_uid for o in outcomes if o.status is Status.STORED)
+    caller = context.caller(request)
+    for study, n in stored.items():
+        context.archive(request).audit.count(
+            "upload", actor, study, source=caller.source, user_agent=caller.user_agent, n=n
+        )
 
 
 def _response(request: Request, outcomes: list[Outcome], study: str | None) -> Response:
