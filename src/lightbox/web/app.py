@@ -48,6 +48,8 @@ def create_app(archive: Archive) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        # A worker process going away writes its last counted audit events.
+        archive.audit.flush()
 
     dicomweb = [*qido.routes, *stow.routes, *manage.routes, *wado.routes]
     middleware = [
