@@ -86,7 +86,7 @@ def test_user_and_token_commands_work_from_the_environment(tmp_path: Path) -> No
     duplicate = run(data, "user", "add", "alice", stdin="another password\n")
     assert duplicate.returncode == 2 and "already exists" in duplicate.stderr
     short = run(data, "user", "add", "bob", stdin="short\n")
-    assert short.returncode == 2 and "8 characters" in short.stderr
+    assert short.returncode == 2 and "10 characters" in short.stderr
     token = run(data, "token", "create", "--user", "alice", "--expires", "1h")
     assert token.returncode == 0 and token.stdout.strip().startswith("lbx_")
     bad = run(data, "token", "create", "--expires", "soon")

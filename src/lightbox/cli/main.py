@@ -61,11 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("name")
     add.add_argument("--admin", action="store_true")
+    listing = user.add_parser("list", help="users, their role and state")
+    _common(listing)
+    disable = user.add_parser("disable", help="stop a user signing in or using tokens")
+    _common(disable)
+    disable.add_argument("name")
+    disable.add_argument("--enable", action="store_true", help="undo: enable the user again")
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
-    create = token.add_parser("create", help="print a new bearer token")
+    create = token.add_parser("create", help="print a new bearer token (shown once)")
     _common(create)
     create.add_argument("--user", help="owner (default: the first administrator)")
     create.add_argument("--expires", default="30d", help="lifetime, e.g. 30d, 12h (default 30d)")
+    create.add_argument("--label", help="what the token is for")
+    tokens = token.add_parser("list", help="tokens (never their values)")
+    _common(tokens)
+    tokens.add_argument("--user", help="only this user's tokens")
+    revoke = token.add_parser("revoke", help="revoke a token by its id")
+    _common(revoke)
+    revoke.add_argument("id", type=int)
     stats = sub.add_parser("stats", help="counts and sizes")
     _common(stats)
     from lightbox.cli import audit, dimse
@@ -143,6 +156,17 @@ def _read_password(name: str) -> str:
 
 def cmd_user(args: argparse.Namespace) -> int:
     archive = _open(args)
+    if args.action == "list":
+        for user in auth.list_users(archive):
+            role = "admin" if user.is_admin else "member"
+            state = "disabled" if user.disabled else "active"
+            print(f"{user.name}\t{role}\t{state}")
+        return 0
+    if args.action == "disable":
+        auth.disable_user(archive, args.name, not args.enable)
+        _audit(archive, "user_enable" if args.enable else "user_disable", {"user": args.name})
+        print(f"user {args.name} {'enabled' if args.enable else 'disabled'}")
+        return 0
     auth.add_user(archive, args.name, _read_password(args.name), is_admin=args.admin)
     _audit(archive, "user_add", {"user": args.name, "admin": args.admin})
     print(f"user {args.name} added{' (administrator)' if args.admin else ''}")
@@ -151,8 +175,19 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     archive = _open(args)
+    if args.action == "list":
+        for t in auth.list_tokens(archive, args.user):
+            until = t.expires_at.isoformat(timespec="minutes") if t.expires_at else "never"
+            state = "revoked" if t.revoked else "active"
+            print(f"{t.id}\t{t.user}\t{t.label or '-'}\texpires {until}\t{state}")
+        return 0
+    if args.action == "revoke":
+        auth.revoke_token_id(archive, args.id)
+        _audit(archive, "token_revoke", {"token": args.id})
+        print(f"token {args.id} revoked (servers forget cached tokens within 30 s)")
+        return 0
     expires = auth.parse_duration(args.expires)
-    token = auth.create_token(archive, user=args.user, expires=expires)
+    token = auth.create_token(archive, user=args.user, expires=expires, label=args.label)
     _audit(archive, "token_create", {"user": args.user or "(first administrator)",
                                      "expires": args.expires})
     print(token)

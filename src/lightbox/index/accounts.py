@@ -5,10 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Integer,
+    Table,
+    delete,
+    func,
+    select,
+    update,
+)
 
 from lightbox.errors import Conflict, NotFound
-from lightbox.index.schema import tokens, users
+from lightbox.index.schema import metadata, tokens, users
+
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("locked_until", DateTime(timezone=True), nullable=True),
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,83 @@ def token_by_hash(conn: Connection, token_hash: str) -> TokenRow | None:
 
 def revoke_token(conn: Connection, token_hash: str) -> None:
     conn.execute(update(tokens).where(tokens.c.token_hash == token_hash).values(revoked=True))
+
+
+def set_disabled(conn: Connection, name: str, disabled: bool) -> None:
+    done = conn.execute(update(users).where(users.c.name == name).values(disabled=disabled))
+    if done.rowcount == 0:
+        raise NotFound(f"no user named {name!r}")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    user: str
+    label: str | None
+    scope: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked: bool
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def list_tokens(conn: Connection, user: str | None = None) -> list[TokenInfo]:
+    query = (
+        select(tokens.c.id, users.c.name, tokens.c.label, tokens.c.scope, tokens.c.created_at,
+               tokens.c.expires_at, tokens.c.revoked)
+        .join(users, tokens.c.user_id == users.c.id)
+        .order_by(tokens.c.id)
+    )
+    if user is not None:
+        query = query.where(users.c.name == user)
+    return [
+        TokenInfo(r.id, r.name, r.label, r.scope, _utc(r.created_at) or r.created_at,
+                  _utc(r.expires_at), bool(r.revoked))
+        for r in conn.execute(query)
+    ]
+
+
+def revoke_token_id(conn: Connection, token_id: int, user: str | None = None) -> None:
+    """Revoke by id; with ``user``, only that user's token (NotFound otherwise)."""
+    condition = tokens.c.id == token_id
+    if user is not None:
+        owner = select(users.c.id).where(users.c.name == user).scalar_subquery()
+        condition = condition & (tokens.c.user_id == owner)
+    if conn.execute(update(tokens).where(condition).values(revoked=True)).rowcount == 0:
+        raise NotFound(f"no token {token_id}")
+
+
+@dataclass(frozen=True)
+class Failures:
+    failures: int
+    window_start: datetime
+    locked_until: datetime | None
+
+
+def login_failures_of(conn: Connection, user_id: int) -> Failures | None:
+    row = conn.execute(
+        select(login_failures).where(login_failures.c.user_id == user_id)
+    ).first()
+    if row is None:
+        return None
+    return Failures(row.failures, _utc(row.window_start) or row.window_start,
+                    _utc(row.locked_until))
+
+
+def save_login_failures(conn: Connection, user_id: int, state: Failures) -> None:
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id))
+    conn.execute(login_failures.insert().values(
+        user_id=user_id, failures=state.failures, window_start=state.window_start,
+        locked_until=state.locked_until))
+
+
+def clear_login_failures(conn: Connection, user_id: int) -> None:
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id))
 
 
 def count_users(conn: Connection) -> int:

@@ -59,9 +59,29 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def hash_password(password: str) -> str:
-    if len(password) < 8:
-        raise BadRequest("a password needs at least 8 characters")
+MIN_PASSWORD = 10
+# A few of the passwords every guesser tries first; long enough to pass the length rule.
+_COMMON = frozenset({
+    "password123", "password1234", "1234567890", "12345678910", "qwertyuiop", "iloveyou123",
+    "administrator", "letmein1234", "welcome1234", "changeme123", "passw0rd123",
+})
+MAX_FAILURES = 5  # wrong passwords in a row before the account locks
+LOCK_WINDOW = timedelta(minutes=15)
+
+
+def check_password(name: str, password: str) -> None:
+    """The password rules: long, not the user name, not a well-known password."""
+    if len(password) < MIN_PASSWORD:
+        raise BadRequest(f"a password needs at least {MIN_PASSWORD} characters")
+    lowered = password.lower()
+    if len(name) >= 3 and name.lower() in lowered:
+        raise BadRequest("a password must not contain the user name")
+    if lowered in _COMMON or len(set(password)) < 4:
+        raise BadRequest("this password is too easy to guess")
+
+
+def hash_password(password: str, name: str = "") -> str:
+    check_password(name, password)
     return _hasher.hash(password)
 
 
@@ -93,7 +113,7 @@ def parse_duration(text: str) -> timedelta:
 def add_user(archive: Archive, name: str, password: str | None, *, is_admin: bool) -> None:
     if not name or len(name) > 128 or not name.isprintable():
         raise BadRequest("a user name needs 1 to 128 printable characters")
-    hashed = hash_password(password) if password else None
+    hashed = hash_password(password, name) if password else None
     with archive.db.write() as conn:
         accounts.add_user(conn, name, hashed, is_admin=is_admin)
 
@@ -137,9 +157,9 @@ def demo_login(archive: Archive) -> tuple[str, str]:
     with archive.db.write() as conn:
         try:
             accounts.get_user(conn, name)
-            accounts.set_password(conn, name, hash_password(password))
+            accounts.set_password(conn, name, hash_password(password, name))
         except NotFound:
-            accounts.add_user(conn, name, hash_password(password), is_admin=True)
+            accounts.add_user(conn, name, hash_password(password, name), is_admin=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(f"{name}:{password}\n")
@@ -147,15 +167,65 @@ def demo_login(archive: Archive) -> tuple[str, str]:
 
 
 def login(archive: Archive, name: str, password: str) -> str:
-    """A browser session token for ``name``; the same answer for every failure."""
+    """A browser session token for ``name``; the same answer for every failure.
+
+    After MAX_FAILURES wrong passwords within LOCK_WINDOW the account is locked
+    for LOCK_WINDOW, whatever password is tried (and the answer says so only
+    once the right password was given, so a guesser learns nothing).
+    """
     with archive.db.read() as conn:
         try:
             user = accounts.get_user(conn, name)
         except NotFound:
             user = None
+        state = accounts.login_failures_of(conn, user.id) if user is not None else None
+    now = datetime.now(UTC)
+    locked = state is not None and state.locked_until is not None and state.locked_until > now
     if user is None or user.disabled or not verify_password(user.password_hash, password):
+        if user is not None and not locked:
+            _note_failure(archive, user.id, state, now)
         raise Unauthenticated("wrong user name or password")
+    if locked:
+        raise Unauthenticated("too many wrong passwords: the account is locked for a while")
+    if state is not None:
+        with archive.db.write() as conn:
+            accounts.clear_login_failures(conn, user.id)
     return create_token(archive, user=name, expires=SESSION_LIFETIME, label=SESSION_LABEL)
+
+
+def _note_failure(
+    archive: Archive, user_id: int, state: accounts.Failures | None, now: datetime
+) -> None:
+    if state is None or now - state.window_start > LOCK_WINDOW:
+        state = accounts.Failures(0, now, None)
+    failures = state.failures + 1
+    locked_until = now + LOCK_WINDOW if failures >= MAX_FAILURES else None
+    with archive.db.write() as conn:
+        accounts.save_login_failures(
+            conn, user_id, accounts.Failures(failures, state.window_start, locked_until)
+        )
+
+
+def list_users(archive: Archive) -> list[accounts.User]:
+    with archive.db.read() as conn:
+        return accounts.list_users(conn)
+
+
+def disable_user(archive: Archive, name: str, disabled: bool = True) -> None:
+    """A disabled user can neither sign in nor use any of their tokens."""
+    with archive.db.write() as conn:
+        accounts.set_disabled(conn, name, disabled)
+
+
+def list_tokens(archive: Archive, user: str | None = None) -> list[accounts.TokenInfo]:
+    """Tokens (never their values): id, owner, label, scope, dates, revoked."""
+    with archive.db.read() as conn:
+        return accounts.list_tokens(conn, user)
+
+
+def revoke_token_id(archive: Archive, token_id: int, *, user: str | None = None) -> None:
+    with archive.db.write() as conn:
+        accounts.revoke_token_id(conn, token_id, user)
 
 
 def revoke_token(archive: Archive, token: str) -> None:
