@@ -126,3 +126,37 @@ def test_cli_lists_disables_and_revokes(archive: Archive) -> None:
     assert lightbox("user", "disable", "nina").returncode == 0
     assert lightbox("user", "list").stdout.splitlines() == ["nina\tmember\tdisabled"]
     assert lightbox("token", "revoke", "999").returncode == 2
+
+
+def test_the_account_page_creates_shows_once_and_revokes_tokens(server: RunningServer) -> None:
+    auth.add_user(server.archive, "olga", GOOD, is_admin=False)
+    with httpx.Client(base_url=server.url, headers={"Origin": server.url}) as client:
+        client.post("/login", data={"username": "olga", "password": GOOD})
+        made = client.post("/account", data={"label": "scripts", "expires": "7d"})
+        assert made.status_code == 200
+        token = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]
+        assert token.startswith(auth.TOKEN_PREFIX)
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(server.dicomweb + "/studies", headers=headers).status_code == 200
+        page = client.get("/account")
+        assert "scripts" in page.text and token not in page.text
+        mine = [t for t in auth.list_tokens(server.archive, "olga") if t.label == "scripts"]
+        assert len(mine) == 1
+        assert client.post(f"/account/tokens/{mine[0].id}/revoke").status_code == 303
+        forged = client.post(f"/account/tokens/{mine[0].id}/revoke",
+                             headers={"Origin": "http://evil.example"})
+        assert forged.status_code == 403
+        too_long = client.post("/account", data={"label": "x", "expires": "400d"})
+        assert too_long.status_code == 400
+    with pytest.raises(Unauthenticated):
+        auth.Authenticator(server.archive).authenticate(token)
+
+
+def test_a_user_cannot_revoke_another_users_token(server: RunningServer) -> None:
+    auth.add_user(server.archive, "pia", GOOD, is_admin=False)
+    theirs = auth.create_token(server.archive, expires=timedelta(days=1), label="admin's")
+    their_id = next(t.id for t in auth.list_tokens(server.archive) if t.label == "admin's")
+    with httpx.Client(base_url=server.url, headers={"Origin": server.url}) as client:
+        client.post("/login", data={"username": "pia", "password": GOOD})
+        assert client.post(f"/account/tokens/{their_id}/revoke").status_code == 404
+    assert auth.Authenticator(server.archive).authenticate(theirs).is_admin

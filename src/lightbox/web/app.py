@@ -18,6 +18,7 @@ from lightbox.archive import Archive
 from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
 from lightbox.web import (
+    account,
     browse,
     download,
     keyimages,
@@ -71,6 +72,7 @@ def create_app(archive: Archive) -> Starlette:
             Route("/", _home),
             *ops_routes,
             *pages.routes,
+            *account.routes,
             *browse.routes,
             *upload.routes,
             *download.routes,
