@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     stats = sub.add_parser("stats", help="counts and sizes")
     _common(stats)
-    from lightbox.cli import audit, dimse
+    from lightbox.cli import audit, dimse, share
 
     dimse.add_parsers(sub, _common)
     audit.add_parsers(sub, _common)
+    share.add_parsers(sub, _common)
     return parser
 
 
@@ -241,11 +242,12 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightbox.cli import audit, dimse
+    from lightbox.cli import audit, dimse, share
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    commands = {**COMMANDS, **dimse.commands(_open), **audit.commands(_open)}
+    commands = {**COMMANDS, **dimse.commands(_open), **audit.commands(_open),
+                **share.commands(_open)}
     try:
         return int(commands[args.command](args))
     except LightboxError as exc:

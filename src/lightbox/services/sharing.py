@@ -1,0 +1,372 @@
+"""Share links: a study shown to whoever holds a link, within limits.
+
+A link names one study, an expiry (required, at most a year), who may use it
+(anyone with the link, or signed-in users of the archive; a "collaborators"
+level can be added beside them), an optional passcode, whether the study may
+be downloaded, and whether it is de-identified on the way out. The link's
+token appears only in the URL; the index keeps its SHA-256.
+
+Holders of a link get a Principal scoped to that one study, read-only, so
+the ordinary DICOMweb routes serve them unchanged. A passcode is exchanged
+for a short-lived unlock token (stored hashed too); after MAX_FAILURES wrong
+passcodes in FAILURE_WINDOW the link is locked until the window has passed,
+counted in the index so that every server process sees the same count.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from sqlalchemy import Connection
+
+from lightbox.archive import Archive
+from lightbox.dicom import uids
+from lightbox.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from lightbox.index import accounts
+from lightbox.index import browse as browse_index
+from lightbox.index import shares as index
+from lightbox.services.audit import Caller, Event
+from lightbox.services.auth import Principal, verify_password
+from lightbox.services.deidentify import UidMapper
+
+DEFAULT_LIFETIME = timedelta(days=30)
+MAX_LIFETIME = timedelta(days=365)
+UNLOCK_LIFETIME = timedelta(hours=12)
+MAX_FAILURES = 5
+FAILURE_WINDOW = timedelta(minutes=15)
+MIN_PASSCODE, MAX_PASSCODE = 4, 128
+UNLOCK_PREFIX = "lbs_"
+_hasher = PasswordHasher()
+_GONE = "this link does not exist, has expired or was revoked"
+
+
+class Access(enum.StrEnum):
+    """Who may use a link besides holding it."""
+
+    ANYONE = "anyone"
+    SIGNED_IN = "signed-in"
+
+
+@dataclass(frozen=True)
+class ShareLink:
+    """A link as its owner and the share pages see it (never its token)."""
+
+    id: str
+    study_instance_uid: str
+    creator: str
+    created_at: datetime
+    expires_at: datetime
+    has_passcode: bool
+    allow_download: bool
+    deidentify: bool
+    access: Access
+    revoked_at: datetime | None
+    # Internal: the index row id and the de-identification secret.
+    row_id: int
+    uid_secret: str | None
+
+    def state(self, now: datetime | None = None) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at <= (now or datetime.now(UTC)) else "active"
+
+    @property
+    def mapper(self) -> UidMapper | None:
+        return UidMapper(self.uid_secret) if self.deidentify and self.uid_secret else None
+
+    def public_uid(self, uid: str) -> str:
+        mapper = self.mapper
+        return mapper.public(uid) if mapper is not None else uid
+
+
+@dataclass(frozen=True)
+class NewShare:
+    """A link just made: its token is shown this once."""
+
+    link: ShareLink
+    token: str
+
+
+def _from_row(row: index.LinkRow) -> ShareLink:
+    return ShareLink(
+        id=row.public_id, study_instance_uid=row.study_instance_uid, creator=row.creator,
+        created_at=row.created_at, expires_at=row.expires_at,
+        has_passcode=row.passcode_hash is not None, allow_download=row.allow_download,
+        deidentify=row.deidentify, access=Access(row.access), revoked_at=row.revoked_at,
+        row_id=row.id, uid_secret=row.uid_secret,
+    )
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def parse_access(text: str) -> Access:
+    try:
+        return Access(text.strip().lower())
+    except ValueError as exc:
+        raise BadRequest("access must be 'anyone' or 'signed-in'") from exc
+
+
+def _check_passcode_rules(passcode: str) -> None:
+    if not MIN_PASSCODE <= len(passcode) <= MAX_PASSCODE or not passcode.isprintable():
+        raise BadRequest(f"a passcode needs {MIN_PASSCODE} to {MAX_PASSCODE} printable characters")
+
+
+def create_share(
+    archive: Archive,
+    principal: Principal,
+    *,
+    study: str,
+    expires: timedelta | None = None,
+    passcode: str | None = None,
+    allow_download: bool = True,
+    deidentify: bool = False,
+    access: Access = Access.ANYONE,
+) -> NewShare:
+    """Make a link to ``study``; the creator must be able to read it.
+
+    Read-only and study-scoped callers (tokens handed to viewers, other
+    links) cannot pass their access on.
+    """
+    principal.require_write()
+    if principal.studies is not None:
+        raise Forbidden("a token limited to some studies cannot create share links")
+    uids.require_uid(study, "StudyInstanceUID")
+    principal.require_read(study)
+    lifetime = expires or DEFAULT_LIFETIME
+    if lifetime > MAX_LIFETIME:
+        raise BadRequest("a share link lasts at most 365 days")
+    if passcode is not None:
+        _check_passcode_rules(passcode)
+    token = secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    with archive.db.write() as conn:
+        if browse_index.study(conn, study) is None:
+            raise NotFound(f"study {study} not found")
+        row = index.add_link(conn, {
+            "public_id": secrets.token_hex(6),
+            "token_hash": _digest(token),
+            "study_instance_uid": study,
+            "creator": principal.user,
+            "created_at": now,
+            "expires_at": now + lifetime,
+            "passcode_hash": _hasher.hash(passcode) if passcode is not None else None,
+            "allow_download": allow_download,
+            "deidentify": deidentify,
+            "access": access.value,
+            "uid_secret": secrets.token_hex(32) if deidentify else None,
+            "revoked_at": None,
+        })
+        link = _from_row(row)
+        if deidentify:
+            _write_uid_map(conn, link)
+    return NewShare(link, token)
+
+
+def resolve(archive: Archive, token: str) -> ShareLink:
+    """The live link a token names; one NotFound for unknown, expired and revoked."""
+    if not token or len(token) > 128:
+        raise NotFound(_GONE)
+    with archive.db.read() as conn:
+        row = index.link_by_token_hash(conn, _digest(token))
+    if row is None:
+        raise NotFound(_GONE)
+    link = _from_row(row)
+    if link.state() != "active":
+        raise NotFound(_GONE)
+    return link
+
+
+def get_share(archive: Archive, principal: Principal, share_id: str) -> ShareLink:
+    """A link by public id, for its creator or an administrator."""
+    with archive.db.read() as conn:
+        row = index.link_by_public_id(conn, share_id[:16])
+    if row is None or not _may_manage(principal, row.creator):
+        raise NotFound(f"no share link {share_id[:16]!r}")
+    return _from_row(row)
+
+
+def _may_manage(principal: Principal, creator: str) -> bool:
+    if principal.studies is not None:
+        return False
+    return (principal.is_admin and not principal.read_only) or principal.user == creator
+
+
+def revoke(archive: Archive, principal: Principal, share_id: str) -> ShareLink:
+    """Revoke a link (its creator or an administrator); revoking twice is harmless."""
+    link = get_share(archive, principal, share_id)
+    principal.require_write()
+    with archive.db.write() as conn:
+        index.revoke_link(conn, link.row_id, datetime.now(UTC))
+        row = index.link_by_public_id(conn, link.id)
+    assert row is not None
+    return _from_row(row)
+
+
+def list_shares(
+    archive: Archive, principal: Principal, study: str | None = None
+) -> list[ShareLink]:
+    """Links the caller manages: all of them for administrators, else their own."""
+    if principal.studies is not None:
+        return []
+    creator = None if principal.is_admin else principal.user
+    with archive.db.read() as conn:
+        rows = index.list_links(conn, study_instance_uid=study, creator=creator)
+    return [_from_row(r) for r in rows]
+
+
+# -- who may use a link ---------------------------------------------------------------
+
+
+def unlock(archive: Archive, link: ShareLink, passcode: str) -> tuple[str, datetime]:
+    """Exchange the passcode for an unlock token and its expiry.
+
+    Every attempt is counted before the passcode is checked, so parallel
+    guesses cannot slip past the limit; a right passcode clears the count.
+    Raises Unauthenticated for a wrong passcode, Forbidden while locked.
+    """
+    if not link.has_passcode:
+        raise BadRequest("this link has no passcode")
+    now = datetime.now(UTC)
+    with archive.db.write() as conn:
+        state = index.failures_for_update(conn, link.row_id)
+        if state.locked_until is not None and state.locked_until > now:
+            raise Forbidden("too many wrong passcodes: try again later")
+        if state.window_start is None or now - state.window_start > FAILURE_WINDOW:
+            state = index.FailureState(0, now, None)
+        failures = state.failures + 1
+        assert state.window_start is not None
+        locked = state.window_start + FAILURE_WINDOW if failures >= MAX_FAILURES else None
+        index.save_failures(conn, link.row_id,
+                            index.FailureState(failures, state.window_start, locked))
+        passcode_hash = _passcode_hash(conn, link)
+    if not verify_password(passcode_hash, passcode[:MAX_PASSCODE]):
+        raise Unauthenticated("wrong passcode")
+    token = UNLOCK_PREFIX + secrets.token_urlsafe(32)
+    expires_at = min(now + UNLOCK_LIFETIME, link.expires_at)
+    with archive.db.write() as conn:
+        index.save_failures(conn, link.row_id, index.FailureState(0, None, None))
+        index.add_unlock(conn, link.row_id, _digest(token), expires_at)
+    return token, expires_at
+
+
+def _passcode_hash(conn: Connection, link: ShareLink) -> str | None:
+    row = index.link_by_public_id(conn, link.id)
+    return row.passcode_hash if row is not None else None
+
+
+def is_unlocked(archive: Archive, link: ShareLink, unlock_token: str | None) -> bool:
+    """Whether ``unlock_token`` opens ``link`` now (links without passcode: always)."""
+    if not link.has_passcode:
+        return True
+    if not unlock_token or len(unlock_token) > 128:
+        return False
+    with archive.db.read() as conn:
+        expires = index.unlock_expiry(conn, link.row_id, _digest(unlock_token))
+    return expires is not None and expires > datetime.now(UTC)
+
+
+def holder(link: ShareLink, viewer: Principal | None) -> Principal:
+    """The Principal of a link's holder: this study only, read-only.
+
+    ``viewer`` is the signed-in caller, required for SIGNED_IN links.
+    """
+    if link.access is Access.SIGNED_IN and viewer is None:
+        raise Unauthenticated("sign in to open this link")
+    name = viewer.user if viewer is not None else f"link:{link.id}"
+    return Principal(user=name, is_admin=False,
+                     studies=frozenset({link.study_instance_uid}), read_only=True)
+
+
+# -- de-identified links: public UIDs --------------------------------------------------
+
+
+def _write_uid_map(conn: Connection, link: ShareLink) -> None:
+    mapper = link.mapper
+    assert mapper is not None
+    study = link.study_instance_uid
+    rows = {mapper.public(study): (study, "study", False)}
+    for member in index.study_members(conn, study):
+        series = member.series_instance_uid
+        rows[mapper.public(series)] = (series, "series", False)
+        rows[mapper.public(member.sop_instance_uid)] = (
+            member.sop_instance_uid, "instance", member.burned_in)
+    index.replace_uid_map(conn, link.row_id, [
+        {"public_uid": p, "original_uid": o, "level": lv, "withheld": w}
+        for p, (o, lv, w) in rows.items()
+    ])
+
+
+def refresh_uid_map(archive: Archive, link: ShareLink) -> None:
+    """Bring the map up to date when instances were added since (a cheap count check)."""
+    with archive.db.read() as conn:
+        current = index.instance_count(conn, link.study_instance_uid) == (
+            index.mapped_instance_count(conn, link.row_id))
+    if not current:
+        with archive.db.write() as conn:
+            _write_uid_map(conn, link)
+
+
+def original_uid(archive: Archive, link: ShareLink, public_uid: str, level: str) -> str:
+    """The original UID behind a public one; NotFound when unknown or withheld."""
+    if not link.deidentify:
+        return public_uid
+    for attempt in range(2):
+        with archive.db.read() as conn:
+            found = index.original_uid(conn, link.row_id, public_uid[:64])
+        if found is not None:
+            break
+        if attempt == 0:
+            refresh_uid_map(archive, link)
+    if found is None or found[1] != level or found[2]:
+        raise NotFound(f"{level} {public_uid[:64]} not found")
+    return found[0]
+
+
+def withheld(archive: Archive, link: ShareLink) -> set[str]:
+    """Original SOP Instance UIDs never shown through ``link`` (burned-in text)."""
+    if not link.deidentify:
+        return set()
+    refresh_uid_map(archive, link)
+    with archive.db.read() as conn:
+        return index.withheld_uids(conn, link.row_id)
+
+
+# -- the audit trail and the command line ---------------------------------------------
+
+
+def record(
+    archive: Archive,
+    action: str,
+    link: ShareLink,
+    actor: str,
+    *,
+    outcome: str = "success",
+    caller: Caller | None = None,
+    detail: dict[str, object] | None = None,
+) -> None:
+    """An event about ``link`` in the audit trail, written before returning."""
+    caller = caller or Caller()
+    archive.audit.record(
+        Event(action, actor, outcome, study_uid=link.study_instance_uid, source=caller.source,
+              user_agent=caller.user_agent, link=link.id, detail=detail or {}),
+        now=True,
+    )
+
+
+def acting_as(archive: Archive, user: str | None) -> Principal:
+    """The Principal of a named user (default: the first administrator, made
+    if there is none), for the command line, which speaks for the operator."""
+    with archive.db.write() as conn:
+        found = accounts.get_user(conn, user) if user else accounts.first_admin(conn)
+        if found is None:  # as ``lightbox token create`` does on a new archive
+            found = accounts.add_user(conn, "admin", None, is_admin=True)
+    if found.disabled:
+        raise Forbidden(f"user {found.name!r} is disabled")
+    return Principal(user=found.name, is_admin=found.is_admin)
