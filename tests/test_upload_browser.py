@@ -128,7 +128,7 @@ def test_retry_resends_only_failed_batches(
     assert not page.is_visible("#retry")
 
 
-def test_read_only_user_cannot_upload(server: RunningServer, browser: Any) -> None:  # noqa: F811
+def test_read_only_user_cannot_upload(server: RunningServer) -> None:
     token = auth.create_token(server.archive, read_only=True)
     answer = httpx.get(server.url + "/upload", cookies={"lightbox_session": token})
     assert answer.status_code == 403
