@@ -157,7 +157,13 @@ def revoke_link(conn: Connection, link_id: int, at: datetime) -> None:
 
 
 def failures_for_update(conn: Connection, link_id: int) -> FailureState:
-    """The link's failure counters, locked until the transaction ends."""
+    """The link's failure counters, locked until the transaction ends.
+
+    A no-op write comes first: on SQLite it takes the write lock at once
+    (waiting for other processes), which a read would not.
+    """
+    conn.execute(update(share_links).where(share_links.c.id == link_id)
+                 .values(failures=share_links.c.failures))
     row = conn.execute(
         select(share_links.c.failures, share_links.c.failure_window_start,
                share_links.c.locked_until)
@@ -240,7 +246,7 @@ def mapped_instance_count(conn: Connection, link_id: int) -> int:
     ).scalar_one())
 
 
-def replace_uid_map(conn: Connection, link_id: int, rows: list[dict[str, Any]]) -> None:
+def replace_uid_map(conn: Connection, link_id: int, rows: list[dict[str, object]]) -> None:
     """Replace the link's map with ``rows`` (public_uid, original_uid, level, withheld)."""
     conn.execute(delete(share_uids).where(share_uids.c.link_id == link_id))
     if rows:
@@ -262,3 +268,16 @@ def withheld_uids(conn: Connection, link_id: int) -> set[str]:
         select(share_uids.c.original_uid)
         .where(share_uids.c.link_id == link_id, share_uids.c.withheld.is_(True))
     ).scalars())
+
+
+def withheld_by_series(conn: Connection, link_id: int) -> dict[str, int]:
+    """How many withheld instances each series (original UID) has."""
+    rows = conn.execute(
+        select(series.c.series_instance_uid, func.count())
+        .select_from(share_uids)
+        .join(instances, instances.c.sop_instance_uid == share_uids.c.original_uid)
+        .join(series, series.c.pk == instances.c.series_pk)
+        .where(share_uids.c.link_id == link_id, share_uids.c.withheld.is_(True))
+        .group_by(series.c.series_instance_uid)
+    )
+    return {uid: int(n) for uid, n in rows}

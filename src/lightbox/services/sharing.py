@@ -146,9 +146,14 @@ def create_share(
         _check_passcode_rules(passcode)
     token = secrets.token_urlsafe(32)
     now = datetime.now(UTC)
-    with archive.db.write() as conn:
+    secret = secrets.token_hex(32) if deidentify else None
+    # Read first, then a transaction that starts by writing: SQLite cannot turn
+    # a reading transaction into a writing one once another process has written.
+    with archive.db.read() as conn:
         if browse_index.study(conn, study) is None:
             raise NotFound(f"study {study} not found")
+        members = index.study_members(conn, study) if deidentify else []
+    with archive.db.write() as conn:
         row = index.add_link(conn, {
             "public_id": secrets.token_hex(6),
             "token_hash": _digest(token),
@@ -160,12 +165,12 @@ def create_share(
             "allow_download": allow_download,
             "deidentify": deidentify,
             "access": access.value,
-            "uid_secret": secrets.token_hex(32) if deidentify else None,
+            "uid_secret": secret,
             "revoked_at": None,
         })
         link = _from_row(row)
         if deidentify:
-            _write_uid_map(conn, link)
+            index.replace_uid_map(conn, link.row_id, _uid_map_rows(link, members))
     return NewShare(link, token)
 
 
@@ -287,20 +292,18 @@ def holder(link: ShareLink, viewer: Principal | None) -> Principal:
 # -- de-identified links: public UIDs --------------------------------------------------
 
 
-def _write_uid_map(conn: Connection, link: ShareLink) -> None:
+def _uid_map_rows(link: ShareLink, members: list[index.Member]) -> list[dict[str, object]]:
     mapper = link.mapper
     assert mapper is not None
     study = link.study_instance_uid
     rows = {mapper.public(study): (study, "study", False)}
-    for member in index.study_members(conn, study):
+    for member in members:
         series = member.series_instance_uid
         rows[mapper.public(series)] = (series, "series", False)
         rows[mapper.public(member.sop_instance_uid)] = (
             member.sop_instance_uid, "instance", member.burned_in)
-    index.replace_uid_map(conn, link.row_id, [
-        {"public_uid": p, "original_uid": o, "level": lv, "withheld": w}
-        for p, (o, lv, w) in rows.items()
-    ])
+    return [{"public_uid": p, "original_uid": o, "level": lv, "withheld": w}
+            for p, (o, lv, w) in rows.items()]
 
 
 def refresh_uid_map(archive: Archive, link: ShareLink) -> None:
@@ -308,9 +311,10 @@ def refresh_uid_map(archive: Archive, link: ShareLink) -> None:
     with archive.db.read() as conn:
         current = index.instance_count(conn, link.study_instance_uid) == (
             index.mapped_instance_count(conn, link.row_id))
+        members = [] if current else index.study_members(conn, link.study_instance_uid)
     if not current:
         with archive.db.write() as conn:
-            _write_uid_map(conn, link)
+            index.replace_uid_map(conn, link.row_id, _uid_map_rows(link, members))
 
 
 def original_uid(archive: Archive, link: ShareLink, public_uid: str, level: str) -> str:
