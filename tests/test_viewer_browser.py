@@ -21,7 +21,7 @@ from lightbox.archive import Archive
 from lightbox.cli.importer import import_paths
 from lightbox.samples import write_samples
 from lightbox.services import auth
-from tests.browser import browser, shot, sign_in  # noqa: F401  (fixture)
+from tests.browser import CHROMIUM, FLAGS, chromium_available, shot, sign_in
 from tests.conftest import VIEWER_DIR, RunningServer, database_url, make_settings, serving
 
 USER, PASSWORD = "rad", "viewer test pass"
@@ -38,6 +38,22 @@ class Demo:
         self.server = server
         self.ct = ct
         self.mr_files = mr_files
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Chromium for this module only: Playwright's event loop must be gone before
+    later tests in the same worker call ``asyncio.run``."""
+    if not chromium_available():
+        pytest.fail(f"Chromium not found at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +79,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 
 @pytest.fixture
-def page(demo: Demo, browser: Any) -> Iterator[Any]:  # noqa: F811
+def page(demo: Demo, browser: Any) -> Iterator[Any]:
     opened = sign_in(browser, demo.server.url, USER, PASSWORD)
     try:
         yield opened
