@@ -7,6 +7,7 @@ import dataclasses
 import io
 import zipfile
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -35,12 +36,12 @@ def store(server: RunningServer, parts: list[bytes]) -> None:
 
 
 def make_study(server: RunningServer, n_series: int = 2, per_series: int = 2,
-               **extra: object) -> tuple[str, list[tuple[str, str]]]:
+               **extra: Any) -> tuple[str, list[tuple[str, str]]]:
     """A stored study: its UID and (series, sop) of each instance."""
-    study = generate_uid(prefix=ROOT)
+    study = str(generate_uid(prefix=ROOT))
     parts, members = [], []
     for s in range(n_series):
-        series = generate_uid(prefix=ROOT)
+        series = str(generate_uid(prefix=ROOT))
         for i in range(per_series):
             ds = ct_dataset(study=study, series=series, instance_number=i + 1,
                             SeriesNumber=s + 1, **extra)
@@ -228,7 +229,7 @@ def test_who_may_create_and_revoke(archive: Archive, server: RunningServer) -> N
     with pytest.raises(Unauthenticated):
         sharing.holder(signed_in, None)
     holder = sharing.holder(signed_in, Principal("carol", False))
-    assert holder.studies == {study} and holder.read_only and not holder.is_admin
+    assert holder.studies == frozenset({study}) and holder.read_only and not holder.is_admin
 
 
 def test_cli_creates_lists_and_revokes(
