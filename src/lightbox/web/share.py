@@ -101,9 +101,23 @@ async def share_page(request: Request) -> Response:
     )
 
 
+def same_origin(request: Request) -> None:
+    """CSRF check for forms posted from share pages.
+
+    Those pages say ``Referrer-Policy: no-referrer``, and browsers then send
+    ``Origin: null`` with their forms; ``Sec-Fetch-Site`` (which no page can
+    set) still tells a same-origin post apart.
+    """
+    if request.headers.get("origin") == "null":
+        if request.headers.get("sec-fetch-site") == "same-origin":
+            return
+        raise Forbidden("cross-site request refused")
+    context.require_same_origin(request)
+
+
 @share_errors
 async def passcode_form(request: Request) -> Response:
-    context.require_same_origin(request)
+    same_origin(request)
     link = await _open_link(request)
     token = request.path_params["token"]
     form = await request.form()
@@ -192,7 +206,9 @@ async def create(request: Request) -> Response:
     sharing.record(context.archive(request), "share_create", link, principal.user,
                    caller=context.caller(request), detail=_detail(link))
     url = link_url(request, made.token)
-    return _render(request, "share_created.html", 201, link=link, url=url, qr=qr_svg(url))
+    # Owner pages keep the usual referrer policy: their URLs hold no token,
+    # and their forms must carry an Origin for the same-origin check.
+    return pages.render(request, "share_created.html", 201, link=link, url=url, qr=qr_svg(url))
 
 
 def _detail(link: ShareLink) -> dict[str, object]:
@@ -207,7 +223,7 @@ async def manage(request: Request) -> Response:
     archive = context.archive(request)
     link = await context.blocking(sharing.get_share, archive, principal, request.path_params["id"])
     history = await context.blocking(audit.history_of_link, archive.db, link.id)
-    return _render(request, "share_manage.html", link=link, history=history)
+    return pages.render(request, "share_manage.html", link=link, history=history)
 
 
 @share_errors
