@@ -15,12 +15,28 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from lightbox.services import auth
-from tests.browser import browser, shot, sign_in  # noqa: F401  (fixture)
+from tests.browser import CHROMIUM, FLAGS, chromium_available, shot, sign_in
 from tests.conftest import RunningServer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "make_corpus.py"
 PASSWORD = "correct horse"
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Chromium for this module only: Playwright's event loop must be gone before
+    later tests in the same run call ``asyncio.run``."""
+    if not chromium_available():
+        pytest.fail(f"Chromium not found at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 @pytest.fixture
@@ -40,7 +56,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def page(server: RunningServer, browser: Any) -> Iterator[Any]:  # noqa: F811
+def page(server: RunningServer, browser: Any) -> Iterator[Any]:
     auth.add_user(server.archive, "tech", PASSWORD, is_admin=False)
     opened = sign_in(browser, server.url, "tech", PASSWORD)
     try:
