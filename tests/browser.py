@@ -32,9 +32,10 @@ def chromium_available() -> bool:
     return shutil.which(CHROMIUM) is not None or Path(CHROMIUM).exists()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """One Chromium for the session (each test takes a fresh context)."""
+    """One Chromium per test module (each test takes a fresh context); closed at the
+    module's end so Playwright's event loop never outlives it into asyncio tests."""
     if not chromium_available():
         pytest.fail(f"Chromium not found at {CHROMIUM}: run scripts/system-deps.sh")
     from playwright.sync_api import sync_playwright

@@ -186,3 +186,18 @@ def test_cli_verify_and_export(archive: Archive) -> None:
     _tamper(archive, update(audit_events).where(audit_events.c.seq == 1).values(actor="x"))
     broken = lightbox("verify")
     assert broken.returncode == 1 and "row 1 was modified" in broken.stderr
+
+
+def test_the_study_page_lists_its_access_history(server: RunningServer) -> None:
+    ds = ct_dataset(patient_id="PAT-HISTORY")
+    body, content_type = stow_body([to_bytes(ds)])
+    httpx.post(server.dicomweb + "/studies", content=body,
+               headers={**server.headers, "Content-Type": content_type})
+    study = ds.StudyInstanceUID
+    httpx.get(f"{server.dicomweb}/studies/{study}/metadata", headers=server.headers)
+    server.archive.audit.flush()
+    page = httpx.get(f"{server.url}/browse/studies/{study}", headers=server.headers)
+    assert page.status_code == 200
+    history = page.text.split('id="history"', 1)[1]
+    assert "upload" in history and "view" in history and "admin" in history
+    assert 'action="/shares"' in page.text

@@ -21,6 +21,7 @@ from lightbox.index import browse as index
 from lightbox.index.browse import InstanceRef, SeriesRow, SortKey, StudyFilter, StudyRow
 from lightbox.services import auth, manage, thumbnails
 from lightbox.services.attribute_table import AttributeRow, attribute_rows
+from lightbox.services.audit import Caller
 from lightbox.services.auth import Principal
 from lightbox.services.retrieve import InstanceCache
 
@@ -228,13 +229,14 @@ def launch_url(
 
 
 def delete_study(
-    archive: Archive, cache: InstanceCache, principal: Principal, study_uid: str
+    archive: Archive, cache: InstanceCache, principal: Principal, study_uid: str,
+    caller: Caller | None = None,
 ) -> int:
     """Delete a study and its cached thumbnails (administrators only)."""
     principal.require_admin()
     found = _readable_study(archive, principal, study_uid)
     with archive.db.read() as conn:
         series_uids = [s.series_instance_uid for s in index.series_of_study(conn, found.pk)]
-    removed = manage.delete(archive, cache, principal, study_uid)
+    removed = manage.delete(archive, cache, principal, study_uid, caller=caller)
     thumbnails.forget(archive, series_uids)
     return removed

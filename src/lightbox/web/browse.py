@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from lightbox.errors import BadRequest, LightboxError
 from lightbox.index.browse import SortKey
-from lightbox.services import browse, thumbnails
+from lightbox.services import audit, browse, sharing, thumbnails
 from lightbox.web import context
 from lightbox.web.errors import STATUS
 from lightbox.web.pages import page_principal, render
@@ -113,10 +113,14 @@ async def study_page(request: Request) -> Response:
         browse.study_view, archive, principal, study_uid,
         series_uid=request.query_params.get("series"), sop_uid=request.query_params.get("sop"),
     )
+    may_share = not principal.read_only and principal.studies is None
+    shares = await context.blocking(sharing.list_shares, archive, principal, study_uid)
+    history = await context.blocking(audit.history_of_study, archive.db, study_uid, 50)
     return render(
         request, "study.html", view=view, principal=principal, person=person, day=day,
         modalities=modalities, may_write=not principal.read_only,
         may_delete=principal.is_admin and not principal.read_only,
+        may_share=may_share, shares=shares, history=history,
     )
 
 
@@ -153,7 +157,7 @@ async def delete_study(request: Request) -> Response:
         raise BadRequest("tick the box to confirm that the study is to be deleted")
     await context.blocking(
         browse.delete_study, context.archive(request), context.instance_cache(request),
-        principal, request.path_params["study"],
+        principal, request.path_params["study"], context.caller(request),
     )
     return RedirectResponse("/browse?deleted=1", status_code=303)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -44,6 +45,14 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
+
+
+_SHARE_TOKEN = re.compile(r"^/s/[^/]+")
+
+
+def redact(path: str) -> str:
+    """A share link's token is a credential: it never reaches the logs."""
+    return _SHARE_TOKEN.sub("/s/<token>", path)
 
 
 def _family(path: str) -> str:
@@ -92,7 +101,7 @@ class RequestLog:
                         {
                             "request_id": request_id,
                             "method": scope["method"],
-                            "path": scope["path"],
+                            "path": redact(scope["path"]),
                             "status": status,
                             "ms": round(elapsed * 1000, 2),
                             "client": (scope.get("client") or ("", 0))[0],
