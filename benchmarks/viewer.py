@@ -56,7 +56,7 @@ FLAGS = [
     "--disable-quic",
     "--no-first-run",
 ]
-USER, PASSWORD = "bench", "bench-password-1"
+USER, PASSWORD = "reader", "viewer-load-test-1"
 
 NGINX_PROXY_CONF = """\
 daemon off;
