@@ -29,6 +29,9 @@ from lightbox.web.app import create_asgi
 PG_ADMIN = os.environ.get("LIGHTBOX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
 
+# The module-scoped Chromium fixture of the browser tests.
+pytest_plugins = ["tests.browser"]
+
 
 @contextmanager
 def database_url(backend: str, data: Path) -> Iterator[str]:

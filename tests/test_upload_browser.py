@@ -15,28 +15,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from lightbox.services import auth
-from tests.browser import CHROMIUM, FLAGS, chromium_available, shot, sign_in
+from tests.browser import shot, sign_in
 from tests.conftest import RunningServer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "make_corpus.py"
 PASSWORD = "correct horse"
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"])
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Chromium for this module only: Playwright's event loop must be gone before
-    later tests in the same run call ``asyncio.run``."""
-    if not chromium_available():
-        pytest.fail(f"Chromium not found at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from lightbox.archive import Archive
 from lightbox.cli.importer import import_paths
 from lightbox.samples import write_samples
 from lightbox.services import auth
-from tests.browser import CHROMIUM, FLAGS, chromium_available, shot, sign_in
+from tests.browser import shot, sign_in
 from tests.conftest import VIEWER_DIR, RunningServer, database_url, make_settings, serving
 
 USER, PASSWORD = "rad", "viewer test pass"
@@ -38,22 +38,6 @@ class Demo:
         self.server = server
         self.ct = ct
         self.mr_files = mr_files
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Chromium for this module only: Playwright's event loop must be gone before
-    later tests in the same worker call ``asyncio.run``."""
-    if not chromium_available():
-        pytest.fail(f"Chromium not found at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -105,23 +105,15 @@ def rows(conn: Connection, *, batch: int = 2000) -> Iterator[dict[str, Any]]:
         after = int(found[-1]["seq"])
 
 
-def for_study(conn: Connection, study_uid: str, limit: int) -> list[dict[str, Any]]:
-    """The newest rows about one study."""
+def newest(conn: Connection, *, limit: int, study_uid: str | None = None,
+           link: str | None = None) -> list[dict[str, Any]]:
+    """The newest rows about one study or one share link."""
+    column, value = ((audit_events.c.study_uid, study_uid) if link is None
+                     else (audit_events.c.link, link))
     return [
         dict(r)
         for r in conn.execute(
-            select(audit_events).where(audit_events.c.study_uid == study_uid)
-            .order_by(audit_events.c.seq.desc()).limit(limit)
-        ).mappings()
-    ]
-
-
-def for_link(conn: Connection, link: str, limit: int) -> list[dict[str, Any]]:
-    """The newest rows about one share link."""
-    return [
-        dict(r)
-        for r in conn.execute(
-            select(audit_events).where(audit_events.c.link == link)
+            select(audit_events).where(column == value)
             .order_by(audit_events.c.seq.desc()).limit(limit)
         ).mappings()
     ]

@@ -237,9 +237,9 @@ def verify(db: Any) -> Verdict:
 
 def history_of_study(db: Any, study_uid: str, limit: int = 100) -> list[dict[str, Any]]:
     with db.read() as conn:
-        return index.for_study(conn, study_uid, limit)
+        return index.newest(conn, limit=limit, study_uid=study_uid)
 
 
 def history_of_link(db: Any, link: str, limit: int = 100) -> list[dict[str, Any]]:
     with db.read() as conn:
-        return index.for_link(conn, link, limit)
+        return index.newest(conn, limit=limit, link=link)

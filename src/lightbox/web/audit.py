@@ -64,6 +64,20 @@ def actor_of(scope: Scope) -> str:
     return principal.user if isinstance(principal, Principal) else "anonymous"
 
 
+class StatusNote:
+    """A ``send`` that passes messages on and remembers the response status
+    (500 until the application answers)."""
+
+    def __init__(self, send: Send) -> None:
+        self.status = 500
+        self._send = send
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+
 class AuditTrail:
     """Records one event per audited request, after its answer is known."""
 
@@ -80,18 +94,11 @@ class AuditTrail:
         if kind is None:
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        answered = StatusNote(send)
         try:
-            await self.app(scope, receive, noting_status)
+            await self.app(scope, receive, answered)
         finally:
-            self._record(scope, kind, status, query)
+            self._record(scope, kind, answered.status, query)
 
     def _record(self, scope: Scope, kind: tuple[str, str | None, str | None], status: int,
                 query: str) -> None:

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route, Router
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from lightbox.dicom import uids
 from lightbox.dicom.attributes import QueryLevel, lookup
@@ -28,6 +28,7 @@ from lightbox.services import shared_study, sharing
 from lightbox.services.auth import Principal
 from lightbox.services.sharing import ShareLink
 from lightbox.web import context, qido, wado
+from lightbox.web.audit import StatusNote
 from lightbox.web.multipart import closing, new_boundary, part_header
 
 SHARE_COOKIE = "lightbox_share"
@@ -106,16 +107,9 @@ class ScopedRoot:
             scope["path"] = scope.get("root_path", "") + translated
             if classify(route_path) == "query":
                 scope["query_string"] = _translate_query(request, link).encode()
-        status = 500
-
-        async def noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        await router(scope, receive, noting_status)
-        if status < 400:
+        answered = StatusNote(send)
+        await router(scope, receive, answered)
+        if answered.status < 400:
             archive.audit.count(classify(route_path), principal.user, link.study_instance_uid,
                                 source=caller.source, user_agent=caller.user_agent, link=link.id)
 
