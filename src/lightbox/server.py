@@ -6,17 +6,23 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 from dataclasses import fields
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
 from lightbox.archive import Archive
 from lightbox.dimse.scp import DicomServer
+from lightbox.errors import BadRequest
 from lightbox.settings import ENV_PREFIX, Settings, load
 from lightbox.web.app import create_asgi
 
 PR_SET_PDEATHSIG = 1
+# HTTPS: forward-secret AEAD suites only (TLS 1.3 suites are configured apart).
+# uvicorn would otherwise ask for "TLSv1", which admits CBC and SHA-1 suites.
+HTTPS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS"
 
 
 def export_settings(settings: Settings) -> None:
@@ -47,6 +53,40 @@ def _die_with_parent() -> None:
         os._exit(0)  # the supervisor died before the request took effect
 
 
+def https_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options for ``https_cert``/``https_key``; none for plain HTTP.
+
+    The pair is loaded once here, so a missing half, an unreadable file or a key
+    that does not match the certificate stops the start with a clear message.
+    Python's server context accepts TLS 1.2 and 1.3 only.
+    """
+    cert, key = settings.https_cert, settings.https_key
+    if not cert and not key:
+        return {}
+    if not cert or not key:
+        raise BadRequest("HTTPS needs both https_cert and https_key (PEM files)")
+    for name, path in (("https_cert", cert), ("https_key", key)):
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise BadRequest(f"{name}: cannot read {path}: {exc.strerror}") from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # No passphrase prompt on the terminal: an encrypted key fails here.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+        context.set_ciphers(HTTPS_CIPHERS)
+    except ssl.SSLError as exc:
+        raise BadRequest(f"https_cert/https_key: not a usable PEM certificate and key "
+                         f"({exc.reason or exc})") from exc
+    return {
+        "ssl_certfile": cert,
+        "ssl_keyfile": key,
+        "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+        "ssl_ciphers": HTTPS_CIPHERS,
+    }
+
+
 def serve(settings: Settings) -> None:
     """Open the archive and serve HTTP (and DIMSE unless dicom_port is 0) until interrupted."""
     # force: the CLI has configured WARNING already, and the server logs at log_level.
@@ -54,6 +94,7 @@ def serve(settings: Settings) -> None:
     # pynetdicom logs every PDU at INFO; our association log says what happened.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
+    tls = https_options(settings)  # before anything starts: a bad pair stops here
     archive = Archive.open(settings)
     archive.blobs.clear_staging()
     app = create_asgi(archive)
@@ -77,6 +118,7 @@ def serve(settings: Settings) -> None:
             http="httptools",
             loop="uvloop",
             timeout_keep_alive=30,
+            **tls,
         )
     finally:
         if dicom is not None:

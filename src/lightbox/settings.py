@@ -37,6 +37,9 @@ class Settings:
     tls_key: str = ""  # PEM private key of tls_cert
     tls_ca: str = ""  # PEM CA bundle: verify peers' certificates (SCP: require one)
     public_url: str = ""  # e.g. https://images.example.org when behind a proxy
+    # HTTPS on http_port when both are set (PEM files); HSTS and Secure cookies follow.
+    https_cert: str = ""
+    https_key: str = ""
     overwrite: bool = False
     qido_max_results: int = 1000
     max_upload_bytes: int = 8 * 1024**3

@@ -37,6 +37,8 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate: DICOM TLS on the DICOM port")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-ca", help="PEM CA bundle: require and verify client certificates")
+    parser.add_argument("--https-cert", help="PEM certificate chain: HTTPS on the HTTP port")
+    parser.add_argument("--https-key", help="PEM private key of --https-cert")
     parser.add_argument(
         "--dicom-accept-unknown", choices=["loopback", "all", "none"],
         help="unknown calling AEs may echo and store from: loopback (default), all, none",
@@ -93,7 +95,8 @@ def _settings(args: argparse.Namespace) -> settings_module.Settings:
     overrides = {
         k: getattr(args, k, None)
         for k in ("data", "database", "host", "http_port", "dicom_port", "aet", "workers",
-                  "tls_cert", "tls_key", "tls_ca", "dicom_accept_unknown")
+                  "tls_cert", "tls_key", "tls_ca", "dicom_accept_unknown",
+                  "https_cert", "https_key")
     }
     return settings_module.load(getattr(args, "config", None), overrides)
 

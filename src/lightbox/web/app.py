@@ -37,6 +37,7 @@ from lightbox.web.errors import domain_error, http_error, unexpected_error
 from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
 from lightbox.web.observability import routes as ops_routes
+from lightbox.web.security import SecurityHeaders
 
 
 async def _home(_request: object) -> Response:
@@ -100,12 +101,14 @@ def create_app(archive: Archive) -> Starlette:
 
 
 def create_asgi(archive: Archive) -> ASGIApp:
-    """The application behind the frames fast path (what the server runs)."""
+    """The application behind the frames fast path (what the server runs), inside
+    the security headers (outermost, so fast frames and 500s carry them too)."""
     app = create_app(archive)
-    return FramesFastPath(
+    fast = FramesFastPath(
         app,
         archive=archive,
         authenticator=app.state.authenticator,
         cache=app.state.instance_cache,
         metrics=app.state.metrics,
     )
+    return SecurityHeaders(fast, public_url=archive.settings.public_url)

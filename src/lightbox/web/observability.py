@@ -47,12 +47,17 @@ class Metrics:
         )
 
 
-_SHARE_TOKEN = re.compile(r"^/s/[^/]+")
+# Paths whose second segment is a credential: share links and invitations.
+_PATH_TOKEN = re.compile(r"^/(s|invite)/[^/]+")
 
 
 def redact(path: str) -> str:
-    """A share link's token is a credential: it never reaches the logs."""
-    return _SHARE_TOKEN.sub("/s/<token>", path)
+    """A share link's or an invitation's token never reaches the logs.
+
+    Only the path is logged: never the query string, headers (Authorization,
+    cookies) or bodies (passwords, passcodes).
+    """
+    return _PATH_TOKEN.sub(r"/\1/<token>", path)
 
 
 def _family(path: str) -> str:

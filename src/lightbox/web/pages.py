@@ -23,6 +23,7 @@ from lightbox.services import auth
 from lightbox.services.audit import Caller, Event
 from lightbox.services.auth import Principal
 from lightbox.web import context
+from lightbox.web.security import https_request
 
 HERE = Path(__file__).parent
 _env = Environment(
@@ -102,7 +103,7 @@ async def login_page(request: Request) -> Response:
         max_age=int(auth.SESSION_LIFETIME.total_seconds()),
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=https_request(request),
         path="/",
     )
     return response

@@ -34,6 +34,7 @@ from lightbox.services.sharing import ShareLink
 from lightbox.web import context, pages
 from lightbox.web.browse import day, person
 from lightbox.web.errors import STATUS
+from lightbox.web.security import https_request
 from lightbox.web.share_dicomweb import SHARE_COOKIE, ScopedRoot, holder_of, unlock_token
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -129,7 +130,7 @@ async def passcode_form(request: Request) -> Response:
     response = RedirectResponse(f"/s/{quote(token)}", status_code=303)
     response.set_cookie(
         SHARE_COOKIE, unlock, path=f"/s/{token}", httponly=True, samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=https_request(request),
         max_age=max(1, int((expires_at - datetime.now(UTC)).total_seconds())),
     )
     return _no_referrer(response)
