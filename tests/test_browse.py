@@ -27,6 +27,7 @@ from lightbox.services import auth, browse
 from lightbox.services.auth import Principal
 from tests.conftest import RunningServer
 from tests.factories import ct_dataset, stow_body, to_bytes
+from tests.grants import grant
 
 DASH = "\u2013"  # an en dash, as in "1-25 of 103,482 studies" on the page
 
@@ -351,6 +352,7 @@ def test_slicer_link_carries_a_read_only_token_for_that_study(
 ) -> None:
     study, other = filled[0], filled[2]
     with _session(server, "reader", admin=False) as client:
+        grant(server.archive, "reader", study.uid, other.uid)
         answer = client.post(f"/launch/slicer/{study.uid}")
         assert answer.status_code == 303
         assert client.post(f"/launch/slicer/{study.uid}",

@@ -11,6 +11,7 @@ from pydicom.uid import generate_uid
 from lightbox.services import auth
 from tests.conftest import RunningServer
 from tests.factories import ROOT, ct_dataset, stow_body, to_bytes
+from tests.grants import grant
 
 KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
@@ -109,6 +110,7 @@ def test_bad_references_store_nothing(server: RunningServer) -> None:
 def test_cookie_mark_needs_same_origin(server: RunningServer) -> None:
     ds = _store(server)
     auth.add_user(server.archive, "dana", "correct horse", is_admin=False)
+    grant(server.archive, "dana", ds.StudyInstanceUID, role="uploader")
     with httpx.Client(base_url=server.url, headers={"Origin": server.url}) as client:
         assert client.post("/login", data={"username": "dana",
                                            "password": "correct horse"}).status_code == 303

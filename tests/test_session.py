@@ -12,6 +12,7 @@ import pytest
 from lightbox.services import auth
 from tests.conftest import RunningServer
 from tests.factories import ct_dataset, make_instance, stow_body, to_bytes
+from tests.grants import grant
 
 
 @pytest.fixture
@@ -45,6 +46,7 @@ def test_login_cookie_reads_dicomweb_and_fast_frames(
         headers={**server.headers, "Content-Type": content_type},
     )
     assert stored.status_code == 200
+    grant(server.archive, member[0], ds.StudyInstanceUID)
     frame = (
         f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         f"/instances/{ds.SOPInstanceUID}/frames/1"

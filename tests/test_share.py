@@ -1,5 +1,5 @@
 """Share links on both backends: the scoped DICOMweb root, passcodes and their
-lock-out, expiry, revocation, signed-in links, the CLI and the audit trail."""
+lock-out, expiry, revocation, organisation links, the CLI and the audit trail."""
 
 from __future__ import annotations
 
@@ -182,9 +182,9 @@ def test_passcode_form_sets_a_cookie_scoped_to_the_link(server: RunningServer) -
     assert httpx.get(url + "/dicom-web/studies").status_code == 401
 
 
-def test_signed_in_link_refuses_anonymous_callers(server: RunningServer) -> None:
+def test_organisation_link_refuses_anonymous_callers(server: RunningServer) -> None:
     study, _members = make_study(server, n_series=1, per_series=1)
-    _link, url = share(server, study, access=sharing.Access.SIGNED_IN)
+    _link, url = share(server, study, access=sharing.Access.ORGANISATION)
     assert httpx.get(url + "/dicom-web/studies").status_code == 401
     page = httpx.get(url)
     assert page.status_code == 303 and page.headers["location"].startswith("/login")
@@ -225,10 +225,13 @@ def test_who_may_create_and_revoke(archive: Archive, server: RunningServer) -> N
     assert sharing.revoke(archive, ADMIN, made.link.id).state() == "revoked"
     with pytest.raises(NotFound):
         sharing.resolve(archive, made.token)
-    signed_in = dataclasses.replace(made.link, access=sharing.Access.SIGNED_IN)
+    signed_in = dataclasses.replace(made.link, access=sharing.Access.ORGANISATION)
     with pytest.raises(Unauthenticated):
-        sharing.holder(signed_in, None)
-    holder = sharing.holder(signed_in, Principal("carol", False))
+        sharing.holder(archive, signed_in, None)
+    with pytest.raises(Forbidden):
+        sharing.holder(archive, signed_in, Principal("dave", False, user_id=7, organisation_id=2))
+    holder = sharing.holder(archive, signed_in,
+                            Principal("carol", False, user_id=8, organisation_id=1))
     assert holder.studies == frozenset({study}) and holder.read_only and not holder.is_admin
 
 

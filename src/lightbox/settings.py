@@ -40,6 +40,13 @@ class Settings:
     # HTTPS on http_port when both are set (PEM files); HSTS and Secure cookies follow.
     https_cert: str = ""
     https_key: str = ""
+    # Invitations by e-mail. Without smtp_host the inviter is shown the link to pass on.
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_security: str = "starttls"  # starttls, tls (implicit) or none
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_from: str = ""  # the sender address, e.g. lightbox@hospital.example
     overwrite: bool = False
     qido_max_results: int = 1000
     max_upload_bytes: int = 8 * 1024**3

@@ -27,6 +27,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     add.add_argument("--host", required=True)
     add.add_argument("--port", required=True, type=int)
     add.add_argument("--tls", action="store_true", help="talk DICOM TLS to it")
+    add.add_argument("--user", help="its C-FIND, C-MOVE and C-GET see only what this user "
+                                    "may see (default: the whole archive)")
     listing = node.add_parser("list", help="show registered nodes")
     remove = node.add_parser("remove", help="forget a node")
     remove.add_argument("name")
@@ -56,7 +58,7 @@ def commands(open_archive: Opener) -> dict[str, Callable[[argparse.Namespace], i
         archive = open_archive(args)
         if args.action == "add":
             added = nodes.add_node(archive, name=args.name, ae_title=args.node_aet, host=args.host,
-                                   port=args.port, tls=args.tls)
+                                   port=args.port, tls=args.tls, acts_as=args.user)
             print(f"added {added}")
         elif args.action == "list":
             for found in nodes.list_nodes(archive):

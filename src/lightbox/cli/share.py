@@ -31,8 +31,13 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     create.add_argument("--no-download", action="store_true", help="no ZIP download")
     create.add_argument("--deidentify", action="store_true",
                         help="de-identify (PS3.15 Basic Profile) everything the link serves")
-    create.add_argument("--signed-in", action="store_true",
-                        help="only signed-in users of this archive may open the link")
+    create.add_argument("--access", default="anyone",
+                        choices=["anyone", "organisation", "collaborators"],
+                        help="who may open it besides holding it: anyone (default), signed-in "
+                             "users of the creator's organisation, or collaborators of --folder")
+    create.add_argument("--signed-in", action="store_const", const="organisation",
+                        dest="access", help="the same as --access organisation")
+    create.add_argument("--folder", help="the folder (id) the link is made from")
     create.add_argument("--user", help="create as this user (default: the first administrator)")
     listing = share.add_parser("list", help="list links (of one study)")
     listing.add_argument("study", nargs="?", help="Study Instance UID")
@@ -65,7 +70,7 @@ def _create(archive: Archive, args: argparse.Namespace) -> int:
         archive, principal, study=args.study, expires=parse_duration(args.expires),
         passcode=_read_passcode() if args.passcode else None,
         allow_download=not args.no_download, deidentify=args.deidentify,
-        access=sharing.Access.SIGNED_IN if args.signed_in else sharing.Access.ANYONE,
+        access=sharing.parse_access(args.access), folder=args.folder,
     )
     sharing.record(archive, "share_create", made.link, f"cli:{principal.user}",
                    detail=_detail(made.link))

@@ -12,9 +12,10 @@ import enum
 from dataclasses import dataclass
 
 from lightbox.archive import Archive
-from lightbox.errors import BadRequest
+from lightbox.errors import BadRequest, NotFound
+from lightbox.index import accounts
 from lightbox.services import nodes
-from lightbox.services.auth import Principal
+from lightbox.services.auth import Principal, principal_of
 from lightbox.services.nodes import Node
 
 
@@ -87,13 +88,23 @@ def admit(archive: Archive, ae_title: str, address: str, port: int) -> Peer | No
     return Peer(ae_title, address, port, None, UNKNOWN_CALLER_SERVICES)
 
 
-def principal_for(peer: Peer) -> Principal:
-    """The rights a DIMSE peer acts with: every study, read and write.
+def principal_for(archive: Archive, peer: Peer) -> Principal:
+    """The rights a DIMSE peer acts with.
 
-    DIMSE has no per-user grants; restricting a node to some studies would
-    start here (and only here).
+    A node registered to act as a user reads what that user may see (nothing
+    while the user is disabled); other peers read and write every study.
     """
-    return Principal(user=f"dicom:{peer.ae_title}", is_admin=False, studies=None)
+    acts_as = peer.node.acts_as if peer.node is not None else None
+    if acts_as is None:
+        return Principal(user=f"dicom:{peer.ae_title}", is_admin=False, studies=None)
+    with archive.db.read() as conn:
+        try:
+            user = accounts.get_user(conn, acts_as)
+        except NotFound:
+            user = None
+    if user is None or user.disabled:
+        return Principal(user=f"dicom:{peer.ae_title}", is_admin=False, studies=frozenset())
+    return principal_of(archive, user)
 
 
 def operator_principal() -> Principal:

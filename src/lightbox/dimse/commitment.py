@@ -76,7 +76,7 @@ def request(archive: Archive, peer: Peer, session: Session, event: Event) -> tup
         return status_dataset(Action.NO_SUCH_ACTION_TYPE, "unknown Action Type ID"), None
     try:
         transaction, refs = _references(event.action_information)
-        result = commitment.commit(archive, principal_for(peer), transaction, refs)
+        result = commitment.commit(archive, principal_for(archive, peer), transaction, refs)
     except _Invalid as exc:
         return status_dataset(exc.status, str(exc)), None
     except LightboxError as exc:

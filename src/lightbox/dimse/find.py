@@ -63,7 +63,7 @@ def _matches(
     archive: Archive, peer: Peer, session: Session, event: Event, request: query.FindRequest
 ) -> Iterator[FindYield]:
     settings = archive.settings
-    principal = principal_for(peer)
+    principal = principal_for(archive, peer)
     page = max(1, settings.qido_max_results)
     sent = 0
     while sent < settings.dicom_find_max_results:

@@ -52,7 +52,7 @@ def instances_for(
     for study in studies:
         for series in request.series or (None,):
             try:
-                matched = retrieve.find_instances(archive, principal, study, series)
+                matched = retrieve.download_instances(archive, principal, study, series)
             except NotFound:
                 continue
             if request.instances:
@@ -115,7 +115,7 @@ def _resolve(
     """The instances to send, or a failure status to answer with instead."""
     try:
         request = query.retrieve_request(event.identifier, str(event.context.abstract_syntax))
-        found = instances_for(archive, principal_for(peer), request)
+        found = instances_for(archive, principal_for(archive, peer), request)
     except LightboxError as exc:
         return [], status_dataset(retrieve_failure(exc), exc.message)
     except Exception:

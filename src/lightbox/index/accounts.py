@@ -38,6 +38,8 @@ class User:
     is_admin: bool
     disabled: bool
     password_hash: str | None
+    organisation_id: int = 1
+    email: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ def _user(row: object) -> User:
         is_admin=bool(row.is_admin),  # type: ignore[attr-defined]
         disabled=bool(row.disabled),  # type: ignore[attr-defined]
         password_hash=row.password_hash,  # type: ignore[attr-defined]
+        organisation_id=int(row.organisation_id),  # type: ignore[attr-defined]
+        email=row.email,  # type: ignore[attr-defined]
     )
 
 

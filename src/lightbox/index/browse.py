@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Select, and_, func, select
 
+from lightbox.index.folders import folder_study_pks
 from lightbox.index.schema import instances, series, studies
 
 
@@ -32,7 +33,8 @@ class StudyFilter:
     ``patient_name`` and ``accession_number`` and ``patient_id`` are DICOM
     patterns (``*`` any run, ``?`` one character); a name without wildcards
     matches as a prefix, case-insensitively. Dates are YYYYMMDD, inclusive.
-    ``study_uids`` is the caller's scope (None: every study).
+    ``scope`` is the caller's reach, a subquery of study rows (None: every
+    study); ``folder_id`` narrows the list to one folder.
     """
 
     patient_name: str | None = None
@@ -41,7 +43,8 @@ class StudyFilter:
     date_from: str | None = None
     date_to: str | None = None
     modality: str | None = None
-    study_uids: frozenset[str] | None = None
+    scope: Select[Any] | None = None
+    folder_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,10 @@ def _conditions(conn: Connection, wanted: StudyFilter) -> list[ColumnElement[boo
         where.append(
             studies.c.modalities_in_study.contains(f"\\{wanted.modality}\\", autoescape=True)
         )
-    if wanted.study_uids is not None:
-        where.append(studies.c.study_instance_uid.in_(sorted(wanted.study_uids)))
+    if wanted.scope is not None:
+        where.append(studies.c.pk.in_(wanted.scope))
+    if wanted.folder_id is not None:
+        where.append(studies.c.pk.in_(folder_study_pks(wanted.folder_id)))
     return where
 
 

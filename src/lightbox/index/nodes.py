@@ -19,11 +19,13 @@ class NodeRow:
     host: str
     port: int
     tls: bool
+    acts_as: str | None = None
 
 
 def _node(row: Any) -> NodeRow:
     return NodeRow(
-        name=row.name, ae_title=row.ae_title, host=row.host, port=int(row.port), tls=bool(row.tls)
+        name=row.name, ae_title=row.ae_title, host=row.host, port=int(row.port), tls=bool(row.tls),
+        acts_as=row.acts_as,
     )
 
 
@@ -38,6 +40,7 @@ def add_node(conn: Connection, node: NodeRow) -> None:
             host=node.host,
             port=node.port,
             tls=node.tls,
+            acts_as=node.acts_as,
             created_at=datetime.now(UTC),
         )
     )

@@ -46,6 +46,8 @@ users = Table(
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("email", String(254), nullable=True, unique=True),
+    Column("organisation_id", Integer, nullable=False, default=1),
 )
 
 tokens = Table(
@@ -116,6 +118,7 @@ nodes = Table(
     Column("port", Integer, nullable=False),
     Column("tls", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("acts_as", String(128), nullable=True),
 )
 
 Index("ix_nodes_ae_title", nodes.c.ae_title)

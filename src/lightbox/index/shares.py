@@ -48,6 +48,8 @@ share_links = Table(
     Column("failures", Integer, nullable=False, default=0),
     Column("failure_window_start", DateTime(timezone=True), nullable=True),
     Column("locked_until", DateTime(timezone=True), nullable=True),
+    Column("folder_id", Integer, nullable=True),
+    Column("organisation_id", Integer, nullable=True),
     Index("ix_share_links_study", "study_instance_uid"),
     Index("ix_share_links_creator", "creator"),
 )
@@ -96,6 +98,8 @@ class LinkRow:
     access: str
     uid_secret: str | None
     revoked_at: datetime | None
+    folder_id: int | None = None
+    organisation_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ def _link(row: Any) -> LinkRow:
         expires_at=_utc(row.expires_at) or row.expires_at, passcode_hash=row.passcode_hash,
         allow_download=bool(row.allow_download), deidentify=bool(row.deidentify),
         access=row.access, uid_secret=row.uid_secret, revoked_at=_utc(row.revoked_at),
+        folder_id=row.folder_id, organisation_id=row.organisation_id,
     )
 
 

@@ -12,15 +12,18 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
+from sqlalchemy import Select
 
 from lightbox.archive import Archive
 from lightbox.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from lightbox.index import accounts
+from lightbox.index.folders import Grant
 
 _hasher = PasswordHasher()
 TOKEN_PREFIX = "lbx_"
@@ -29,17 +32,42 @@ SESSION_LABEL = "session"
 SESSION_LIFETIME = timedelta(hours=12)
 
 
+class Grants(Protocol):
+    """The folders a member reaches studies through (see services.access)."""
+
+    def may_read(self, study_instance_uid: str) -> bool: ...
+
+    def on(self, study_instance_uid: str) -> tuple[Grant, ...]: ...
+
+    def study_pks(self) -> Select[Any]: ...
+
+
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller and the studies they may see (None: all)."""
+    """An authenticated caller and what they may see.
+
+    ``studies`` limits a token to some studies (share links, desktop-viewer
+    launches); ``grants`` limits a member to the studies in their folders.
+    With neither, the caller sees the whole archive (administrators, DIMSE
+    nodes, the operator).
+    """
 
     user: str
     is_admin: bool
     studies: frozenset[str] | None = None
     read_only: bool = False
+    user_id: int | None = None
+    organisation_id: int | None = None
+    grants: Grants | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def whole_archive(self) -> bool:
+        return self.studies is None and self.grants is None
 
     def may_read(self, study_instance_uid: str) -> bool:
-        return self.studies is None or study_instance_uid in self.studies
+        if self.studies is not None and study_instance_uid not in self.studies:
+            return False
+        return self.grants is None or self.grants.may_read(study_instance_uid)
 
     def require_read(self, study_instance_uid: str) -> None:
         # Not Forbidden: a caller must not learn that a study they cannot see exists.
@@ -279,7 +307,18 @@ class Authenticator:
             if scope.get("studies") is not None:
                 studies = frozenset(scope["studies"])
             read_only = bool(scope.get("read_only"))
-        principal = Principal(
-            user=row.user.name, is_admin=row.user.is_admin, studies=studies, read_only=read_only
-        )
-        return principal, lifetime
+        return principal_of(self._archive, row.user, studies=studies, read_only=read_only), lifetime
+
+
+def principal_of(
+    archive: Archive, user: accounts.User, *, studies: frozenset[str] | None = None,
+    read_only: bool = False,
+) -> Principal:
+    """A user's Principal: administrators see everything, members their folders."""
+    from lightbox.services.access import FolderGrants  # access builds on this module
+
+    grants = None if user.is_admin else FolderGrants(archive, user.id)
+    return Principal(
+        user=user.name, is_admin=user.is_admin, studies=studies, read_only=read_only,
+        user_id=user.id, organisation_id=user.organisation_id, grants=grants,
+    )

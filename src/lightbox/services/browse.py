@@ -19,7 +19,7 @@ from lightbox.dicom import uids
 from lightbox.errors import BadRequest, NotFound
 from lightbox.index import browse as index
 from lightbox.index.browse import InstanceRef, SeriesRow, SortKey, StudyFilter, StudyRow
-from lightbox.services import auth, manage, thumbnails
+from lightbox.services import access, auth, manage, thumbnails
 from lightbox.services.attribute_table import AttributeRow, attribute_rows
 from lightbox.services.audit import Caller
 from lightbox.services.auth import Principal
@@ -120,7 +120,7 @@ def parse_listing(params: Mapping[str, str]) -> Listing:
 
 def list_studies(archive: Archive, principal: Principal, listing: Listing) -> StudyPage:
     """The page of studies ``listing`` asks for, among those ``principal`` may see."""
-    wanted = replace(listing.filter, study_uids=principal.studies)
+    wanted = replace(listing.filter, scope=access.study_scope(principal))
     with archive.db.read() as conn:
         total = index.count_studies(conn, wanted)
         pages = max(1, ceil(total / listing.size))
@@ -211,6 +211,7 @@ def launch_url(
     if launcher not in LAUNCHERS:
         raise NotFound(f"no viewer called {launcher[:32]!r}")
     _readable_study(archive, principal, study_uid)
+    access.require_download(principal, study_uid)  # a desktop viewer takes whole files
     token = auth.create_token(
         archive, user=principal.user, expires=LAUNCH_LIFETIME, studies=[study_uid],
         read_only=True, label=launcher,

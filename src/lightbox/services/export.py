@@ -63,7 +63,7 @@ def open_study_export(archive: Archive, principal: Principal, study: str) -> Stu
     Raises NotFound for an unknown study or one the caller may not see, so
     that the answer is decided before the first byte of the ZIP goes out.
     """
-    return StudyExport(study, retrieve.find_instances(archive, principal, study))
+    return StudyExport(study, retrieve.download_instances(archive, principal, study))
 
 
 def zip_chunks(archive: Archive, export: StudyExport) -> Iterator[bytes]:

@@ -40,6 +40,7 @@ class FailureReason(enum.IntEnum):
     """Failure reasons of PS3.4 Annex GG / PS3.18 STOW-RS responses."""
 
     PROCESSING_FAILURE = 0x0110
+    NOT_AUTHORIZED = 0x0124
     OUT_OF_RESOURCES = 0xA700
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000

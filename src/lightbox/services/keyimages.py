@@ -19,7 +19,7 @@ from lightbox.archive import Archive
 from lightbox.dicom import uids
 from lightbox.errors import BadRequest, InvalidInstance
 from lightbox.index.instances import StoredInstance
-from lightbox.services import retrieve
+from lightbox.services import access, retrieve
 from lightbox.services.auth import Principal
 from lightbox.services.ingest import Offer, Status, store_instances
 
@@ -50,8 +50,8 @@ def mark_key_image(
     for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID"),
                         (sop, "SOPInstanceUID")):
         uids.require_uid(value, what)
-    principal.require_read(study)
     principal.require_write()
+    access.require_add_to(principal, study)
     instance = retrieve.find_instances(archive, principal, study, series, sop)[0]
     if not _is_image(instance):
         raise BadRequest(f"instance {sop} has no pixel data: only images can be key images")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from lightbox.archive import Archive
 from lightbox.errors import BadRequest
+from lightbox.index import accounts
 from lightbox.index import nodes as index
 from lightbox.index.nodes import NodeRow
 
@@ -31,14 +32,16 @@ class Node:
     host: str
     port: int
     tls: bool = False
+    acts_as: str | None = None  # a user whose grants limit what the node may read
 
     def __str__(self) -> str:
         scheme = " (TLS)" if self.tls else ""
-        return f"{self.name}: {self.ae_title}@{self.host}:{self.port}{scheme}"
+        who = f" as user {self.acts_as}" if self.acts_as else ""
+        return f"{self.name}: {self.ae_title}@{self.host}:{self.port}{scheme}{who}"
 
 
 def _from_row(row: NodeRow) -> Node:
-    return Node(row.name, row.ae_title, row.host, row.port, row.tls)
+    return Node(row.name, row.ae_title, row.host, row.port, row.tls, row.acts_as)
 
 
 def require_ae_title(value: str) -> str:
@@ -75,17 +78,25 @@ def _require_port(port: int) -> int:
 
 
 def add_node(
-    archive: Archive, *, name: str, ae_title: str, host: str, port: int, tls: bool = False
+    archive: Archive, *, name: str, ae_title: str, host: str, port: int, tls: bool = False,
+    acts_as: str | None = None,
 ) -> Node:
-    """Register a node; BadRequest for invalid fields, Conflict when the name is taken."""
+    """Register a node; BadRequest for invalid fields, Conflict when the name is taken.
+
+    With ``acts_as`` (a user name), what the node may find and retrieve is
+    what that user may see; without, it reads the whole archive.
+    """
     row = NodeRow(
         name=_require_name(name),
         ae_title=require_ae_title(ae_title),
         host=_require_host(host),
         port=_require_port(port),
         tls=tls,
+        acts_as=acts_as,
     )
     with archive.db.write() as conn:
+        if acts_as is not None:
+            accounts.get_user(conn, acts_as)  # NotFound for an unknown user
         index.add_node(conn, row)
     return _from_row(row)
 

@@ -11,6 +11,7 @@ from lightbox.dicom import uids
 from lightbox.errors import NotFound
 from lightbox.index import instances as index
 from lightbox.index.instances import StoredInstance
+from lightbox.services import access
 from lightbox.services.auth import Principal
 
 
@@ -64,6 +65,19 @@ def find_instances(
     principal.require_read(study)
     with archive.db.read() as conn:
         return index.find(conn, study, series, sop)
+
+
+def download_instances(
+    archive: Archive,
+    principal: Principal,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+) -> list[StoredInstance]:
+    """Instances to be handed over as whole files: the caller must also be
+    allowed to download the study (a folder switch)."""
+    access.require_download(principal, study)
+    return find_instances(archive, principal, study, series, sop)
 
 
 def find_instance(

@@ -7,14 +7,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import ATTRIBUTES, Kind, QueryLevel, visible_at
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
 from lightbox.dicom.query import Query
 from lightbox.index import search as index
-from lightbox.index.schema import studies
+from lightbox.services import access
 from lightbox.services.auth import Principal
 
 RETRIEVE_URL = "00081190"
@@ -34,9 +32,7 @@ def search(archive: Archive, principal: Principal, query: Query) -> Results:
     settings = archive.settings
     wanted = query.limit if query.limit is not None else settings.qido_max_results + 1
     limit = min(wanted, settings.qido_max_results)
-    scope = None
-    if principal.studies is not None:
-        scope = select(studies.c.pk).where(studies.c.study_instance_uid.in_(principal.studies))
+    scope = access.study_scope(principal)
     with archive.db.read() as conn:
         hits = index.search(conn, query, limit=limit + 1, scope_study_pks=scope)
         truncated = len(hits) > limit

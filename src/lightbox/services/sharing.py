@@ -1,9 +1,9 @@
 """Share links: a study shown to whoever holds a link, within limits.
 
 A link names one study, an expiry (required, at most a year), who may use it
-(anyone with the link, or signed-in users of the archive; a "collaborators"
-level can be added beside them), an optional passcode, whether the study may
-be downloaded, and whether it is de-identified on the way out. The link's
+(anyone with the link; signed-in users of the creator's organisation; or
+collaborators of the folder it was made from), an optional passcode, whether
+the study may be downloaded, and whether it is de-identified on the way out. The link's
 token appears only in the URL; the index keeps its SHA-256.
 
 Holders of a link get a Principal scoped to that one study, read-only, so
@@ -29,9 +29,11 @@ from lightbox.dicom import uids
 from lightbox.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from lightbox.index import accounts
 from lightbox.index import browse as browse_index
+from lightbox.index import folders as folder_index
 from lightbox.index import shares as index
+from lightbox.services import access as access_service
 from lightbox.services.audit import Caller, Event
-from lightbox.services.auth import Principal, verify_password
+from lightbox.services.auth import Principal, principal_of, verify_password
 from lightbox.services.deidentify import UidMapper
 
 DEFAULT_LIFETIME = timedelta(days=30)
@@ -49,7 +51,12 @@ class Access(enum.StrEnum):
     """Who may use a link besides holding it."""
 
     ANYONE = "anyone"
-    SIGNED_IN = "signed-in"
+    ORGANISATION = "organisation"
+    COLLABORATORS = "collaborators"
+
+    @property
+    def needs_sign_in(self) -> bool:
+        return self is not Access.ANYONE
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,8 @@ class ShareLink:
     # Internal: the index row id and the de-identification secret.
     row_id: int
     uid_secret: str | None
+    folder_id: int | None = None
+    organisation_id: int | None = None
 
     def state(self, now: datetime | None = None) -> str:
         if self.revoked_at is not None:
@@ -98,7 +107,8 @@ def _from_row(row: index.LinkRow) -> ShareLink:
         created_at=row.created_at, expires_at=row.expires_at,
         has_passcode=row.passcode_hash is not None, allow_download=row.allow_download,
         deidentify=row.deidentify, access=Access(row.access), revoked_at=row.revoked_at,
-        row_id=row.id, uid_secret=row.uid_secret,
+        row_id=row.id, uid_secret=row.uid_secret, folder_id=row.folder_id,
+        organisation_id=row.organisation_id,
     )
 
 
@@ -107,10 +117,11 @@ def _digest(token: str) -> str:
 
 
 def parse_access(text: str) -> Access:
+    text = text.strip().lower()
     try:
-        return Access(text.strip().lower())
+        return Access("organisation" if text in ("signed-in", "organization") else text)
     except ValueError as exc:
-        raise BadRequest("access must be 'anyone' or 'signed-in'") from exc
+        raise BadRequest("access must be 'anyone', 'organisation' or 'collaborators'") from exc
 
 
 def _check_passcode_rules(passcode: str) -> None:
@@ -128,17 +139,24 @@ def create_share(
     allow_download: bool = True,
     deidentify: bool = False,
     access: Access = Access.ANYONE,
+    folder: str | None = None,
 ) -> NewShare:
-    """Make a link to ``study``; the creator must be able to read it.
+    """Make a link to ``study``; the creator must be allowed to pass it on.
 
     Read-only and study-scoped callers (tokens handed to viewers, other
-    links) cannot pass their access on.
+    links) cannot pass their access on, nor members whose folders do not
+    allow re-sharing. A collaborators link names the folder (public id) it
+    was made from; the study must be in it and the creator one of its
+    collaborators.
     """
     principal.require_write()
     if principal.studies is not None:
         raise Forbidden("a token limited to some studies cannot create share links")
     uids.require_uid(study, "StudyInstanceUID")
-    principal.require_read(study)
+    access_service.require_reshare(principal, study)
+    folder_id = _link_folder(archive, principal, study, folder) if folder else None
+    if access is Access.COLLABORATORS and folder_id is None:
+        raise BadRequest("a link for the collaborators of a folder is made from that folder")
     lifetime = expires or DEFAULT_LIFETIME
     if lifetime > MAX_LIFETIME:
         raise BadRequest("a share link lasts at most 365 days")
@@ -167,11 +185,27 @@ def create_share(
             "access": access.value,
             "uid_secret": secret,
             "revoked_at": None,
+            "folder_id": folder_id,
+            "organisation_id": principal.organisation_id or folder_index.DEFAULT_ORGANISATION,
         })
         link = _from_row(row)
         if deidentify:
             index.replace_uid_map(conn, link.row_id, _uid_map_rows(link, members))
     return NewShare(link, token)
+
+
+def _link_folder(archive: Archive, principal: Principal, study: str, folder: str) -> int:
+    """The folder a link is made from: the study in it, the creator a collaborator."""
+    with archive.db.read() as conn:
+        found = folder_index.folder_by_public_id(conn, folder[:16])
+        role = None if found is None or principal.user_id is None else (
+            folder_index.role_of(conn, found.id, principal.user_id))
+        holding = {f.id for f in folder_index.folders_holding(conn, study)}
+    if found is None or (role is None and not principal.is_admin):
+        raise NotFound(f"no folder {folder[:16]!r}")
+    if found.id not in holding:
+        raise BadRequest("the study is not in this folder")
+    return found.id
 
 
 def resolve(archive: Archive, token: str) -> ShareLink:
@@ -277,16 +311,33 @@ def is_unlocked(archive: Archive, link: ShareLink, unlock_token: str | None) -> 
     return expires is not None and expires > datetime.now(UTC)
 
 
-def holder(link: ShareLink, viewer: Principal | None) -> Principal:
+def holder(archive: Archive, link: ShareLink, viewer: Principal | None) -> Principal:
     """The Principal of a link's holder: this study only, read-only.
 
-    ``viewer`` is the signed-in caller, required for SIGNED_IN links.
+    ``viewer`` is the signed-in caller, required for organisation and
+    collaborators links: they must belong to the link's organisation, or be
+    a collaborator of its folder.
     """
-    if link.access is Access.SIGNED_IN and viewer is None:
-        raise Unauthenticated("sign in to open this link")
+    if link.access.needs_sign_in:
+        if viewer is None or viewer.user_id is None:
+            raise Unauthenticated("sign in to open this link")
+        _require_audience(archive, link, viewer)
     name = viewer.user if viewer is not None else f"link:{link.id}"
     return Principal(user=name, is_admin=False,
                      studies=frozenset({link.study_instance_uid}), read_only=True)
+
+
+def _require_audience(archive: Archive, link: ShareLink, viewer: Principal) -> None:
+    if link.access is Access.ORGANISATION:
+        if viewer.organisation_id != (link.organisation_id or folder_index.DEFAULT_ORGANISATION):
+            raise Forbidden("this link is for the members of another organisation")
+        return
+    role = None
+    if link.folder_id is not None and viewer.user_id is not None:
+        with archive.db.read() as conn:
+            role = folder_index.role_of(conn, link.folder_id, viewer.user_id)
+    if role is None:
+        raise Forbidden("this link is for the collaborators of a folder you are not in")
 
 
 # -- de-identified links: public UIDs --------------------------------------------------
@@ -373,4 +424,4 @@ def acting_as(archive: Archive, user: str | None) -> Principal:
             found = accounts.add_user(conn, "admin", None, is_admin=True)
     if found.disabled:
         raise Forbidden(f"user {found.name!r} is disabled")
-    return Principal(user=found.name, is_admin=found.is_admin)
+    return principal_of(archive, found)

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from lightbox.errors import BadRequest, LightboxError
 from lightbox.index.browse import SortKey
-from lightbox.services import audit, browse, sharing, thumbnails
+from lightbox.services import access, audit, browse, sharing, thumbnails
 from lightbox.web import context
 from lightbox.web.errors import STATUS
 from lightbox.web.pages import page_principal, render
@@ -113,9 +113,13 @@ async def study_page(request: Request) -> Response:
         browse.study_view, archive, principal, study_uid,
         series_uid=request.query_params.get("series"), sop_uid=request.query_params.get("sop"),
     )
-    may_share = not principal.read_only and principal.studies is None
+    may_share = access.may_reshare(principal, study_uid)
     shares = await context.blocking(sharing.list_shares, archive, principal, study_uid)
-    history = await context.blocking(audit.history_of_study, archive.db, study_uid, 50)
+    # Who looked at a study is for administrators and the owners of its folders.
+    grants = access.grants_on(principal, study_uid)
+    may_audit = grants is None or any(g.role == "owner" for g in grants)
+    history = await context.blocking(
+        audit.history_of_study, archive.db, study_uid, 50) if may_audit else []
     return render(
         request, "study.html", view=view, principal=principal, person=person, day=day,
         modalities=modalities, may_write=not principal.read_only,

@@ -80,7 +80,7 @@ def qr_svg(url: str) -> str:
 async def _open_link(request: Request) -> ShareLink:
     token = request.path_params["token"]
     link = await context.blocking(sharing.resolve, context.archive(request), token)
-    if link.access is sharing.Access.SIGNED_IN:
+    if link.access.needs_sign_in:
         pages.page_principal(request)  # to the login page and back
     return link
 
@@ -202,6 +202,7 @@ async def create(request: Request) -> Response:
         passcode=passcode, allow_download=_checked(form.get("download")),
         deidentify=_checked(form.get("deidentify")),
         access=sharing.parse_access(str(form.get("access", "") or "anyone")),
+        folder=str(form.get("folder", "") or "") or None,
     )
     link = made.link
     sharing.record(context.archive(request), "share_create", link, principal.user,

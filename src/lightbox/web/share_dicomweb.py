@@ -53,13 +53,13 @@ def unlock_token(request: Request) -> str | None:
 async def holder_of(request: Request, link: ShareLink) -> Principal:
     """The caller as the link's holder; Unauthenticated without the needed credentials."""
     viewer = None
-    if link.access is sharing.Access.SIGNED_IN:
+    if link.access.needs_sign_in:
         viewer = context.principal(request)
     unlocked = await context.blocking(
         sharing.is_unlocked, context.archive(request), link, unlock_token(request))
     if not unlocked:
         raise Unauthenticated("this link needs its passcode")
-    return sharing.holder(link, viewer)
+    return sharing.holder(context.archive(request), link, viewer)
 
 
 def classify(route_path: str) -> str:

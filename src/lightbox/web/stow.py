@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from lightbox.dicom import uids
 from lightbox.errors import BadRequest, TooLarge, UnsupportedMediaType
+from lightbox.services import folders
 from lightbox.services.ingest import (
     FailureReason,
     Offer,
@@ -84,12 +85,16 @@ async def store(request: Request) -> Response:
         raise
     prepared = await context.blocking(prepare, archive, offers, study)
     try:
+        prepared = await context.blocking(folders.screen_uploads, archive, principal, prepared)
         outcomes = await context.blocking(commit, archive, prepared)
     except Exception:
         # The ingest path consumes staged files; if it failed unexpectedly, what
         # is left must not wait in staging for the next start-up sweep.
         discard(prepared)
         raise
+    stored = {o.study_instance_uid for o in outcomes if o.status is not Status.REJECTED}
+    await context.blocking(folders.file_uploads, archive, principal,
+                           {s for s in stored if s is not None})
     _audit(request, principal.user, outcomes)
     if not outcomes:
         raise BadRequest("the request holds no DICOM instances")

@@ -73,7 +73,8 @@ async def retrieve_instances(request: Request) -> Response:
     choices = _syntax_choices(request.headers.get("accept"))
     archive = context.archive(request)
     principal = context.principal(request)
-    found = await context.blocking(retrieve.find_instances, archive, principal, study, series, sop)
+    found = await context.blocking(
+        retrieve.download_instances, archive, principal, study, series, sop)
     # Decided for every instance before the first byte goes out: a 406 after
     # the 200 has started would only be a broken stream.
     chosen = [(instance, _choose_syntax(instance, choices)) for instance in found]

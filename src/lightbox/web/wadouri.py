@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from lightbox.dicom import render, uids
 from lightbox.errors import BadRequest, NotAcceptable
-from lightbox.services import pixels, retrieve
+from lightbox.services import access, pixels, retrieve
 from lightbox.web import context
 
 
@@ -31,6 +31,7 @@ async def wado(request: Request) -> Response:
         # for another; the stored form is served as is when it is the one asked for.
         wanted = params.get("transferSyntax") or uids.EXPLICIT_VR_LITTLE_ENDIAN
         uids.require_uid(wanted, "transferSyntax")
+        await context.blocking(access.require_download, principal, study)
         if wanted == instance.transfer_syntax_uid:
             data = await context.blocking(archive.blobs.path(instance.blob_key).read_bytes)
         elif wanted == uids.EXPLICIT_VR_LITTLE_ENDIAN:
