@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -23,10 +24,12 @@ from sqlalchemy import Select
 from lightbox.archive import Archive
 from lightbox.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from lightbox.index import accounts
+from lightbox.index import folders as folder_index
 from lightbox.index.folders import Grant
 
 _hasher = PasswordHasher()
 TOKEN_PREFIX = "lbx_"
+EMAIL = re.compile(r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9.-]{1,189}\.[A-Za-z]{2,63}")
 _CACHE_SECONDS = 30.0
 SESSION_LABEL = "session"
 SESSION_LIFETIME = timedelta(hours=12)
@@ -138,12 +141,39 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def add_user(archive: Archive, name: str, password: str | None, *, is_admin: bool) -> None:
-    if not name or len(name) > 128 or not name.isprintable():
-        raise BadRequest("a user name needs 1 to 128 printable characters")
+def add_user(
+    archive: Archive, name: str, password: str | None, *, is_admin: bool,
+    organisation: str | None = None, email: str | None = None,
+) -> None:
+    """A new user, in ``organisation`` (by name; default: the default one)."""
+    if not name or len(name) > 128 or not name.isprintable() or "@" in name:
+        raise BadRequest("a user name needs 1 to 128 printable characters, without '@'")
+    if email is not None and not EMAIL.fullmatch(email.strip()):
+        raise BadRequest(f"not an e-mail address: {email[:254]!r}")
     hashed = hash_password(password, name) if password else None
     with archive.db.write() as conn:
-        accounts.add_user(conn, name, hashed, is_admin=is_admin)
+        org = folder_index.organisation_id(conn, organisation) if organisation else None
+        if organisation and org is None:
+            raise NotFound(f"no organisation {organisation!r}")
+        user = accounts.add_user(conn, name, hashed, is_admin=is_admin)
+        folder_index.set_profile(conn, user.id, email=email.strip() if email else None,
+                                 organisation=org)
+
+
+def add_organisation(archive: Archive, name: str) -> None:
+    """A new organisation (the users of one hospital)."""
+    name = " ".join(name.split())
+    if not name or len(name) > 128 or not name.isprintable():
+        raise BadRequest("an organisation name needs 1 to 128 printable characters")
+    with archive.db.write() as conn:
+        folder_index.add_organisation(conn, name)
+
+
+def list_organisations(archive: Archive) -> dict[str, list[str]]:
+    """Organisation names and their users' names."""
+    with archive.db.read() as conn:
+        return {name: folder_index.users_of_organisation(conn, org)
+                for org, name in folder_index.organisation_names(conn).items()}
 
 
 def create_token(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import secrets
 import smtplib
 import ssl
@@ -30,20 +29,19 @@ from lightbox.index import folders as index
 from lightbox.index.folders import InvitationRow, Member
 from lightbox.services import access, folders
 from lightbox.services.audit import Caller, Event
-from lightbox.services.auth import Principal, hash_password
+from lightbox.services.auth import EMAIL, Principal, hash_password
 from lightbox.settings import Settings
 
 log = logging.getLogger("lightbox.invitations")
 
 INVITATION_LIFETIME = timedelta(days=14)
 TOKEN_PREFIX = "lbi_"
-_EMAIL = re.compile(r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9.-]{1,189}\.[A-Za-z]{2,63}")
 _GONE = "this invitation does not exist, has expired or was used already"
 
 
 def require_email(text: str) -> str:
     text = text.strip()
-    if not _EMAIL.fullmatch(text):
+    if not EMAIL.fullmatch(text):
         raise BadRequest(f"not an e-mail address: {text[:254]!r}")
     return text
 
