@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     select,
     update,
 )
@@ -122,3 +123,62 @@ def newest(conn: Connection, *, limit: int, study_uid: str | None = None,
 def as_utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes: read them as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _matching(query: Any, *, action: str | None = None, actor: str | None = None,
+              actor_prefix: bool = False, study_uid: str | None = None,
+              since: datetime | None = None, until: datetime | None = None) -> Any:
+    """``query`` narrowed by the audit page's filters (all optional, ANDed)."""
+    c = audit_events.c
+    if action is not None:
+        query = query.where(c.action == action)
+    if actor is not None:
+        if actor_prefix:
+            escaped = actor.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(c.actor.like(escaped + "%", escape="\\"))
+        else:
+            query = query.where(c.actor == actor)
+    if study_uid is not None:
+        query = query.where(c.study_uid == study_uid)
+    if since is not None:
+        query = query.where(c.at >= since)
+    if until is not None:
+        query = query.where(c.at < until)
+    return query
+
+
+def search(conn: Connection, *, limit: int, before: int | None = None,
+           after: int | None = None, **filters: Any) -> list[dict[str, Any]]:
+    """Up to ``limit`` matching rows, newest first: those just below ``before``, or
+    those just above ``after`` (keyset paging: rows written meanwhile shift nothing)."""
+    c = audit_events.c
+    query = _matching(select(audit_events), **filters)
+    if after is not None:
+        found = conn.execute(query.where(c.seq > after).order_by(c.seq).limit(limit))
+        return [dict(r) for r in reversed(found.mappings().all())]
+    if before is not None:
+        query = query.where(c.seq < before)
+    return [dict(r) for r in conn.execute(query.order_by(c.seq.desc()).limit(limit)).mappings()]
+
+
+def count(conn: Connection, **filters: Any) -> int:
+    """How many rows match the filters."""
+    query = _matching(select(func.count()).select_from(audit_events), **filters)
+    return int(conn.execute(query).scalar_one())
+
+
+def exists(conn: Connection, *, before: int | None = None, after: int | None = None,
+           **filters: Any) -> bool:
+    """Whether a matching row lies below ``before`` or above ``after``."""
+    c = audit_events.c
+    query = _matching(select(c.seq), **filters)
+    query = query.where(c.seq < before) if before is not None else query.where(c.seq > after)
+    return conn.execute(query.limit(1)).first() is not None
+
+
+def matching_rows(conn: Connection, *, after: int, batch: int,
+                  **filters: Any) -> list[dict[str, Any]]:
+    """The next ``batch`` matching rows after ``after``, in chain order (exports)."""
+    c = audit_events.c
+    query = _matching(select(audit_events), **filters).where(c.seq > after)
+    return [dict(r) for r in conn.execute(query.order_by(c.seq).limit(batch)).mappings()]

@@ -16,16 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from lightbox.errors import BadRequest, Forbidden
 from lightbox.index import audit as index
 from lightbox.index.schema import studies
+from lightbox.services import atna
+
+if TYPE_CHECKING:  # auth builds on the archive, which builds on this module
+    from lightbox.services.auth import Principal
 
 log = logging.getLogger("lightbox.audit")
 
@@ -243,3 +249,160 @@ def history_of_study(db: Any, study_uid: str, limit: int = 100) -> list[dict[str
 def history_of_link(db: Any, link: str, limit: int = 100) -> list[dict[str, Any]]:
     with db.read() as conn:
         return index.newest(conn, limit=limit, link=link)
+
+
+# -- the administrators' audit page --------------------------------------------------------
+
+PAGE_SIZE = 100
+_ACTION = re.compile(r"[A-Za-z0-9_:.-]{1,32}")
+_UID = re.compile(r"[0-9.]{1,64}")
+_MAX_SEQ = 2**62
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """The audit page's filters and position; every field optional."""
+
+    action: str | None = None
+    actor: str | None = None  # exact, or a prefix when it ends with ``*``
+    study_uid: str | None = None
+    date_from: date | None = None  # inclusive, UTC days
+    date_to: date | None = None  # inclusive
+    before: int | None = None  # older page: rows with a smaller sequence number
+    after: int | None = None  # newer page: rows with a larger sequence number
+
+    def filters(self) -> dict[str, Any]:
+        """Keyword arguments for the index's audit queries."""
+        actor, prefix = self.actor, False
+        if actor is not None and actor.endswith("*"):
+            actor, prefix = actor.rstrip("*"), True
+        return {
+            "action": self.action,
+            "actor": actor or None,
+            "actor_prefix": prefix,
+            "study_uid": self.study_uid,
+            "since": _day_start(self.date_from),
+            "until": _day_start(self.date_to + timedelta(days=1)) if self.date_to else None,
+        }
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    rows: list[dict[str, Any]]
+    total: int  # rows matching the filters, on every page
+    older: int | None  # ``before`` for the next older page, None on the oldest
+    newer: int | None  # ``after`` for the next newer page, None on the newest
+
+
+def _day_start(day: date | None) -> datetime | None:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC) if day else None
+
+
+def _text(params: Mapping[str, str], name: str, pattern: re.Pattern[str] | None,
+          limit: int) -> str | None:
+    value = params.get(name, "").strip()
+    if not value:
+        return None
+    printable = all(ch.isprintable() for ch in value)
+    if len(value) > limit or not printable or (pattern and not pattern.fullmatch(value)):
+        raise BadRequest(f"{name}: not a valid filter value")
+    return value
+
+
+def _day(params: Mapping[str, str], name: str) -> date | None:
+    value = params.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        if len(value) != 10:
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name}: expected a date as YYYY-MM-DD") from exc
+
+
+def _seq(params: Mapping[str, str], name: str) -> int | None:
+    value = params.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 18 or int(value) > _MAX_SEQ:
+        raise BadRequest(f"{name}: expected a row number")
+    return int(value)
+
+
+def parse_query(params: Mapping[str, str]) -> AuditQuery:
+    """The audit page's query string as an AuditQuery; BadRequest for anything else."""
+    query = AuditQuery(
+        action=_text(params, "action", _ACTION, 32),
+        actor=_text(params, "actor", None, 160),
+        study_uid=_text(params, "study", _UID, 64),
+        date_from=_day(params, "from"),
+        date_to=_day(params, "to"),
+        before=_seq(params, "before"),
+        after=_seq(params, "after"),
+    )
+    if query.date_from and query.date_to and query.date_from > query.date_to:
+        raise BadRequest("from: the first day comes after the last")
+    if query.before is not None and query.after is not None:
+        raise BadRequest("before and after: one page position at a time")
+    return query
+
+
+def require_auditor(principal: Principal) -> None:
+    """Only administrators with the whole archive read the audit trail."""
+    if not principal.is_admin or not principal.whole_archive:
+        raise Forbidden("only administrators may read the audit trail")
+
+
+def search(db: Any, principal: Principal, query: AuditQuery,
+           page_size: int = PAGE_SIZE) -> AuditPage:
+    """One page of matching events, newest first, with the links to its neighbours."""
+    require_auditor(principal)
+    filters = query.filters()
+    with db.read() as conn:
+        rows = index.search(conn, limit=page_size, before=query.before, after=query.after,
+                            **filters)
+        total = index.count(conn, **filters)
+        older = newer = None
+        if rows:
+            low, high = int(rows[-1]["seq"]), int(rows[0]["seq"])
+            older = low if index.exists(conn, before=low, **filters) else None
+            newer = high if index.exists(conn, after=high, **filters) else None
+    for row in rows:
+        row["at"] = index.as_utc(row["at"])
+        row["detail"] = json.loads(row["detail"]) if row["detail"] else None
+    return AuditPage(rows, total, older, newer)
+
+
+def export_lines(db: Any, principal: Principal, query: AuditQuery, form: str,
+                 source_id: str, batch: int = 2000) -> Iterator[str]:
+    """Every matching event in chain order, as ``lightbox audit export`` writes them:
+    one JSON object per line, or DICOM audit messages (PS3.15 A.5) inside one
+    ``AuditMessages`` element, so that the file is a single XML document.
+
+    Each batch is read in its own short transaction: a slow download holds no
+    connection and no snapshot."""
+    require_auditor(principal)
+    filters = query.filters()
+    if form == "atna":
+        yield '<?xml version="1.0" encoding="UTF-8"?>\n<AuditMessages>\n'
+    after = 0
+    while True:
+        with db.read() as conn:
+            found = index.matching_rows(conn, after=after, batch=batch, **filters)
+        for row in found:
+            yield export_line(row, form, source_id)
+        if len(found) < batch:
+            break
+        after = int(found[-1]["seq"])
+    if form == "atna":
+        yield "</AuditMessages>\n"
+
+
+def export_line(row: dict[str, Any], form: str, source_id: str) -> str:
+    """One audit row as an export line: JSON, or an ATNA ``AuditMessage``."""
+    if form == "atna":
+        return atna.to_xml(row, source_id) + "\n"
+    row = {**row, "at": index.as_utc(row["at"]).isoformat(),
+           "detail": json.loads(row["detail"]) if row["detail"] else None}
+    return json.dumps(row, sort_keys=True) + "\n"

@@ -19,6 +19,7 @@ from lightbox.services.auth import Authenticator
 from lightbox.services.retrieve import InstanceCache
 from lightbox.web import (
     account,
+    admin,
     browse,
     download,
     keyimages,
@@ -76,6 +77,7 @@ def create_app(archive: Archive) -> Starlette:
             *pages.routes,
             *share.routes,
             *account.routes,
+            *admin.routes,
             *browse.routes,
             *upload.routes,
             *download.routes,
