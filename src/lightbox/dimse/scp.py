@@ -8,6 +8,7 @@ in one request must not end the association or the server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -71,6 +72,7 @@ class DicomServer:
         )
         assert isinstance(server, AssociationServer)
         server.tls_context = tls_context
+        server.sink = functools.partial(store.open_staged, self.archive)
         server.handshake_timeout = float(settings.dicom_acse_timeout)
         server.socket_timeout = float(settings.dicom_network_timeout) or None
         if settings.dicom_max_pdu > 0:

@@ -1,10 +1,13 @@
 """Receiving one C-STORE (as SCP, or as a C-GET requestor) into the one ingest path.
 
-pynetdicom has already written the dataset to a temporary file (chunked
-receive). Here it becomes a Part 10 file in the blob store's staging folder,
-with File Meta Information naming the negotiated transfer syntax, is fsynced,
-and is offered to ``ingest.store_instances`` like every other source. The
-peer hears Success only once the instance and its index row are durable.
+On the SCP the dataset arrives straight in the blob store's staging folder
+(``streaming``), behind the preamble and File Meta Information naming the
+negotiated transfer syntax that ``open_staged`` wrote first. On a C-GET
+requestor pynetdicom has written it to a temporary file (chunked receive),
+and it is copied into staging the same way. Either file is offered to the
+ingest service like every other source; its bytes are fsynced there while
+the header is parsed. The peer hears Success only once the instance and its
+index row are durable.
 """
 
 from __future__ import annotations
@@ -12,29 +15,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import cast
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_partial
-from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import BaseTag
-from pydicom.uid import UID
+from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
 
 from lightbox.archive import Archive
-from lightbox.dimse import contexts
+from lightbox.dimse import contexts, streaming
 from lightbox.dimse.status import STORE_FAILURES, Store, status_dataset
-from lightbox.services.ingest import Offer, Outcome, Status, store_instances
-from lightbox.storage.blobs import fsync_file
+from lightbox.services.ingest import Offer, Outcome, Prepared, Status, commit, discard, prepare
 
 log = logging.getLogger("lightbox.dimse")
 
 PREAMBLE = bytes(128) + b"DICM"
-_SOP_INSTANCE_UID = 0x00080018
 
 
 class _Mismatch(Exception):
@@ -47,17 +44,20 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str) -> 
     """Store the dataset of a C-STORE request; the status to answer and the outcome.
 
     Never raises: every failure becomes a failure status with an error comment.
+    The staging file is consumed whatever happens.
     """
     request = cast(C_STORE, event.request)
-    sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
     staged: Path | None = None
     try:
-        received = event.dataset_path
-        _check_identity(received, sop_class, sop_instance)
-        staged = _stage(archive, received, event, calling_ae)
-        outcome = store_instances(archive, [Offer(staged, source, staged=True)])[0]
+        staged = _staged(archive, event, calling_ae)
+        offer = Offer(staged, source, staged=True, synced=False)
+        prepared = prepare(archive, [offer], None)
+        staged = None  # ingest owns it now
+        _check_identity(prepared[0], request)
+        outcome = commit(archive, prepared)[0]
     except _Mismatch as exc:
+        discard(prepared)
         return status_dataset(Store.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
     except OSError as exc:
         log.error("C-STORE of %s from %s: cannot stage: %s", sop_instance, source, exc)
@@ -67,9 +67,32 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str) -> 
         return status_dataset(Store.PROCESSING_FAILURE, "internal error while storing"), None
     finally:
         if staged is not None:
-            # Ingest consumes staged files; this only catches an exception in between.
             staged.unlink(missing_ok=True)
     return _status(outcome), outcome
+
+
+def open_staged(archive: Archive, request: streaming.StoreRequest) -> tuple[int, Path]:
+    """A staging file for a streamed C-STORE dataset: the preamble and our File
+    Meta Information written, the descriptor open for the dataset's bytes."""
+    fd, path = archive.blobs.new_staging_file()
+    try:
+        head = PREAMBLE + file_meta(request)
+        os.write(fd, head)  # one small write to a fresh file: all of it or an error
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return fd, path
+
+
+def _staged(archive: Archive, event: Event, calling_ae: str) -> Path:
+    """The staging file holding the request's dataset as a Part 10 file."""
+    streamed = streaming.staged(event.request)
+    if streamed is None:
+        return _stage(archive, event.dataset_path, event, calling_ae)
+    if streamed.error is not None or streamed.path is None:
+        raise streamed.error or OSError("dataset not staged")
+    return streamed.path
 
 
 def _status(outcome: Outcome) -> Dataset:
@@ -82,54 +105,68 @@ def _status(outcome: Outcome) -> Dataset:
     return status_dataset(code, outcome.reason or "rejected")
 
 
-def _after_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return int(tag) > _SOP_INSTANCE_UID
-
-
-def _check_identity(path: Path, sop_class: str, sop_instance: str) -> None:
+def _check_identity(prepared: Prepared, request: C_STORE) -> None:
     """Refuse a dataset whose SOP Class / Instance UIDs contradict the request
     (PS3.4 B.2.3: "Data Set does not match SOP Class"). Unreadable headers are
     left for ingest's validation to explain."""
-    try:
-        with open(path, "rb") as fp:
-            ds = read_partial(fp, stop_when=_after_sop_instance_uid)
-            found_class = str(ds.get("SOPClassUID", "") or "")
-            found_instance = str(ds.get("SOPInstanceUID", "") or "")
-    except Exception:
+    record = prepared.record
+    if record is None:
         return
-    if found_class and sop_class and found_class != sop_class:
-        raise _Mismatch(f"SOP Class UID {found_class} is not the requested {sop_class}")
-    if found_instance and sop_instance and found_instance != sop_instance:
+    sop_class = str(request.AffectedSOPClassUID or "")
+    sop_instance = str(request.AffectedSOPInstanceUID or "")
+    if sop_class and record.sop_class_uid != sop_class:
+        raise _Mismatch(f"SOP Class UID {record.sop_class_uid} is not the requested {sop_class}")
+    if sop_instance and record.sop_instance_uid != sop_instance:
         raise _Mismatch("SOP Instance UID differs from the request's")
 
 
-def _file_meta(event: Event, calling_ae: str) -> bytes:
-    request = cast(C_STORE, event.request)
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(str(request.AffectedSOPClassUID))
-    meta.MediaStorageSOPInstanceUID = UID(str(request.AffectedSOPInstanceUID))
-    meta.TransferSyntaxUID = UID(str(event.context.transfer_syntax))
-    meta.ImplementationClassUID = UID(contexts.IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = contexts.IMPLEMENTATION_VERSION_NAME
-    if calling_ae:
-        meta.SourceApplicationEntityTitle = calling_ae
-    buffer = DicomBytesIO()
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+def file_meta(request: streaming.StoreRequest) -> bytes:
+    """The encoded File Meta Information group (PS3.10 7.1) for a received dataset."""
+    elements = [
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", _uid(request.sop_class_uid)),
+        _element(0x0003, b"UI", _uid(request.sop_instance_uid)),
+        _element(0x0010, b"UI", _uid(request.transfer_syntax)),
+        _element(0x0012, b"UI", _uid(contexts.IMPLEMENTATION_CLASS_UID)),
+        _element(0x0013, b"SH", _text(contexts.IMPLEMENTATION_VERSION_NAME)),
+    ]
+    if request.calling_ae:
+        elements.append(_element(0x0016, b"AE", _text(request.calling_ae)))
+    body = b"".join(elements)
+    return _element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")[:64]
+    return raw + b" " if len(raw) % 2 else raw
 
 
 def _stage(archive: Archive, received: Path, event: Event, calling_ae: str) -> Path:
-    """Preamble, our File Meta Information and the received dataset bytes, fsynced."""
+    """Preamble, our File Meta Information and the bytes pynetdicom received."""
+    request = cast(C_STORE, event.request)
     _meta, offset = split_dataset(received)
-    fd, target = archive.blobs.new_staging_file()
+    fd, target = open_staged(archive, streaming.StoreRequest(
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae=calling_ae,
+    ))
     try:
         with os.fdopen(fd, "wb") as out, open(received, "rb") as src:
-            out.write(PREAMBLE)
-            out.write(_file_meta(event, calling_ae))
             src.seek(offset)
             shutil.copyfileobj(src, out, 1024 * 1024)
-        fsync_file(target)
     except BaseException:
         target.unlink(missing_ok=True)
         raise

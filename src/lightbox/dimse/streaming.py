@@ -1,0 +1,215 @@
+"""C-STORE datasets received straight into the blob store's staging folder.
+
+pynetdicom (with chunked receiving) writes an incoming dataset to a file in
+the system temp folder, behind File Meta Information of its own; the handler
+then had to copy it into staging under ours. Here the DIMSE provider of an
+accepted association recognises a C-STORE request as soon as its command set
+is complete (the command names the SOP Class and Instance, the presentation
+context names the transfer syntax), asks its ``Sink`` for a staging file that
+already holds the preamble and our File Meta, and appends every dataset
+fragment to it as it arrives. Memory stays flat whatever the dataset's size;
+the bytes are written once.
+
+Every other message (C-FIND, C-MOVE, C-GET, N-ACTION, responses) is handed to
+pynetdicom's own assembly unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import P_DATA
+
+# Message Control Header bits (PS3.8 E.2).
+_COMMAND = 0x01
+_LAST = 0x02
+C_STORE_RQ_FIELD = 0x0001
+NO_DATA_SET = 0x0101
+
+_STAGED = "_lightbox_staged"
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What is known of a C-STORE request when its dataset starts to arrive."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+
+
+Sink = Callable[[StoreRequest], tuple[int, Path]]
+"""Opens the staging file for a request: an open descriptor, positioned after
+the preamble and File Meta Information it wrote, and the file's path."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Where a streamed C-STORE dataset went: ``path``, or the ``error`` that
+    kept it from being written (the rest of the dataset was read and dropped)."""
+
+    path: Path | None
+    error: OSError | None = None
+
+
+def staged(request: Any) -> Staged | None:
+    """How a C-STORE request's dataset was streamed; ``None`` when pynetdicom
+    received it (e.g. on a C-GET requestor's side). The receiver owns the
+    file: nothing else deletes it once the request is handled."""
+    found = getattr(request, _STAGED, None)
+    return found if isinstance(found, Staged) else None
+
+
+@dataclass
+class _Incoming:
+    """A C-STORE dataset being received."""
+
+    context_id: int
+    command: Any
+    fd: int = -1
+    path: Path | None = None
+    error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.fd < 0:
+            return
+        view = memoryview(data)[1:]
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:  # a full disk: drop the rest, answer a failure
+            self.error = exc
+            self.close(remove=True)
+
+    def close(self, *, remove: bool) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        if remove and self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+class StreamingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with C-STORE datasets streamed to a ``Sink``.
+
+    Installed on an association before it starts (``install``); runs in the
+    association's DUL thread, like the method it overrides.
+    """
+
+    _sink: Sink
+    _command: BytesIO | None
+    _delegating: bool
+    _incoming: _Incoming | None
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        for context_id, data in primitive.presentation_data_value_list:
+            self._receive_fragment(context_id, data)
+
+    def _receive_fragment(self, context_id: int, data: bytes) -> None:
+        header = data[0]
+        if self._delegating:
+            # The rest of a message pynetdicom assembles.
+            self._delegate(context_id, data)
+            self._delegating = self.message is not None  # pynetdicom resets it when done
+            return
+        incoming = self._incoming
+        if incoming is not None and not header & _COMMAND:
+            incoming.write(data)
+            if header & _LAST:
+                self._incoming = None
+                self._complete(incoming)
+            return
+        if incoming is not None:
+            # A new command before the dataset ended (against PS3.7 9.3.1): drop it.
+            self._incoming = None
+            incoming.close(remove=True)
+        self._receive_command(context_id, data)
+
+    def _receive_command(self, context_id: int, data: bytes) -> None:
+        header = data[0]
+        if not header & _COMMAND:  # dataset fragment without a command: pynetdicom decides
+            self._delegate(context_id, data)
+            return
+        if self._command is None:
+            self._command = BytesIO()
+        self._command.write(data[1:])
+        if not header & _LAST:
+            return
+        encoded, self._command = self._command.getvalue(), None
+        command = decode(BytesIO(encoded), True, True)
+        if (
+            command.get("CommandField") == C_STORE_RQ_FIELD
+            and command.get("CommandDataSetType") != NO_DATA_SET
+            and context_id in self.assoc._accepted_cx
+        ):
+            self._incoming = self._open(context_id, command)
+            return
+        self._delegate(context_id, bytes([header]) + encoded)
+        self._delegating = self.message is not None  # None: complete, it has no dataset
+
+    def _open(self, context_id: int, command: Any) -> _Incoming:
+        incoming = _Incoming(context_id, command)
+        context = self.assoc._accepted_cx[context_id]
+        request = StoreRequest(
+            sop_class_uid=str(command.get("AffectedSOPClassUID", "") or ""),
+            sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "") or ""),
+            transfer_syntax=str(context.transfer_syntax[0]),
+            calling_ae=str(self.assoc.requestor.ae_title or "").strip(),
+        )
+        try:
+            incoming.fd, incoming.path = self._sink(request)
+        except OSError as exc:
+            incoming.error = exc
+        return incoming
+
+    def _complete(self, incoming: _Incoming) -> None:
+        incoming.close(remove=False)
+        message = C_STORE_RQ()
+        message.command_set = incoming.command
+        message.context_id = incoming.context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        request = message.message_to_primitive()
+        setattr(request, _STAGED, Staged(incoming.path, incoming.error))
+        self.msg_queue.put((incoming.context_id, cast(C_STORE, request)))
+
+    def _delegate(self, context_id: int, data: bytes) -> None:
+        single = P_DATA()
+        single.presentation_data_value_list.append((context_id, data))
+        super().receive_primitive(single)
+
+    def discard(self) -> None:
+        """Remove the staging files of datasets that will never be handled: one
+        cut off mid-transfer, and those received but still queued (called when
+        the association ends)."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.close(remove=True)
+        for item in list(self.msg_queue.queue):
+            found = staged(item[1]) if isinstance(item, tuple) else None
+            if found is not None and found.path is not None:
+                found.path.unlink(missing_ok=True)
+
+
+def install(assoc: Any, sink: Sink) -> None:
+    """Make an (acceptor) association, not yet started, stream C-STORE datasets to ``sink``."""
+    dimse = assoc.dimse
+    dimse.__class__ = StreamingDIMSE
+    dimse._sink = sink
+    dimse._command = None
+    dimse._delegating = False
+    dimse._incoming = None
+
