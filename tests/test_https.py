@@ -258,3 +258,20 @@ def test_every_kind_of_response_carries_nosniff(server: RunningServer) -> None:
         assert answer.status_code in (401, 404)
         _nosniff_once(answer)
         assert "strict-transport-security" not in answer.headers
+
+
+def test_access_log_keeps_credentials_out(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="lightbox.access")
+    secret = "s3cret-token-value"
+    httpx.get(f"{server.url}/s/{secret}/dicom-web/studies")
+    httpx.get(f"{server.url}/invite/{secret}")
+    httpx.get(f"{server.url}/dicom-web/studies?access_token={secret}",
+              headers={"Authorization": f"Bearer {secret}", "Cookie": f"lightbox_session={secret}"})
+    httpx.post(f"{server.url}/login", data={"username": "x", "password": secret},
+               headers={"Origin": server.url})
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightbox.access"]
+    assert len(lines) == 4 and all(secret not in line for line in lines)
+    assert '"/s/<token>/dicom-web/studies"' in lines[0]
+    assert '"/invite/<token>"' in lines[1]
