@@ -248,11 +248,11 @@ class FolderEntry:
 def _counted(query: Select[Any]) -> Select[Any]:
     study_count = (
         select(func.count()).select_from(folder_studies)
-        .where(folder_studies.c.folder_id == folders.c.id).scalar_subquery()
+        .where(folder_studies.c.folder_id == folders.c.id).correlate(folders).scalar_subquery()
     )
     member_count = (
         select(func.count()).select_from(folder_members)
-        .where(folder_members.c.folder_id == folders.c.id).scalar_subquery()
+        .where(folder_members.c.folder_id == folders.c.id).correlate(folders).scalar_subquery()
     )
     return query.add_columns(study_count.label("n_studies"), member_count.label("n_members"))
 

@@ -118,9 +118,12 @@ def parse_listing(params: Mapping[str, str]) -> Listing:
     return Listing(wanted, sort, descending, _number(params, "page", 1), size)
 
 
-def list_studies(archive: Archive, principal: Principal, listing: Listing) -> StudyPage:
-    """The page of studies ``listing`` asks for, among those ``principal`` may see."""
-    wanted = replace(listing.filter, scope=access.study_scope(principal))
+def list_studies(
+    archive: Archive, principal: Principal, listing: Listing, folder_id: int | None = None
+) -> StudyPage:
+    """The page of studies ``listing`` asks for, among those ``principal`` may
+    see (in one folder, when ``folder_id`` is given)."""
+    wanted = replace(listing.filter, scope=access.study_scope(principal), folder_id=folder_id)
     with archive.db.read() as conn:
         total = index.count_studies(conn, wanted)
         pages = max(1, ceil(total / listing.size))

@@ -174,6 +174,21 @@ def managed_folder(archive: Archive, principal: Principal, public_id: str) -> Fo
     return view
 
 
+def study_folders(archive: Archive, principal: Principal,
+                  study: str) -> tuple[list[FolderRow], list[FolderRow]]:
+    """For the study page: the caller's folders holding ``study`` (every folder
+    holding it, for an administrator), and those they could add it to."""
+    if principal.user_id is None or principal.studies is not None:
+        return [], []
+    entries = list_folders(archive, principal)
+    with archive.db.read() as conn:
+        holding_ids = {f.id for f in index.folders_holding(conn, study)}
+    holding = [e.folder for e in entries if e.folder.id in holding_ids]
+    targets = [e.folder for e in entries if e.folder.id not in holding_ids
+               and e.role is not None and Role(e.role).at_least(Role.UPLOADER)]
+    return holding, targets
+
+
 # -- studies in folders ---------------------------------------------------------------
 
 

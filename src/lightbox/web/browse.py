@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from lightbox.errors import BadRequest, LightboxError
 from lightbox.index.browse import SortKey
-from lightbox.services import access, audit, browse, sharing, thumbnails
+from lightbox.services import access, audit, browse, folders, sharing, thumbnails
 from lightbox.web import context
 from lightbox.web.errors import STATUS
 from lightbox.web.pages import page_principal, render
@@ -67,18 +67,19 @@ def modalities(value: str | None) -> str:
 class Links:
     """Query strings of the list page that keep the current filters."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, base: str = "/browse") -> None:
         self._params = {k: v for k in LIST_PARAMS if (v := request.query_params.get(k, ""))}
+        self._base = base
 
     def page(self, number: int) -> str:
-        return "/browse?" + urlencode({**self._params, "page": number})
+        return f"{self._base}?" + urlencode({**self._params, "page": number})
 
     def sort(self, key: str, current: browse.Listing) -> str:
         flip = current.sort.value == key and not current.descending
         params = {**self._params, "sort": key, "dir": "desc" if flip else "asc"}
         if key == SortKey.STUDY_DATE.value and current.sort.value != key:
             params["dir"] = "desc"
-        return "/browse?" + urlencode(params)
+        return f"{self._base}?" + urlencode(params)
 
     def patient(self, patient_id: str | None) -> str:
         return "/browse?" + urlencode({"id": patient_id or ""})
@@ -120,11 +121,17 @@ async def study_page(request: Request) -> Response:
     may_audit = grants is None or any(g.role == "owner" for g in grants)
     history = await context.blocking(
         audit.history_of_study, archive.db, study_uid, 50) if may_audit else []
+    holding, targets = await context.blocking(
+        folders.study_folders, archive, principal, study_uid)
+    # A link for the collaborators of a folder is made from that folder's list.
+    from_folder = next((f for f in holding if f.public_id == request.query_params.get("folder")),
+                       None)
     return render(
         request, "study.html", view=view, principal=principal, person=person, day=day,
         modalities=modalities, may_write=not principal.read_only,
         may_delete=principal.is_admin and not principal.read_only,
-        may_share=may_share, shares=shares, history=history,
+        may_share=may_share, shares=shares, history=history, holding=holding,
+        targets=targets if may_share else [], from_folder=from_folder,
     )
 
 

@@ -96,6 +96,11 @@ async def login_page(request: Request) -> Response:
         _audit(archive, "login", name, "failure", caller)
         return render(request, "login.html", 401, next_url=next_url, error=exc.message)
     _audit(archive, "login", name, "success", caller)
+    return start_session(request, token, next_url)
+
+
+def start_session(request: Request, token: str, next_url: str) -> Response:
+    """To ``next_url`` with the session cookie holding ``token``."""
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         context.SESSION_COOKIE,

@@ -24,6 +24,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("name"),
     )
     op.bulk_insert(organisations, [{"id": 1, "name": "default", "created_at": datetime.now(UTC)}])
+    if op.get_bind().dialect.name == "postgresql":
+        # The explicit id did not advance the serial: the next organisation would clash.
+        op.execute("SELECT setval(pg_get_serial_sequence('organisations', 'id'), 1)")
     # Plain ADD COLUMN: rebuilding ``users`` on SQLite would cascade into its tokens.
     op.add_column("users", sa.Column("email", sa.String(length=254), nullable=True))
     op.create_index("ix_users_email", "users", ["email"], unique=True)
