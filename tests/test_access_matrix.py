@@ -12,21 +12,26 @@ and DIMSE (C-FIND, C-MOVE, C-GET and C-STORE by nodes acting as users).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from lightbox.errors import Forbidden, NotFound
 from lightbox.index.schema import instances, series, studies
-from lightbox.services import folders
+from lightbox.index.shares import share_links
+from lightbox.services import folders, sharing
 from lightbox.services.ingest import FailureReason
 from tests.access_world import Study, World, build, stow, study_parts
 from tests.conftest import BACKENDS
+from tests.factories import stow_body
 
 ALL = frozenset({"S1", "S2", "S3", "S4", "S5"})
 F1 = frozenset({"S1", "S4"})
@@ -364,3 +369,236 @@ def test_the_administrator_deletes(world: World) -> None:
     gone = world.client.get(f"{world.url}/dicom-web/studies/{study.uid}/metadata",
                             headers=world.headers("admin"))
     assert gone.status_code == 404
+
+
+def test_members_cannot_reach_a_hidden_instance_through_a_study_they_see(world: World) -> None:
+    """S3's series and instance UIDs under S1's path, and as search keys."""
+    s1, s3 = world.studies["S1"], world.studies["S3"]
+    mixed = f"/studies/{s1.uid}/series/{s3.series}"
+    paths = [
+        mixed + f"/instances/{s3.sop}/frames/1", mixed + f"/instances/{s3.sop}/metadata",
+        mixed + f"/instances/{s3.sop}/bulkdata/7FE00010", mixed + f"/instances/{s3.sop}",
+        mixed + f"/instances/{s3.sop}/rendered", mixed + "/thumbnail", mixed + "/metadata",
+    ]
+    for caller in ("bob", "alice", "launch"):
+        headers = {**world.headers(caller), "Accept": "*/*"}
+        for path in paths:
+            answer = world.client.get(world.url + "/dicom-web" + path, headers=headers)
+            # Whole files of S1 are for those who may download it: bob learns that first.
+            whole_file = path.endswith(s3.sop) and caller == "bob"
+            assert answer.status_code == (403 if whole_file else 404), (caller, path)
+            _assert_no_data(answer, s3)
+        for path in (f"/browse/thumbnails/{s1.uid}/{s3.series}.jpg",
+                     f"/wado?requestType=WADO&studyUID={s1.uid}&seriesUID={s3.series}"
+                     f"&objectUID={s3.sop}"):
+            answer = world.client.get(world.url + path, headers=headers)
+            assert answer.status_code == 404, (caller, path)
+            _assert_no_data(answer, s3)
+        for query in (f"/series?SeriesInstanceUID={s3.series}",
+                      f"/instances?SOPInstanceUID={s3.sop}",
+                      f"/studies/{s1.uid}/series?SeriesInstanceUID={s3.series}",
+                      f"/studies/{s1.uid}/instances?SOPInstanceUID={s3.sop}",
+                      "/studies?PatientID=PAT-S3", "/studies?PatientName=Jansky*"):
+            answer = world.client.get(world.url + "/dicom-web" + query, headers=headers)
+            assert answer.status_code == 200 and answer.json() == [], (caller, query)
+
+
+# -- share links -------------------------------------------------------------------------
+
+
+def _share(world: World, creator: str = "alice", study: str = "S1",
+           **options: Any) -> tuple[sharing.ShareLink, str]:
+    made = sharing.create_share(world.archive, world.principal(creator),
+                                study=world.studies[study].uid, **options)
+    return made.link, f"{world.url}/s/{made.token}"
+
+
+def test_a_share_root_serves_its_study_and_nothing_else(world: World) -> None:
+    s1 = world.studies["S1"]
+    _link, url = _share(world)
+    root = url + "/dicom-web"
+    found = world.client.get(root + "/studies")
+    assert found.status_code == 200 and s1.uid in found.text and s1.patient_id in found.text
+    frame = world.client.get(root + f"{_instance(s1)}/frames/1", headers={"Accept": "*/*"})
+    assert frame.status_code == 200
+    for key in ("S2", "S3", "S4"):
+        other = world.studies[key]
+        for path in (f"/studies/{other.uid}", f"/studies/{other.uid}/metadata",
+                     f"/studies/{other.uid}/series", f"/studies/{other.uid}/rendered",
+                     f"{_instance(other)}/frames/1", f"{_instance(other)}/metadata",
+                     f"/studies/{other.uid}/series/{other.series}/thumbnail",
+                     # the link's study in the path, another study's series and instance
+                     f"/studies/{s1.uid}/series/{other.series}/metadata",
+                     f"/studies/{s1.uid}/series/{other.series}/instances/{other.sop}/frames/1",
+                     f"/studies/{s1.uid}/series/{other.series}/instances/{other.sop}"):
+            answer = world.client.get(root + path, headers={"Accept": "*/*"})
+            assert answer.status_code == 404, (key, path, answer.status_code)
+            _assert_no_data(answer, other)
+        for query in (f"/studies?StudyInstanceUID={other.uid}",
+                      f"/studies?PatientID={other.patient_id}",
+                      f"/series?StudyInstanceUID={other.uid}",
+                      f"/series?SeriesInstanceUID={other.series}",
+                      f"/instances?SOPInstanceUID={other.sop}"):
+            answer = world.client.get(root + query)
+            assert answer.status_code == 200 and answer.json() == [], (key, query)
+    body, content_type = _stow_body_for(s1)
+    stow_answer = world.client.post(root + "/studies", content=body,
+                                    headers={"Content-Type": content_type})
+    assert stow_answer.status_code in (403, 405)
+    assert world.client.delete(root + f"/studies/{s1.uid}").status_code in (403, 405)
+    assert _count(world, s1) == len(s1.sops)
+
+
+def _stow_body_for(study: Study) -> tuple[bytes, str]:
+    _added, parts = study_parts("Intruder^Ian", "INTRUDER", instances=1, study=study.uid)
+    return stow_body(parts)
+
+
+def test_share_credentials_open_nothing_outside_their_link(world: World) -> None:
+    """Neither the link's token nor its unlock token is a DICOMweb token."""
+    s1 = world.studies["S1"]
+    link, url = _share(world, passcode="tulip-42")
+    _other, other_url = _share(world, passcode="tulip-42")
+    unlock = world.client.post(url + "/unlock", data={"passcode": "tulip-42"})
+    assert unlock.status_code == 200
+    bearer = {"Authorization": f"Bearer {unlock.json()['token']}"}
+    assert world.client.get(url + "/dicom-web/studies", headers=bearer).status_code == 200
+    assert world.client.get(other_url + "/dicom-web/studies", headers=bearer).status_code == 401
+    link_token = url.rsplit("/", 1)[1]
+    for headers in (bearer, {"Authorization": f"Bearer {link_token}"}):
+        for path in ("/dicom-web/studies", f"/dicom-web/studies/{s1.uid}/metadata",
+                     f"/download/studies/{s1.uid}.zip", f"/browse/studies/{s1.uid}"):
+            answer = world.client.get(world.url + path, headers=headers)
+            assert answer.status_code in (401, 303), (path, answer.status_code)
+            _assert_no_data(answer, s1)
+    assert link.has_passcode
+
+
+def test_expired_and_revoked_links_are_gone(world: World) -> None:
+    s1 = world.studies["S1"]
+    expired, expired_url = _share(world)
+    with world.archive.db.write() as conn:
+        conn.execute(update(share_links).where(share_links.c.public_id == expired.id)
+                     .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    revoked, revoked_url = _share(world)
+    sharing.revoke(world.archive, world.principal("alice"), revoked.id)
+    passcoded, passcoded_url = _share(world, passcode="tulip-42")
+    unlock = world.client.post(passcoded_url + "/unlock", data={"passcode": "tulip-42"})
+    bearer = {"Authorization": f"Bearer {unlock.json()['token']}"}
+    sharing.revoke(world.archive, world.principal("admin"), passcoded.id)
+    for url, headers in ((expired_url, {}), (revoked_url, {}), (passcoded_url, bearer)):
+        for path in ("", "/download.zip", "/dicom-web/studies",
+                     f"/dicom-web/studies/{s1.uid}/metadata",
+                     f"/dicom-web{_instance(s1)}/frames/1"):
+            answer = world.client.get(url + path, headers={**headers, "Accept": "*/*"})
+            assert answer.status_code == 404, (url, path)
+            _assert_no_data(answer, s1)
+        assert world.client.post(url + "/unlock", data={"passcode": "tulip-42"}).status_code == 404
+
+
+def test_wrong_passcodes_are_refused_then_lock_the_link(world: World) -> None:
+    s1 = world.studies["S1"]
+    link, url = _share(world, passcode="tulip-42")
+    for path in ("/dicom-web/studies", f"/dicom-web/studies/{s1.uid}/metadata", "/download.zip"):
+        answer = world.client.get(url + path)
+        assert answer.status_code == 401, path
+        _assert_no_data(answer, s1)
+    page = world.client.get(url)
+    assert page.status_code == 200 and 'name="passcode"' in page.text
+    _assert_no_data(page, s1)
+    for _ in range(sharing.MAX_FAILURES):
+        wrong = world.client.post(url + "/unlock", data={"passcode": "tulip-43"})
+        assert wrong.status_code == 401
+        assert "token" not in wrong.text
+    locked = world.client.post(url + "/unlock", data={"passcode": "tulip-42"})
+    assert locked.status_code == 403 and "token" not in locked.text
+    with pytest.raises(Forbidden):
+        sharing.unlock(world.archive, link, "tulip-42")
+
+
+@pytest.mark.parametrize(("caller", "status"), [
+    ("bob", 200), ("mallory", 200), ("admin", 200),  # organisation A, folders or not
+    ("erin", 403),  # organisation B
+    ("anon", 401), ("forged", 401),
+])
+def test_an_organisation_link_opens_for_its_organisation_only(
+    world: World, caller: str, status: int
+) -> None:
+    s1 = world.studies["S1"]
+    _link, url = _share(world, access=sharing.Access.ORGANISATION)
+    answer = world.client.get(url + f"/dicom-web/studies/{s1.uid}/metadata",
+                              headers=world.headers(caller))
+    assert answer.status_code == status
+    page = world.client.get(url, headers=world.headers(caller))
+    if status == 200:
+        assert s1.patient_id in answer.text
+        assert page.status_code == 200
+    else:
+        _assert_no_data(answer, s1)
+        _assert_no_data(page, s1)
+        assert page.status_code == (303 if status == 401 else status)
+
+
+@pytest.mark.parametrize(("caller", "status"), [
+    ("alice", 200), ("bob", 200), ("carol", 200), ("dave", 200),  # F1's collaborators
+    ("mallory", 403), ("erin", 403),
+    ("anon", 401), ("forged", 401),
+])
+def test_a_collaborators_link_opens_for_the_folders_collaborators_only(
+    world: World, caller: str, status: int
+) -> None:
+    s1 = world.studies["S1"]
+    _link, url = _share(world, access=sharing.Access.COLLABORATORS, folder=world.folder)
+    answer = world.client.get(url + "/dicom-web/studies", headers=world.headers(caller))
+    assert answer.status_code == status
+    if status == 200:
+        assert [s["0020000D"]["Value"][0] for s in answer.json()] == [s1.uid]
+    else:
+        _assert_no_data(answer, s1)
+        assert world.client.get(url + "/download.zip",
+                                headers=world.headers(caller)).status_code in (status, 303)
+
+
+def test_who_may_make_links(world: World) -> None:
+    archive = world.archive
+    s1, s2, s3 = (world.studies[k].uid for k in ("S1", "S2", "S3"))
+    refused = [
+        ("bob", s1, {}, Forbidden),  # a viewer of a folder without re-sharing
+        ("carol", s1, {}, Forbidden),
+        ("erin", s1, {}, NotFound),  # cannot see it: must not learn it exists
+        ("mallory", s3, {}, NotFound),
+        ("bob", s2, {}, NotFound),
+        ("erin", s2, {"access": sharing.Access.COLLABORATORS, "folder": world.folder}, NotFound),
+    ]
+    for user, study, options, error in refused:
+        with pytest.raises(error):
+            sharing.create_share(archive, world.principal(user), study=study, **options)
+    # Tokens limited to S1 (the launch token, read-only; and a writable one).
+    scoped = world.principal("alice")
+    for principal in (dataclasses.replace(scoped, studies=frozenset({s1}), read_only=True),
+                      dataclasses.replace(scoped, studies=frozenset({s1}))):
+        with pytest.raises(Forbidden):
+            sharing.create_share(archive, principal, study=s1)
+    assert sharing.create_share(archive, world.principal("erin"), study=s2).token
+    link, _url = _share(world)
+    for user in ("bob", "erin"):
+        with pytest.raises(NotFound):
+            sharing.revoke(archive, world.principal(user), link.id)
+    # The same answers through the share form.
+    for caller, status in (("bob", 403), ("erin", 404), ("launch", 403)):
+        answer = world.client.post(world.url + "/shares", data={"study": s1},
+                                   headers={**world.headers(caller), "Origin": world.url})
+        assert answer.status_code == status, (caller, answer.status_code)
+
+
+def test_a_deidentified_link_does_not_answer_to_the_original_uids(world: World) -> None:
+    s1 = world.studies["S1"]
+    _link, url = _share(world, deidentify=True)
+    root = url + "/dicom-web"
+    public = world.client.get(root + "/studies").json()[0]["0020000D"]["Value"][0]
+    assert public != s1.uid
+    for path in (f"/studies/{s1.uid}/metadata", f"{_instance(s1)}/frames/1",
+                 f"/studies/{public}/series/{s1.series}/metadata"):
+        answer = world.client.get(root + path, headers={"Accept": "*/*"})
+        assert answer.status_code == 404, path
+        _assert_no_data(answer, s1)
