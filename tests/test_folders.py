@@ -19,6 +19,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import update
 
 from lightbox.archive import Archive
+from lightbox.cli.main import main as cli
 from lightbox.errors import BadRequest, Conflict, Forbidden, NotFound
 from lightbox.index.folders import invitations as invitations_table
 from lightbox.services import auth, folders, invitations, sharing
@@ -316,3 +317,31 @@ def test_grants_reach_other_processes_within_seconds(server: RunningServer) -> N
     assert reader.may_read(ds.StudyInstanceUID)
     time.sleep(access.CACHE_SECONDS + 0.2)
     assert not reader.may_read(ds.StudyInstanceUID)
+
+
+def test_cli_organisations_users_and_folders(
+    server: RunningServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds, _ = _store(server)
+    settings = server.archive.settings
+    common = ["--data", str(settings.data), "--database", settings.database]
+    assert cli(["org", "add", "General Hospital", *common]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert cli(["user", "add", "kim", "--org", "General Hospital", "--email", "kim@example.org",
+                *common]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert cli(["user", "add", "lou", "--org", "Nowhere", *common]) == 2
+    capsys.readouterr()
+    assert cli(["org", "list", *common]) == 0
+    assert "General Hospital\tkim" in capsys.readouterr().out
+    assert cli(["folder", "create", "Cases", *common]) == 0
+    folder = capsys.readouterr().out.strip()
+    assert cli(["folder", "add", folder, ds.StudyInstanceUID, *common]) == 0
+    assert cli(["folder", "invite", folder, "kim@example.org", "--role", "editor", *common]) == 0
+    assert "kim is editor" in capsys.readouterr().out
+    assert cli(["folder", "invite", folder, "new@example.org", *common]) == 0
+    assert "/invite/lbi_" in capsys.readouterr().out
+    assert cli(["folder", "list", "--user", "kim", *common]) == 0
+    listed = capsys.readouterr().out
+    assert "Cases" in listed and "editor" in listed and "1 studies" in listed
+    assert cli(["folder", "add", folder, "1.2.3", "--user", "kim", *common]) == 2

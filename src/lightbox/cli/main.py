@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("name")
     add.add_argument("--admin", action="store_true")
+    add.add_argument("--org", help="the user's organisation (default: the default one)")
+    add.add_argument("--email", help="the user's e-mail address (for invitations)")
     listing = user.add_parser("list", help="users, their role and state")
     _common(listing)
     disable = user.add_parser("disable", help="stop a user signing in or using tokens")
@@ -83,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     stats = sub.add_parser("stats", help="counts and sizes")
     _common(stats)
-    from lightbox.cli import audit, dimse, share
+    from lightbox.cli import audit, dimse, folders, share
 
+    folders.add_parsers(sub, _common)
     dimse.add_parsers(sub, _common)
     audit.add_parsers(sub, _common)
     share.add_parsers(sub, _common)
@@ -161,18 +164,20 @@ def _read_password(name: str) -> str:
 def cmd_user(args: argparse.Namespace) -> int:
     archive = _open(args)
     if args.action == "list":
+        orgs = {u: org for org, users in auth.list_organisations(archive).items() for u in users}
         for user in auth.list_users(archive):
             role = "admin" if user.is_admin else "member"
             state = "disabled" if user.disabled else "active"
-            print(f"{user.name}\t{role}\t{state}")
+            print(f"{user.name}\t{role}\t{state}\t{orgs.get(user.name, '-')}\t{user.email or '-'}")
         return 0
     if args.action == "disable":
         auth.disable_user(archive, args.name, not args.enable)
         _audit(archive, "user_enable" if args.enable else "user_disable", {"user": args.name})
         print(f"user {args.name} {'enabled' if args.enable else 'disabled'}")
         return 0
-    auth.add_user(archive, args.name, _read_password(args.name), is_admin=args.admin)
-    _audit(archive, "user_add", {"user": args.name, "admin": args.admin})
+    auth.add_user(archive, args.name, _read_password(args.name), is_admin=args.admin,
+                  organisation=args.org, email=args.email)
+    _audit(archive, "user_add", {"user": args.name, "admin": args.admin, "org": args.org})
     print(f"user {args.name} added{' (administrator)' if args.admin else ''}")
     return 0
 
@@ -245,12 +250,12 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightbox.cli import audit, dimse, share
+    from lightbox.cli import audit, dimse, folders, share
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     commands = {**COMMANDS, **dimse.commands(_open), **audit.commands(_open),
-                **share.commands(_open)}
+                **share.commands(_open), **folders.commands(_open)}
     try:
         return int(commands[args.command](args))
     except LightboxError as exc:

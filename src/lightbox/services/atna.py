@@ -30,6 +30,7 @@ _EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
     "upload": ("110107", "Import", "C", None),
     "import": ("110107", "Import", "C", None),
     "delete": ("110105", "DICOM Study Deleted", "D", None),
+    "audit_export": ("110101", "Audit Log Used", "R", None),
     "access_denied": ("110113", "Security Alert", "E", ("110132", "Use of Restricted Function")),
 }
 _SECURITY = ("110113", "Security Alert", "E", ("110137", "User Security Attributes Changed"))

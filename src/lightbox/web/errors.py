@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lightbox import errors
+from lightbox.web.observability import redact
 
 log = logging.getLogger(__name__)
 
@@ -64,5 +65,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    # Redacted: a share link's or an invitation's path holds its token.
+    log.exception("unexpected error on %s %s", request.method, redact(request.url.path))
     return JSONResponse({"error": "internal error"}, status_code=500)
