@@ -1,9 +1,14 @@
 """The one ingest path: every source (STOW-RS, C-STORE, import, upload) ends here.
 
-Per batch: parse and validate each header, move the file under a fresh key
-(fsync of data and directory), then one index transaction with a savepoint
-per instance. If indexing fails, the blob is removed. An outcome of STORED
-means both the bytes and the index row are durable.
+Per batch: move each file under a fresh key and make it durable (fsync of
+data, then of the directory) while its header is parsed and validated, then
+one index transaction with a savepoint per instance. If indexing fails, the
+blob is removed. An outcome of STORED means both the bytes and the index row
+are durable.
+
+The index transactions of callers that arrive while another one is being
+written (parallel C-STORE associations, STOW requests) are merged into the
+next one: one commit, one fsync, for all of them ("group commit").
 """
 
 from __future__ import annotations
@@ -12,20 +17,21 @@ import enum
 import logging
 import os
 import shutil
+import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from lightbox.archive import Archive
 from lightbox.dicom.instance import InstanceRecord, MissingOrInvalidUID, read_instance
 from lightbox.errors import Conflict, InvalidInstance
 from lightbox.index import instances as index
-from lightbox.index.schema import instances as instances_table
-from lightbox.storage.blobs import fsync_file
+from lightbox.index.db import Database
+from lightbox.storage.blobs import BlobStore, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +84,25 @@ _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest")
 
 
 @dataclass(frozen=True)
+class Blob:
+    """A durable blob holding an offer's bytes, not yet (or never) indexed."""
+
+    store: BlobStore
+    key: str
+
+    def delete(self) -> None:
+        self.store.delete(self.key)
+
+
+@dataclass(frozen=True)
 class Prepared:
     """An offer checked and made durable, waiting for ``commit``: ``record``
-    when it is to be stored, ``rejected`` when it was refused."""
+    (and its ``blob``) when it is to be stored, ``rejected`` when it was refused."""
 
     offer: Offer
     record: InstanceRecord | None
     rejected: Outcome | None
+    blob: Blob | None = None
 
 
 def store_instances(
@@ -98,58 +116,103 @@ def store_instances(
 
 
 def discard(prepared: Sequence[Prepared]) -> None:
-    """Forget prepared offers that will not be committed (their files go)."""
+    """Forget prepared offers that will not be committed (their blobs go)."""
     for item in prepared:
+        if item.blob is not None:
+            item.blob.delete()
         _discard(item.offer)
 
 
 def commit(archive: Archive, prepared: Sequence[Prepared]) -> list[Outcome]:
-    """Store what ``prepare`` accepted; one Outcome per item, in order."""
-    offers = [p.offer for p in prepared]
+    """Index what ``prepare`` accepted; one Outcome per item, in order."""
     outcomes: list[Outcome | None] = [p.rejected for p in prepared]
-    accepted = [(i, p.record) for i, p in enumerate(prepared) if p.record is not None]
-    duplicates = _existing(archive, [r.sop_instance_uid for _, r in accepted])
-    to_write = []
-    for i, record in accepted:
-        if record.sop_instance_uid in duplicates and not archive.settings.overwrite:
-            outcomes[i] = _outcome(Status.DUPLICATE, offers[i], record)
-            _discard(offers[i])
-        else:
-            to_write.append((i, record, offers[i].path))
-    for i, outcome in _write(archive, offers, to_write):
-        outcomes[i] = outcome
+    accepted = [(i, p) for i, p in enumerate(prepared) if p.record is not None]
+    if accepted:
+        indexed = _group(archive.db).run(archive, [p for _, p in accepted])
+        for (i, _), outcome in zip(accepted, indexed, strict=True):
+            outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
 
 
 def prepare(
     archive: Archive, offers: Sequence[Offer], expected_study: str | None
 ) -> list[Prepared]:
-    """Check each offer and make its bytes durable in the staging folder.
+    """Check each offer and make its bytes a durable blob.
 
-    The fsyncs (and copies into staging) run on the ingest pool while this
-    thread parses the headers one after the other: the disk waits overlap with
-    the parsing, and only one thread does Python work (several parsing at once
-    only fight over the interpreter lock). Nothing is stored until ``commit``.
+    Staged files become blobs at once (a rename); the fsyncs (and copies of
+    files from elsewhere) run on the ingest pool while this thread parses the
+    headers one after the other: the disk waits overlap with the parsing, and
+    only one thread does Python work (several parsing at once only fight over
+    the interpreter lock). The file's data is synced after the rename so that
+    the directory's sync finds nothing left to write. Nothing is indexed
+    until ``commit``.
     """
     offers = [_with_preamble(archive, offer) for offer in offers]
-    staging = [_pool.submit(_stage, archive, offer) for offer in offers]
+    adopted = [_adopt(archive, offer) for offer in offers]
+    durable = [_pool.submit(_make_durable, archive, offer, key)
+               for offer, (_path, key) in zip(offers, adopted, strict=True)]
     return [
-        _prepared(archive, offer, staged, expected_study)
-        for offer, staged in zip(offers, staging, strict=True)
+        _prepared(archive, offer, path, blob, expected_study)
+        for offer, (path, _key), blob in zip(offers, adopted, durable, strict=True)
     ]
 
 
+def _adopt(archive: Archive, offer: Offer) -> tuple[Path, str | None]:
+    """Where to read the offer's header, and the key of the blob a staged
+    offer became (``None``: the ingest pool copies or moves it)."""
+    if not offer.staged:
+        return offer.path, None
+    try:
+        key = archive.blobs.put_file(offer.path, sync_dir=False)
+    except OSError:
+        return offer.path, None  # the pool tries again and reports the error
+    return archive.blobs.path(key), key
+
+
+def _make_durable(archive: Archive, offer: Offer, key: str | None) -> str:
+    """The offer's bytes as a blob whose data and name are on stable storage."""
+    synced = offer.synced and offer.staged
+    if key is None:
+        source = offer.path if offer.staged else _copy_to_staging(archive, offer)
+        try:
+            key = archive.blobs.put_file(source, sync_dir=False)
+        except OSError:
+            if not offer.staged:
+                source.unlink(missing_ok=True)
+            raise
+    try:
+        if not synced:
+            fsync_file(archive.blobs.path(key))
+        archive.blobs.sync([key])
+    except OSError:
+        archive.blobs.delete(key)
+        raise
+    return key
+
+
+def _copy_to_staging(archive: Archive, offer: Offer) -> Path:
+    fd, target = archive.blobs.new_staging_file()
+    try:
+        with os.fdopen(fd, "wb") as out, open(offer.path, "rb") as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def _prepared(
-    archive: Archive, offer: Offer, staged: Future[Offer], expected_study: str | None
+    archive: Archive, offer: Offer, path: Path, durable: Future[str],
+    expected_study: str | None,
 ) -> Prepared:
     try:
-        record = _validate(archive, offer, expected_study)
+        record = _validate(archive, path, expected_study)
     except InvalidInstance as exc:
         record, rejection = None, _rejected(offer, exc)
     try:
-        durable = staged.result()
+        blob = Blob(archive.blobs, durable.result())
     except OSError as exc:
-        log.error("cannot stage %s: %s", offer.source, exc)
+        log.error("cannot store %s: %s", offer.source, exc)
         _discard(offer)
         if record is None:
             return Prepared(offer, None, rejection)
@@ -157,9 +220,9 @@ def _prepared(
                            FailureReason.OUT_OF_RESOURCES)
         return Prepared(offer, None, failure)
     if record is None:
-        _discard(durable)
-        return Prepared(durable, None, rejection)
-    return Prepared(durable, record, None)
+        blob.delete()
+        return Prepared(offer, None, rejection)
+    return Prepared(offer, record, None, blob)
 
 
 PREAMBLE = bytes(128) + b"DICM"
@@ -185,14 +248,14 @@ def _with_preamble(archive: Archive, offer: Offer) -> Offer:
     return Offer(target, offer.source, staged=True, synced=False)
 
 
-def _validate(archive: Archive, offer: Offer, expected_study: str | None) -> InstanceRecord:
+def _validate(archive: Archive, path: Path, expected_study: str | None) -> InstanceRecord:
     try:
-        if not offer.path.is_file():
+        if not path.is_file():
             raise InvalidInstance("not a regular file")
-        size = os.path.getsize(offer.path)
+        size = os.path.getsize(path)
         if size > archive.settings.max_instance_bytes:
             raise InvalidInstance(f"object of {size} bytes exceeds the limit")
-        record = read_instance(offer.path)
+        record = read_instance(path)
     except OSError as exc:
         # One unreadable offer (gone, no permission) must not sink the batch.
         raise InvalidInstance(f"cannot read the file: {exc.strerror or exc}") from exc
@@ -242,103 +305,142 @@ def _discard(offer: Offer) -> None:
         offer.path.unlink(missing_ok=True)
 
 
-def _existing(archive: Archive, sop_uids: list[str]) -> set[str]:
-    if not sop_uids:
-        return set()
-    col = instances_table.c.sop_instance_uid
-    with archive.db.read() as conn:
-        return set(conn.execute(select(col).where(col.in_(sop_uids))).scalars())
-
-
-def _stage(archive: Archive, offer: Offer) -> Offer:
-    """The offer as a durable file inside the staging folder."""
-    if offer.staged:
-        if not offer.synced:
-            fsync_file(offer.path)
-        return Offer(offer.path, offer.source, staged=True)
-    fd, target = archive.blobs.new_staging_file()
-    try:
-        with os.fdopen(fd, "wb") as out, open(offer.path, "rb") as src:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-        fsync_file(target)
-    except OSError:
-        target.unlink(missing_ok=True)
-        raise
-    return Offer(target, offer.source, staged=True)
-
-
-def _write(
-    archive: Archive, offers: Sequence[Offer], items: list[tuple[int, InstanceRecord, Path]]
-) -> list[tuple[int, Outcome]]:
-    if not items:
-        return []
-    keys: list[tuple[int, InstanceRecord, str]] = []
-    results: list[tuple[int, Outcome]] = []
-    for i, record, _path in items:
-        try:
-            key = archive.blobs.put_file(offers[i].path, sync_dir=False)
-            keys.append((i, record, key))
-        except OSError as exc:
-            log.error("cannot write blob for %s: %s", offers[i].source, exc)
-            _discard(offers[i])
-            results.append((i, _outcome(Status.REJECTED, offers[i], record,
-                                        "storage is not writable",
-                                        FailureReason.OUT_OF_RESOURCES)))
-    archive.blobs.sync(k for _, _, k in keys)
-    try:
-        indexed, unreferenced = _index(archive, offers, keys)
-    except SQLAlchemyError as exc:
-        log.error("index transaction failed: %s", exc)
-        for _, _, key in keys:
-            archive.blobs.delete(key)
-        return results + [
-            (i, _outcome(Status.REJECTED, offers[i], r, "index is not writable",
-                         FailureReason.OUT_OF_RESOURCES))
-            for i, r, _ in keys
-        ]
-    for key in unreferenced:
-        archive.blobs.delete(key)
-    return results + indexed
-
-
-def _lock_order(item: tuple[int, InstanceRecord, str]) -> tuple[str, str, str, int]:
+def _lock_order(entry: tuple[int, Prepared]) -> tuple[str, str, str, int]:
     """Index a batch patient by patient, study by study, series by series, so that
     concurrent transactions take row locks in one order and cannot deadlock
     (a batch with studies A, B next to one with B, A would). Ties keep the
     offered order, so the first of two copies in a batch is the one stored."""
-    i, record, _key = item
+    i, item = entry
+    record = item.record
+    assert record is not None
     patient = index.patient_identity(record.values)
     return patient, record.study_instance_uid, record.series_instance_uid, i
 
 
-def _index(
-    archive: Archive, offers: Sequence[Offer], keys: list[tuple[int, InstanceRecord, str]]
-) -> tuple[list[tuple[int, Outcome]], list[str]]:
-    results: list[tuple[int, Outcome]] = []
+def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
+    """One index transaction for ``items`` (each with a record and a blob);
+    blobs that end up unreferenced are deleted. One Outcome per item, in order."""
+    try:
+        outcomes, unreferenced = _transaction(archive, items)
+    except SQLAlchemyError as exc:
+        log.error("index transaction failed: %s", exc)
+        for item in items:
+            assert item.blob is not None and item.record is not None
+            item.blob.delete()
+        return [
+            _outcome(Status.REJECTED, item.offer, item.record, "index is not writable",
+                     FailureReason.OUT_OF_RESOURCES)
+            for item in items if item.record is not None
+        ]
+    for key in unreferenced:
+        archive.blobs.delete(key)
+    return outcomes
+
+
+def _transaction(
+    archive: Archive, items: Sequence[Prepared]
+) -> tuple[list[Outcome], list[str]]:
+    results: list[Outcome | None] = [None] * len(items)
     unreferenced: list[str] = []
     touched: set[int] = set()
     known: dict[str, tuple[int, int]] = {}
     with archive.db.write() as conn:
-        for i, record, key in sorted(keys, key=_lock_order):
+        for i, item in sorted(enumerate(items), key=_lock_order):
+            record, blob = item.record, item.blob
+            assert record is not None and blob is not None
             savepoint = conn.begin_nested()
             try:
                 stored, freed, study_pk = index.store(
-                    archive.db, conn, record, key, overwrite=archive.settings.overwrite,
+                    archive.db, conn, record, blob.key, overwrite=archive.settings.overwrite,
                     known=known,
                 )
                 savepoint.commit()
             except Conflict as exc:
                 savepoint.rollback()
                 known.clear()  # rows it remembered may have been rolled back
-                unreferenced.append(key)
-                results.append((i, _outcome(Status.REJECTED, offers[i], record, exc.message,
-                                            FailureReason.PROCESSING_FAILURE)))
+                unreferenced.append(blob.key)
+                results[i] = _outcome(Status.REJECTED, item.offer, record, exc.message,
+                                      FailureReason.PROCESSING_FAILURE)
                 continue
             if freed is not None:
                 unreferenced.append(freed)
             if study_pk is not None:
                 touched.add(study_pk)
             status = Status.DUPLICATE if stored is index.Stored.DUPLICATE else Status.STORED
-            results.append((i, _outcome(status, offers[i], record)))
+            results[i] = _outcome(status, item.offer, record)
         index.refresh_studies(conn, touched)
-    return results, unreferenced
+    return [r for r in results if r is not None], unreferenced
+
+
+@dataclass
+class _Job:
+    """One caller's items, waiting for a group commit."""
+
+    items: Sequence[Prepared]
+    ready: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[Outcome] | None = None
+    error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Index transactions of concurrent callers, merged.
+
+    The first caller writes its transaction at once. Callers arriving
+    meanwhile queue up; when the transaction is committed, the first of them
+    writes one transaction for all of them and hands over in turn. Each
+    caller returns once its own items are committed, so nothing is
+    acknowledged before it is durable; under load, one commit (and one fsync
+    of the index) serves many instances, and the write lock is taken once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: list[_Job] = []
+        self._busy = False
+
+    def run(self, archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
+        job = _Job(items)
+        with self._lock:
+            self._waiting.append(job)
+            lead, self._busy = not self._busy, True
+        if not lead:
+            job.ready.wait()  # set when done, or when it is this job's turn to lead
+        if job.outcomes is None and job.error is None:
+            self._lead(archive)
+        if job.error is not None:
+            raise job.error
+        assert job.outcomes is not None
+        return job.outcomes
+
+    def _lead(self, archive: Archive) -> None:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+        try:
+            outcomes = _index(archive, [item for job in batch for item in job.items])
+            start = 0
+            for job in batch:
+                job.outcomes = outcomes[start:start + len(job.items)]
+                start += len(job.items)
+        except BaseException as exc:
+            for job in batch:
+                job.error = exc
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].ready.set()  # it leads the next transaction
+                else:
+                    self._busy = False
+            for job in batch:
+                job.ready.set()
+
+
+_groups: weakref.WeakKeyDictionary[Database, _GroupCommit] = weakref.WeakKeyDictionary()
+_groups_lock = threading.Lock()
+
+
+def _group(db: Database) -> _GroupCommit:
+    with _groups_lock:
+        found = _groups.get(db)
+        if found is None:
+            found = _groups[db] = _GroupCommit()
+        return found
