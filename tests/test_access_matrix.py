@@ -16,7 +16,7 @@ import dataclasses
 import io
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -804,3 +804,135 @@ def test_c_store_by_a_node_acting_as_a_viewer_does_not_change_the_study(
         status = assoc.send_c_store(ds)
     assert status.Status != 0x0000
     assert _count(world, study) == before and not _stored(world, str(ds.SOPInstanceUID))
+
+
+# -- the download and re-share switches, by other ways round -------------------------------
+
+
+def _fresh_study(world: World, name: str) -> Study:
+    """A study of its own, so that a bug found here cannot spill into other tests."""
+    made, parts = study_parts(name, "PAT-" + name.split("^")[0].upper())
+    assert stow(world.client, world.url, world.tokens["admin"], parts).status_code == 200
+    return made
+
+
+def _scratch_folder(world: World, study: Study, member: str, role: folders.Role, *,
+                    download: bool, reshare: bool) -> str:
+    alice = world.principal("alice")
+    made = folders.create_folder(world.archive, alice, "scratch").public_id
+    folders.add_studies(world.archive, world.principal("admin"), made, [study.uid])
+    folders.set_collaborator(world.archive, alice, made, member, role)
+    folders.update_folder(world.archive, alice, made, allow_download=download,
+                          allow_reshare=reshare)
+    return made
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "services.folders.move_study checks the roles but not access.require_reshare: "
+    "an editor moves a study from a folder without downloads or re-sharing into "
+    "their own inbox, where they may download and share it"))
+def test_an_editor_cannot_move_a_study_into_more_rights(world: World) -> None:
+    study = _fresh_study(world, "Mover^Max")
+    scratch = _scratch_folder(world, study, "dave", folders.Role.EDITOR,
+                              download=False, reshare=False)
+    dave = world.principal("dave")
+    inbox = folders.ensure_inbox(world.archive, dave).public_id
+    with pytest.raises(Forbidden):  # the plain way is refused
+        folders.add_studies(world.archive, dave, inbox, [study.uid])
+    with suppress(Forbidden):
+        folders.move_study(world.archive, dave, scratch, inbox, study.uid)
+    zipped = world.client.get(f"{world.url}/download/studies/{study.uid}.zip",
+                              headers=world.headers("dave"))
+    assert zipped.status_code in (403, 404)
+    with pytest.raises((Forbidden, NotFound)):
+        sharing.create_share(world.archive, world.principal("dave"), study=study.uid)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "services.sharing.create_share lets a member who may re-share but not download "
+    "make a link that allows downloads (the default), and download through it"))
+def test_a_member_without_downloads_cannot_download_through_their_own_link(
+    world: World
+) -> None:
+    study = _fresh_study(world, "Sharer^Sam")
+    _scratch_folder(world, study, "mallory", folders.Role.VIEWER, download=False, reshare=True)
+    direct = world.client.get(f"{world.url}/download/studies/{study.uid}.zip",
+                              headers=world.headers("mallory"))
+    assert direct.status_code == 403
+    try:
+        made = sharing.create_share(world.archive, world.principal("mallory"), study=study.uid)
+    except Forbidden:
+        return
+    url = f"{world.url}/s/{made.token}"
+    assert world.client.get(url + "/download.zip").status_code == 403
+    whole = world.client.get(url + f"/dicom-web/studies/{study.uid}", headers={"Accept": "*/*"})
+    assert whole.status_code == 403
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a link without downloads refuses its ZIP, but its DICOMweb root still serves "
+    "whole instances (WADO-RS retrieve): sharing.holder's Principal may download"))
+def test_a_link_without_downloads_serves_no_whole_files(world: World) -> None:
+    s1 = world.studies["S1"]
+    _link, url = _share(world, allow_download=False)
+    root = url + "/dicom-web"
+    assert world.client.get(url + "/download.zip").status_code == 403
+    for path in (f"/studies/{s1.uid}/metadata", f"{_instance(s1)}/frames/1",
+                 f"{_instance(s1)}/rendered"):  # viewing still works
+        assert world.client.get(root + path, headers={"Accept": "*/*"}).status_code == 200
+    for path in (f"/studies/{s1.uid}", f"/studies/{s1.uid}/series/{s1.series}", _instance(s1)):
+        answer = world.client.get(root + path, headers={"Accept": ANY_SYNTAX})
+        assert answer.status_code == 403, path
+        assert b"DICM" not in answer.content
+
+
+def test_folder_roles(world: World) -> None:
+    """Viewer < uploader < editor < owner; outsiders do not learn the folder exists."""
+    archive, study = world.archive, _fresh_study(world, "Roles^Rita")
+    scratch = _scratch_folder(world, study, "bob", folders.Role.VIEWER,
+                              download=True, reshare=False)
+    alice = world.principal("alice")
+    folders.set_collaborator(archive, alice, scratch, "carol", folders.Role.UPLOADER)
+    folders.set_collaborator(archive, alice, scratch, "dave", folders.Role.EDITOR)
+    bob, carol, dave = (world.principal(u) for u in ("bob", "carol", "dave"))
+
+    def refused(who: Any, error: type[Exception] = Forbidden) -> None:
+        for attempt in (
+            lambda: folders.comment(archive, who, scratch, "a note"),
+            lambda: folders.remove_study(archive, who, scratch, study.uid),
+            lambda: folders.set_collaborator(archive, who, scratch, "mallory",
+                                             folders.Role.VIEWER),
+            lambda: folders.update_folder(archive, who, scratch, allow_download=True),
+            lambda: folders.delete_folder(archive, who, scratch),
+        ):
+            with pytest.raises(error):
+                attempt()
+
+    refused(bob)
+    with pytest.raises(Forbidden):  # a viewer adds nothing, not even what they see
+        folders.add_studies(archive, bob, scratch, [world.studies["S1"].uid])
+    for outsider in ("erin", "mallory"):
+        refused(world.principal(outsider), NotFound)
+        with pytest.raises(NotFound):
+            folders.open_folder(archive, world.principal(outsider), scratch)
+    scoped = dataclasses.replace(alice, studies=frozenset({study.uid}), read_only=True)
+    with pytest.raises(NotFound):
+        folders.open_folder(archive, scoped, scratch)
+    with pytest.raises(Forbidden):
+        folders.create_folder(archive, scoped, "from a launch token")
+    # An uploader adds what they may pass on (their own upload), nothing more.
+    own, parts = study_parts("Carol^Own", "PAT-CAROL")
+    assert stow(world.client, world.url, world.tokens["carol"], parts).status_code == 200
+    assert folders.add_studies(archive, carol, scratch, [own.uid]) == 1
+    assert _sees(world, "bob", own.uid)
+    with pytest.raises(Forbidden):
+        folders.comment(archive, carol, scratch, "a note")
+    with pytest.raises(Forbidden):
+        folders.remove_study(archive, carol, scratch, own.uid)
+    # An editor comments and takes studies out; managing stays with the owner.
+    folders.comment(archive, dave, scratch, "a note", study=study.uid)
+    with pytest.raises(Forbidden):
+        folders.update_folder(archive, dave, scratch, allow_download=False)
+    folders.remove_study(archive, dave, scratch, own.uid)
+    assert not _sees(world, "bob", own.uid) and _sees(world, "carol", own.uid)
+    folders.update_folder(archive, world.principal("admin"), scratch, allow_reshare=True)
