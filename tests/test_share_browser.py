@@ -15,9 +15,17 @@ from pydicom.uid import generate_uid
 
 from lightbox.archive import Archive
 from lightbox.services import auth
-from tests.browser import shot, sign_in
+from tests.browser import (
+    create_share_link,
+    link_is_gone,
+    open_with_passcode,
+    revoke_share,
+    shot,
+    sign_in,
+)
 from tests.conftest import RunningServer, make_settings, serving
 from tests.factories import ROOT, ct_dataset, stow_body, to_bytes
+from tests.grants import grant
 
 OWNER, PASSWORD = "owner", "share the studies"
 PASSCODE = "violet-73"
@@ -25,7 +33,8 @@ PASSCODE = "violet-73"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
-    """A server on SQLite with one two-series study and its owner."""
+    """A server on SQLite with one two-series study and its owner (a member
+    who owns a folder holding it)."""
     data: Path = tmp_path_factory.mktemp("share-browser") / "data"
     archive = Archive.open(make_settings(data, f"sqlite:///{data / 'index.sqlite'}"))
     try:
@@ -41,37 +50,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
             stored = httpx.post(running.dicomweb + "/studies", content=body, timeout=60,
                                 headers={**running.headers, "Content-Type": content_type})
             assert stored.status_code == 200, stored.text
+            grant(archive, OWNER, study, role="owner")  # members see their folders' studies
             yield running, study
     finally:
         archive.close()
-
-
-def _create_link(page: Any, study: str) -> tuple[str, str]:
-    """Submit the share form from the study page (as the study page's form
-    will); returns the link's URL and id from the page shown once."""
-    page.goto(f"/browse/studies/{study}")
-    page.evaluate(
-        """([study, passcode]) => {
-            const form = document.createElement("form");
-            form.method = "post";
-            form.action = "/shares";
-            const fields = {study, passcode, expires: "7d", download: "on", access: "anyone"};
-            for (const [name, value] of Object.entries(fields)) {
-                const input = document.createElement("input");
-                input.type = "hidden"; input.name = name; input.value = value;
-                form.appendChild(input);
-            }
-            document.body.appendChild(form);
-            form.submit();
-        }""",
-        [study, PASSCODE],
-    )
-    page.wait_for_selector("input.share-url")
-    shot(page, "share-created")
-    url = page.input_value("input.share-url")
-    manage = page.get_attribute("a[href^='/shares/']", "href")
-    assert url and manage
-    return url, manage.rsplit("/", 1)[1]
 
 
 def test_share_link_round_trip(browser: Any, site: tuple[RunningServer, str]) -> None:
@@ -79,42 +61,20 @@ def test_share_link_round_trip(browser: Any, site: tuple[RunningServer, str]) ->
     owner = sign_in(browser, server.url, OWNER, PASSWORD)
     stranger_context = browser.new_context(viewport={"width": 390, "height": 844})
     try:
-        url, link_id = _create_link(owner, study)
+        url, link_id = create_share_link(owner, study, PASSCODE)
         assert url.startswith(server.url + "/s/")
         stranger = stranger_context.new_page()
-        stranger.goto(url)
-        stranger.fill('input[name="passcode"]', "not-it")
-        stranger.click('button[type="submit"]')
-        stranger.wait_for_selector("p.error")
-        assert stranger.get_by_text("wrong passcode").is_visible()
-        shot(stranger, "share-wrong-passcode")
-        stranger.fill('input[name="passcode"]', PASSCODE)
-        stranger.click('button[type="submit"]')
-        stranger.wait_for_selector("img.thumb")
-        stranger.wait_for_function(
-            "() => [...document.querySelectorAll('img.thumb')]"
-            ".every(img => img.complete && img.naturalWidth > 0)"
-        )
-        assert stranger.locator("img.thumb").count() == 2
+        assert open_with_passcode(stranger, url, PASSCODE) == 2
         assert stranger.locator(".qr svg").count() == 1
         assert stranger.get_by_text("Download ZIP").is_visible()
         shot(stranger, "share-page-phone")
 
-        owner.goto(f"/shares/{link_id}")
-        owner.click("text=Revoke this link")
-        owner.wait_for_selector("tr.event.share_revoke")
-        shot(owner, "share-revoked-history")
-        actions = owner.eval_on_selector_all(
-            "tr.event",
-            "rows => rows.map(r => r.cells[1].textContent + ':' + r.cells[2].textContent)",
-        )
+        actions = revoke_share(owner, link_id)
         for wanted in ("share_create:success", "share_unlock:failure", "share_unlock:success",
                        "share_open:success", "share_revoke:success"):
             assert wanted in actions, (wanted, actions)
 
-        answer = stranger.goto(url)
-        assert answer is not None and answer.status == 404
-        assert stranger.get_by_text("This link is not valid").is_visible()
+        link_is_gone(stranger, url)
         gone = stranger.request.get(url + f"/dicom-web/studies/{study}/metadata")
         assert gone.status == 404
         shot(stranger, "share-after-revoke")
