@@ -57,7 +57,7 @@ class _BoundedRequestHandler(RequestHandler):
         sock = assoc.dul.socket
         if sock is not None:
             setattr(sock, "recv", _bounded_recv(sock, self.server.pdu_limit))  # noqa: B010
-        _unpolled(assoc)
+        _unpolled(assoc, self.server.pdu_limit)
         if self.server.sink is not None:
             streaming.install(assoc, self.server.sink)
         return assoc
@@ -65,9 +65,15 @@ class _BoundedRequestHandler(RequestHandler):
 
 def _bounded_recv(sock: Any, limit: int) -> Any:
     """``AssociationSocket.recv`` that refuses oversized PDUs and reads with
-    ``recv_into`` in large pieces (pynetdicom's reads 4 KiB at a time)."""
+    ``recv_into`` in large pieces (pynetdicom's reads 4 KiB at a time). Bytes
+    the DUL read ahead (``_UnpolledDUL.pushback``) come first."""
 
     def recv(nr_bytes: int) -> bytearray:
+        dul = sock.assoc.dul
+        ahead = getattr(dul, "pushback", b"")
+        if ahead:
+            dul.pushback = ahead[nr_bytes:]
+            return bytearray(ahead[:nr_bytes])
         # The DUL asks for a PDU's whole announced length in one call.
         if nr_bytes > limit:
             raise OSError(f"peer announced a PDU of {nr_bytes} bytes (limit {limit})")
@@ -164,6 +170,18 @@ def discard_received_files(assoc: Association) -> None:
 # ---------------------------------------------------------------------- loops
 
 _IDLE_WAIT = 0.05  # seconds between looks at timers (ARTIM, idle) while nothing happens
+P_DATA_TF_TYPE = 0x04
+
+
+def _reader(raw: socket.socket) -> streaming.Reader:
+    """``recv_into`` that acknowledges at once (see ``quick_ack``)."""
+
+    def read(view: memoryview) -> int:
+        count = raw.recv_into(view)
+        quick_ack(raw)
+        return count
+
+    return read
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -182,11 +200,41 @@ class _UnpolledDUL(DULServiceProvider):
     """pynetdicom's DUL reactor, waiting in ``select`` instead of sleeping.
 
     It wakes when the socket is readable or when the association queues a
-    primitive to send (``send_pdu`` writes a byte to a pipe).
+    primitive to send (``send_pdu`` writes a byte to a pipe). Once the
+    association is established, P-DATA-TF PDUs go straight to the streaming
+    DIMSE provider (``StreamingDIMSE.receive_p_data``).
     """
 
     _wake_r: int
     _wake_w: int
+    pdu_limit: int
+    pushback: bytes = b""
+
+    def _read_pdu_data(self) -> None:
+        dimse = self.assoc.dimse
+        raw = getattr(self.socket, "socket", None)
+        if (self.state_machine.current_state != "Sta6" or raw is None
+                or not isinstance(dimse, streaming.StreamingDIMSE)):
+            super()._read_pdu_data()
+            return
+        read = _reader(raw)
+        try:
+            header = streaming.read_exact(read, 6)
+            if header[0] != P_DATA_TF_TYPE:
+                self.pushback = header  # pynetdicom decodes every other PDU
+                super()._read_pdu_data()
+                return
+            length = int.from_bytes(header[2:6], "big")
+            if length > self.pdu_limit:
+                raise OSError(f"peer announced a PDU of {length} bytes (limit {self.pdu_limit})")
+            dimse.receive_p_data(read, length)
+        except streaming.MalformedPDU as exc:
+            log.warning("dicom association with %s: %s", self.assoc.requestor.ae_title, exc)
+            dimse.discard_incoming()
+            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+        except OSError:
+            dimse.discard_incoming()
+            self.event_queue.put("Evt17")  # connection closed
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -325,7 +373,7 @@ class _UnpolledAssociation(Association):
         return False
 
 
-def _unpolled(acceptor: Association) -> None:
+def _unpolled(acceptor: Association, limit: int) -> None:
     """Swap in the loops above on an association that has not started yet."""
     wake = threading.Event()
     acceptor.__class__ = _UnpolledAssociation
@@ -335,5 +383,6 @@ def _unpolled(acceptor: Association) -> None:
     dul = cast(_UnpolledDUL, assoc.dul)
     dul._target = make_target(dul.run_reactor)  # type: ignore[attr-defined]  # bound at init
     dul._wake_r, dul._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    dul.pdu_limit = limit
     dul.to_user_queue = _WakingQueue(wake)
     assoc.dimse.msg_queue = _WakingQueue(wake)
