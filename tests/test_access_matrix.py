@@ -124,12 +124,6 @@ FAMILIES: dict[str, Family] = {
     "launch": Family("launch", _launch),
 }
 
-# A launch token (read-only, this study only, two hours) makes fresh launch tokens.
-_LAUNCH_RENEWS = pytest.mark.xfail(strict=True, reason=(
-    "services.browse.launch_url lets a study-scoped read-only token mint a new "
-    "launch token, so a leaked two-hour token renews itself for ever"))
-
-
 def _expected(rule: str, caller: str, resource: str) -> int:
     seen = resource in READ[caller]
     if rule == "download":
@@ -145,9 +139,7 @@ def _cases() -> Iterator[Any]:
     for family in FAMILIES:
         for caller in CALLERS:
             for resource in RESOURCES:
-                marks = [_LAUNCH_RENEWS] if (family, caller, resource) == (
-                    "launch", "launch", "S1") else []
-                yield pytest.param(family, caller, resource, marks=marks,
+                yield pytest.param(family, caller, resource,
                                    id=f"{family}-{caller}-{resource}")
 
 
@@ -827,10 +819,6 @@ def _scratch_folder(world: World, study: Study, member: str, role: folders.Role,
     return made
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "services.folders.move_study checks the roles but not access.require_reshare: "
-    "an editor moves a study from a folder without downloads or re-sharing into "
-    "their own inbox, where they may download and share it"))
 def test_an_editor_cannot_move_a_study_into_more_rights(world: World) -> None:
     study = _fresh_study(world, "Mover^Max")
     scratch = _scratch_folder(world, study, "dave", folders.Role.EDITOR,
@@ -848,9 +836,6 @@ def test_an_editor_cannot_move_a_study_into_more_rights(world: World) -> None:
         sharing.create_share(world.archive, world.principal("dave"), study=study.uid)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "services.sharing.create_share lets a member who may re-share but not download "
-    "make a link that allows downloads (the default), and download through it"))
 def test_a_member_without_downloads_cannot_download_through_their_own_link(
     world: World
 ) -> None:
@@ -869,9 +854,6 @@ def test_a_member_without_downloads_cannot_download_through_their_own_link(
     assert whole.status_code == 403
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a link without downloads refuses its ZIP, but its DICOMweb root still serves "
-    "whole instances (WADO-RS retrieve): sharing.holder's Principal may download"))
 def test_a_link_without_downloads_serves_no_whole_files(world: World) -> None:
     s1 = world.studies["S1"]
     _link, url = _share(world, allow_download=False)

@@ -119,6 +119,9 @@ def test_roles_decide_what_a_collaborator_may_do(server: RunningServer) -> None:
         folders.set_collaborator(archive, editor, folder, "vic", Role.OWNER)
     folders.comment(archive, editor, folder, "see series 2", first.StudyInstanceUID)
     other = folders.create_folder(archive, editor, "Elsewhere").public_id
+    with pytest.raises(Forbidden):  # out of a folder that keeps its studies to itself
+        folders.move_study(archive, editor, folder, other, first.StudyInstanceUID)
+    folders.update_folder(archive, owner, folder, allow_reshare=True)
     folders.move_study(archive, editor, folder, other, first.StudyInstanceUID)
     assert not viewer.may_read(first.StudyInstanceUID)
     assert editor.may_read(first.StudyInstanceUID)

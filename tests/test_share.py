@@ -275,3 +275,36 @@ def test_share_events_land_in_the_audit_trail(server: RunningServer) -> None:
             ("access_denied", "failure")} <= seen
     assert all(r["study_uid"] == study for r in rows)
     assert made.token not in str(rows)
+
+
+def test_the_links_viewer_page_follows_the_link(server: RunningServer) -> None:
+    """OHIF's page under /s/<token>/view: behind the passcode, configured for the
+    link's scoped root only, gone with the link."""
+    study, _members = make_study(server, n_series=1, per_series=1)
+    link, url = share(server, study, passcode="tulip-42")
+    same_origin = {"Origin": server.url}
+    with httpx.Client() as browser:
+        opened = browser.get(url + "/view")
+        assert opened.status_code == 303 and "/view/viewer?StudyInstanceUIDs=" in opened.headers[
+            "location"]
+        locked = browser.get(url + "/view/viewer")
+        assert locked.status_code == 303 and locked.headers["location"].endswith(
+            url.rsplit("/", 1)[1])
+        assert browser.post(url, data={"passcode": "tulip-42"},
+                            headers=same_origin).status_code == 303
+        page = browser.get(url + "/view/viewer", params={"StudyInstanceUIDs": study})
+        if page.status_code == 503:
+            pytest.skip("the viewer is not installed (make install)")
+        assert page.status_code == 200
+        token = url.rsplit("/", 1)[1]
+        assert f'src="/s/{token}/app-config.js"' in page.text
+        assert page.headers["referrer-policy"] == "no-referrer"
+    config = httpx.get(f"{url}/app-config.js").text
+    assert f"'/s/{token}'" in config and "showStudyList: false" in config
+    assert "dicomlocal" not in config and "supportsStow: false" in config
+    sharing.revoke(server.archive, ADMIN, link.id)
+    assert httpx.get(url + "/view/viewer").status_code == 404
+    assert httpx.get(url + "/app-config.js").status_code == 404
+    _org_link, org_url = share(server, study, access=sharing.Access.ORGANISATION)
+    answer = httpx.get(org_url + "/view/viewer")
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/login")

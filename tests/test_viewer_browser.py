@@ -232,3 +232,41 @@ def test_local_files_are_viewed_without_upload(page: Any, demo: Demo) -> None:
         headers=demo.server.headers,
     )
     assert found.status_code in (200, 204) and (found.status_code == 204 or found.json() == [])
+
+
+@pytest.mark.parametrize("deidentify", [False, True], ids=["plain", "de-identified"])
+def test_a_share_link_opens_the_study_in_the_viewer(
+    demo: Demo, browser: Any, deidentify: bool
+) -> None:
+    """Anonymous: the link's page, its passcode, then OHIF on the link's scoped root."""
+    from lightbox.services import sharing
+
+    archive = demo.server.archive
+    made = sharing.create_share(archive, sharing.acting_as(archive, None), study=demo.ct,
+                                passcode=None if deidentify else "tulip-42",
+                                deidentify=deidentify)
+    context = browser.new_context(base_url=demo.server.url,
+                                  viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(f"/s/{made.token}/view")
+        if deidentify:  # no passcode: straight into the viewer; back to the link's page
+            page.wait_for_url(re.compile(r"/view/viewer\?StudyInstanceUIDs="))
+            page.goto(f"/s/{made.token}")
+        else:  # the viewer waits behind the passcode
+            page.get_by_label("Passcode").fill("tulip-42")
+            page.get_by_role("button", name=re.compile("open|unlock", re.I)).click()
+            page.wait_for_url(re.compile(rf"/s/{re.escape(made.token)}$"))
+        page.locator("#open-viewer").click()
+        page.wait_for_url(re.compile(r"/view/viewer\?StudyInstanceUIDs="))
+        page.locator(VIEWPORT).first.wait_for()
+        page.locator(IMAGE_INDEX, has_text="/48)").wait_for()
+        _wait_pixels(page, lambda px: float(px.std()) > 10, "an image")
+        shot(page, f"share-viewer-{'deid' if deidentify else 'plain'}")
+        shown = page.url.split("StudyInstanceUIDs=")[1]
+        assert (shown != demo.ct) == deidentify
+    finally:
+        context.close()
+    sharing.revoke(archive, sharing.acting_as(archive, None), made.link.id)
+    gone = httpx.get(f"{demo.server.url}/s/{made.token}/view/viewer")
+    assert gone.status_code == 404

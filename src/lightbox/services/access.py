@@ -88,7 +88,7 @@ def may_download(principal: Principal, study_instance_uid: str) -> bool:
     """Whole studies as files (ZIP, WADO-RS/URI retrieve, desktop viewers, C-GET):
     allowed when one of the folders holding the study allows downloads, or the
     caller owns one of them."""
-    if not principal.may_read(study_instance_uid):
+    if not principal.download or not principal.may_read(study_instance_uid):
         return False
     found = grants_on(principal, study_instance_uid)
     if found is None:

@@ -62,6 +62,7 @@ class Principal:
     user_id: int | None = None
     organisation_id: int | None = None
     grants: Grants | None = field(default=None, compare=False, repr=False)
+    download: bool = True  # False: may view, never take whole files (a link without)
 
     @property
     def whole_archive(self) -> bool:

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 
 from lightbox.archive import Archive
 from lightbox.dicom import uids
-from lightbox.errors import BadRequest, NotFound
+from lightbox.errors import BadRequest, Forbidden, NotFound
 from lightbox.index import browse as index
 from lightbox.index.browse import InstanceRef, SeriesRow, SortKey, StudyFilter, StudyRow
 from lightbox.services import access, auth, manage, thumbnails
@@ -214,6 +214,9 @@ def launch_url(
     if launcher not in LAUNCHERS:
         raise NotFound(f"no viewer called {launcher[:32]!r}")
     _readable_study(archive, principal, study_uid)
+    if principal.studies is not None:
+        # A launch token must not mint the next one (a leaked token would live for ever).
+        raise Forbidden("a token limited to some studies cannot hand out new ones")
     access.require_download(principal, study_uid)  # a desktop viewer takes whole files
     token = auth.create_token(
         archive, user=principal.user, expires=LAUNCH_LIFETIME, studies=[study_uid],

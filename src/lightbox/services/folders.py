@@ -284,7 +284,9 @@ def remove_study(archive: Archive, principal: Principal, public_id: str, study: 
 
 def move_study(archive: Archive, principal: Principal, source: str, target: str, study: str,
                caller: Caller | None = None) -> None:
-    """Move a study between folders: editor of the source, uploader of the target."""
+    """Move a study between folders: editor of the source, uploader of the
+    target, and allowed to pass the study on (as for adding it anywhere)."""
+    access.require_reshare(principal, study)
     with archive.db.write() as conn:
         origin, from_role = _load(conn, principal, source)
         _require_role(principal, from_role, Role.EDITOR)

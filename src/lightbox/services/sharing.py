@@ -154,6 +154,9 @@ def create_share(
         raise Forbidden("a token limited to some studies cannot create share links")
     uids.require_uid(study, "StudyInstanceUID")
     access_service.require_reshare(principal, study)
+    if allow_download and not access_service.may_download(principal, study):
+        raise Forbidden("you may not download this study, so a link to it cannot allow "
+                        "downloads: make it without")
     folder_id = _link_folder(archive, principal, study, folder) if folder else None
     if access is Access.COLLABORATORS and folder_id is None:
         raise BadRequest("a link for the collaborators of a folder is made from that folder")
@@ -323,8 +326,8 @@ def holder(archive: Archive, link: ShareLink, viewer: Principal | None) -> Princ
             raise Unauthenticated("sign in to open this link")
         _require_audience(archive, link, viewer)
     name = viewer.user if viewer is not None else f"link:{link.id}"
-    return Principal(user=name, is_admin=False,
-                     studies=frozenset({link.study_instance_uid}), read_only=True)
+    return Principal(user=name, is_admin=False, studies=frozenset({link.study_instance_uid}),
+                     read_only=True, download=link.allow_download)
 
 
 def _require_audience(archive: Archive, link: ShareLink, viewer: Principal) -> None:

@@ -132,6 +132,7 @@ async def study_page(request: Request) -> Response:
         may_delete=principal.is_admin and not principal.read_only,
         may_share=may_share, shares=shares, history=history, holding=holding,
         targets=targets if may_share else [], from_folder=from_folder,
+        may_download=access.may_download(principal, study_uid),
     )
 
 

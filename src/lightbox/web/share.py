@@ -77,7 +77,7 @@ def qr_svg(url: str) -> str:
     return str(code.svg_inline(scale=4, border=2, dark="#111", light="#fff"))
 
 
-async def _open_link(request: Request) -> ShareLink:
+async def open_link(request: Request) -> ShareLink:
     token = request.path_params["token"]
     link = await context.blocking(sharing.resolve, context.archive(request), token)
     if link.access.needs_sign_in:
@@ -87,7 +87,7 @@ async def _open_link(request: Request) -> ShareLink:
 
 @share_errors
 async def share_page(request: Request) -> Response:
-    link = await _open_link(request)
+    link = await open_link(request)
     archive = context.archive(request)
     token = request.path_params["token"]
     if not await context.blocking(sharing.is_unlocked, archive, link, unlock_token(request)):
@@ -119,7 +119,7 @@ def same_origin(request: Request) -> None:
 @share_errors
 async def passcode_form(request: Request) -> Response:
     same_origin(request)
-    link = await _open_link(request)
+    link = await open_link(request)
     token = request.path_params["token"]
     form = await request.form()
     try:
@@ -163,7 +163,7 @@ async def unlock_api(request: Request) -> Response:
 
 @share_errors
 async def download(request: Request) -> Response:
-    link = await _open_link(request)
+    link = await open_link(request)
     archive = context.archive(request)
     principal = await holder_of(request, link)
     if not link.allow_download:
