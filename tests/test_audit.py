@@ -201,3 +201,14 @@ def test_the_study_page_lists_its_access_history(server: RunningServer) -> None:
     history = page.text.split('id="history"', 1)[1]
     assert "upload" in history and "view" in history and "admin" in history
     assert 'action="/shares"' in page.text
+
+
+def test_study_pages_and_their_thumbnails_are_views() -> None:
+    from lightbox.web.audit import classify
+
+    study, series = "1.2.3.4", "1.2.3.4.5"
+    assert classify("GET", f"/browse/studies/{study}", "") == ("view", study, None)
+    assert classify("GET", f"/browse/thumbnails/{study}/{series}.jpg", "") == (
+        "view", study, series)
+    assert classify("POST", f"/browse/studies/{study}/delete", "") is None
+    assert classify("GET", "/browse", "") is None

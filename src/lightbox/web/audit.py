@@ -23,6 +23,11 @@ _STUDY_PATH = re.compile(
     r"(?P<rest>/[a-z]+)?(?:/.*)?"
 )
 _DOWNLOAD = re.compile(r"/download/studies/(?P<study>[0-9.]{1,64})\.zip")
+# The study browser: a study's page and its series thumbnails are views too.
+_PAGE_VIEW = re.compile(
+    r"/browse/(?:studies/(?P<study>[0-9.]{1,64})|thumbnails/(?P<thumb>[0-9.]{1,64})"
+    r"/(?P<series>[0-9.]{1,64})\.jpg)"
+)
 _SEARCH = re.compile(r"/dicom-web/(?:series|instances)")
 _COUNTED = {"frames", "view", "retrieve"}
 
@@ -34,6 +39,9 @@ def classify(method: str, path: str, query: str) -> tuple[str, str | None, str |
     found = _DOWNLOAD.fullmatch(path)
     if found and method == "GET":
         return "download", found["study"], None
+    found = _PAGE_VIEW.fullmatch(path)
+    if found and method == "GET":
+        return "view", found["study"] or found["thumb"], found["series"]
     if path == "/wado" and method == "GET":
         study = parse_qs(query).get("studyUID", [None])[0]
         return "retrieve", study, None
@@ -110,8 +118,8 @@ class AuditTrail:
                                       source=source, user_agent=agent,
                                       detail={"path": scope["path"][:300], "status": status}))
             return
-        if status >= 400 and action != "query":
-            return  # not found or malformed: nothing was disclosed
+        if (status >= 400 and action != "query") or 300 <= status < 400:
+            return  # not found, malformed, or sent to sign in: nothing was disclosed
         if action in _COUNTED:
             self.auditor.count(action, actor, study, source=source, user_agent=agent)
             return
