@@ -47,6 +47,15 @@ class Settings:
     smtp_user: str = ""
     smtp_password: str = ""
     smtp_from: str = ""  # the sender address, e.g. lightbox@hospital.example
+    # Single sign-on with OpenID Connect. Empty oidc_issuer: SSO off.
+    oidc_issuer: str = ""  # e.g. https://login.hospital.example/realms/staff
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""  # empty: a public client (PKCE only)
+    oidc_scopes: str = "openid email profile"
+    oidc_username_claim: str = "preferred_username"  # then "email", then "sub"
+    oidc_organisation: str = ""  # new SSO users join it; empty: the default one
+    oidc_create_users: bool = True  # first sign-in makes a member without a password
+    oidc_button: str = "Sign in with your organisation account"
     overwrite: bool = False
     qido_max_results: int = 1000
     max_upload_bytes: int = 8 * 1024**3
