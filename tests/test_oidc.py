@@ -241,6 +241,20 @@ def test_an_address_as_user_name_becomes_a_name_without_at(
     assert len([u for u in auth.list_users(server.archive) if u.name.startswith("ivan")]) == 1
 
 
+def test_an_unreachable_provider_shows_the_login_page_with_the_reason(
+    server: RunningServer
+) -> None:
+    from tests.conftest import free_port
+
+    use_sso(server.archive, f"http://127.0.0.1:{free_port()}")
+    answer = httpx.get(f"{server.url}/login/oidc", params={"next": "/browse"})
+    assert answer.status_code == 503
+    assert "not reachable" in answer.text and 'action="/login"' in answer.text
+    use_sso(server.archive, "http://provider.example")  # plain HTTP off loopback
+    answer = httpx.get(f"{server.url}/login/oidc")
+    assert answer.status_code == 503 and "https" in answer.text
+
+
 # ID token validation, against keys served by a small discovery server of our own.
 
 

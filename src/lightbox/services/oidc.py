@@ -100,25 +100,20 @@ class _Cache:
 
     def provider(self, issuer: str) -> Provider | None:
         with self._lock:
-            found = self._providers.get(issuer)
-        if found is None or time.monotonic() - found[0] > DISCOVERY_SECONDS:
-            return None
-        return found[1]
-
-    def keep_provider(self, issuer: str, provider: Provider) -> None:
-        with self._lock:
-            self._providers[issuer] = (time.monotonic(), provider)
+            at, found = self._providers.get(issuer, (0.0, None))
+        return found if time.monotonic() - at <= DISCOVERY_SECONDS else None
 
     def keys(self, uri: str, max_age: float) -> KeySet | None:
         with self._lock:
-            found = self._keys.get(uri)
-        if found is None or time.monotonic() - found[0] > max_age:
-            return None
-        return found[1]
+            at, found = self._keys.get(uri, (0.0, None))
+        return found if time.monotonic() - at <= max_age else None
 
-    def keep_keys(self, uri: str, keys: KeySet) -> None:
+    def keep(self, url: str, value: Provider | KeySet) -> None:
         with self._lock:
-            self._keys[uri] = (time.monotonic(), keys)
+            if isinstance(value, Provider):
+                self._providers[url] = (time.monotonic(), value)
+            else:
+                self._keys[url] = (time.monotonic(), value)
 
     def clear(self) -> None:
         with self._lock:
@@ -126,11 +121,11 @@ class _Cache:
             self._keys.clear()
 
 
-_cache = _Cache()
+_cache = _Cache()  # per process; a few small documents
 
 
 def forget_providers() -> None:
-    """Drop cached discovery documents and keys (tests; a provider moved)."""
+    """Drop cached discovery documents and keys (a provider moved, tests)."""
     _cache.clear()
 
 
@@ -193,7 +188,7 @@ def discover(settings: Settings) -> Provider:
         token_auth_methods=tuple(str(m) for m in methods),
         algorithms=algorithms,
     )
-    _cache.keep_provider(configured, provider)
+    _cache.keep(configured, provider)
     return provider
 
 
@@ -272,7 +267,7 @@ def _key_set(provider: Provider, *, refresh: bool = False) -> KeySet:
         keys = KeySet.import_key_set(document)  # type: ignore[arg-type]
     except (JoseError, KeyError, TypeError, ValueError) as exc:
         raise Unavailable("the identity provider's signing keys are not usable") from exc
-    _cache.keep_keys(provider.jwks_uri, keys)
+    _cache.keep(provider.jwks_uri, keys)
     return keys
 
 
