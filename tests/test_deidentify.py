@@ -4,11 +4,14 @@ UIDs consistent within the link, burned-in images withheld."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from typing import Any
 
 import httpx
 from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -197,7 +200,24 @@ def test_burned_in_instance_is_withheld_everywhere(server: RunningServer) -> Non
     assert page.status_code == 200
     assert "1 image was withheld" in page.text
     assert not [s for s in _secrets(datasets) if s in page.text]
-    assert httpx.get(url + "/download.zip").status_code == 403
+    # The ZIP: the same de-identified files (the burned-in one left out), a DICOMDIR
+    # of public UIDs, and not one identifying value in any of its bytes.
+    answer = httpx.get(url + "/download.zip")
+    assert answer.status_code == 200
+    files = zipfile.ZipFile(io.BytesIO(answer.content))
+    names = files.namelist()
+    assert "DICOMDIR" in names and len(names) == len(datasets)
+    for name in names:
+        data = files.read(name)
+        parsed = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        leaked = [s for s in _secrets(datasets) if s.encode() in _header_bytes(parsed)]
+        assert not leaked, (name, leaked)
+        if name != "DICOMDIR":
+            assert parsed.StudyInstanceUID == public["StudyInstanceUID"]
+            assert parsed.SOPInstanceUID != public["SOPInstanceUID"]
+    directory = dcmread(io.BytesIO(files.read("DICOMDIR")))
+    studies = [r for r in directory.DirectoryRecordSequence if r.DirectoryRecordType == "STUDY"]
+    assert [r.StudyInstanceUID for r in studies] == [public["StudyInstanceUID"]]
 
 
 def test_profile_table_covers_the_usual_suspects() -> None:

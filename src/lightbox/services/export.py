@@ -10,11 +10,12 @@ characters, numbered by position, never derived from UIDs or names.
 
 from __future__ import annotations
 
+import io
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -44,12 +45,18 @@ _HEADER_KEYWORDS = [
 ]
 
 
+Rewrite = Callable[[StoredInstance, BinaryIO], tuple[StoredInstance, bytes]]
+
+
 @dataclass(frozen=True)
 class StudyExport:
-    """A study the caller may read, ready to be sent as a ZIP."""
+    """A study the caller may read, ready to be sent as a ZIP. With ``rewrite``
+    each file is sent as it returns it (de-identified, say): its bytes, and the
+    instance as the file now names it."""
 
     study_instance_uid: str
     instances: list[StoredInstance]
+    rewrite: Rewrite | None = None
 
     @property
     def filename(self) -> str:
@@ -76,9 +83,13 @@ def zip_chunks(archive: Archive, export: StudyExport) -> Iterator[bytes]:
         for instance in export.instances:
             file_id = directory.file_id(instance.series_instance_uid)
             with archive.blobs.open(instance.blob_key) as fh:
+                if export.rewrite is not None:
+                    instance, data = export.rewrite(instance, fh)
+                    fh = io.BytesIO(data)
                 header = dcmread(fh, stop_before_pixels=True, specific_tags=_HEADER_KEYWORDS)
+                size = fh.seek(0, io.SEEK_END)
                 fh.seek(0)
-                member = _member("/".join(file_id), instance.size)
+                member = _member("/".join(file_id), size)
                 with zf.open(member, "w") as out:
                     while chunk := fh.read(CHUNK):
                         out.write(chunk)

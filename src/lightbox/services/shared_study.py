@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO
 
 from lightbox.archive import Archive
 from lightbox.dicom.query import Query
@@ -20,7 +20,7 @@ from lightbox.errors import NotFound
 from lightbox.index import browse as browse_index
 from lightbox.index import shares as index
 from lightbox.index.instances import StoredInstance
-from lightbox.services import deidentify, pixels, retrieve, search
+from lightbox.services import deidentify, export, pixels, retrieve, search
 from lightbox.services.auth import Principal
 from lightbox.services.deidentify import UidMapper
 from lightbox.services.sharing import ShareLink, withheld
@@ -136,6 +136,24 @@ def shown_instances(
     if not found:
         raise NotFound("nothing to show here")
     return found
+
+
+def deidentified_export(
+    archive: Archive, link: ShareLink, principal: Principal
+) -> export.StudyExport:
+    """The study as a de-identified ZIP: public UIDs, the profile applied to
+    every file, images with burned-in text left out."""
+    mapper = _mapper(link)
+    found = shown_instances(archive, link, principal, link.study_instance_uid)
+
+    def rewrite(instance: StoredInstance, source: BinaryIO) -> tuple[StoredInstance, bytes]:
+        public = replace(
+            instance, study_instance_uid=mapper.public(instance.study_instance_uid),
+            series_instance_uid=mapper.public(instance.series_instance_uid),
+            sop_instance_uid=mapper.public(instance.sop_instance_uid))
+        return public, deidentify.deidentify_file(source, mapper)
+
+    return export.StudyExport(mapper.public(link.study_instance_uid), found, rewrite)
 
 
 def instance_deidentified(

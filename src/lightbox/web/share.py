@@ -169,10 +169,11 @@ async def download(request: Request) -> Response:
     if not link.allow_download:
         raise Forbidden("this link does not allow downloads")
     if link.deidentify:
-        raise Forbidden("de-identified links cannot be downloaded as a ZIP; "
-                        "use the DICOMweb root, which de-identifies every instance")
-    found = await context.blocking(
-        export.open_study_export, archive, principal, link.study_instance_uid)
+        found = await context.blocking(
+            shared_study.deidentified_export, archive, link, principal)
+    else:
+        found = await context.blocking(
+            export.open_study_export, archive, principal, link.study_instance_uid)
     sharing.record(archive, "share_download", link, principal.user,
                    caller=context.caller(request))
     headers = {"Content-Disposition": f'attachment; filename="{found.filename}"',
