@@ -139,6 +139,15 @@ def test_a_disabled_user_is_refused(server: RunningServer, issuer: str) -> None:
     assert logins(server, "bob")[0]["outcome"] == "failure"
 
 
+def test_an_administrator_name_is_not_taken_over(server: RunningServer, issuer: str) -> None:
+    use_sso(server.archive, issuer)
+    auth.add_user(server.archive, "chief", "a long admin password", is_admin=True)
+    provider_user(issuer, "u-2003", preferred_username="chief", email="chief@example.org")
+    browser, answer = sign_in(server, issuer, "u-2003")
+    assert answer.status_code == 401 and "administrators sign in" in answer.text
+    assert browser.cookies.get(SESSION_COOKIE) is None
+
+
 def test_a_tampered_state_is_refused(server: RunningServer, issuer: str) -> None:
     use_sso(server.archive, issuer)
     provider_user(issuer, "u-3003", preferred_username="carol")

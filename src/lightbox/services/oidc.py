@@ -31,6 +31,7 @@ from joserfc.jwk import KeySet
 
 from lightbox.archive import Archive
 from lightbox.errors import BadRequest, Conflict, NotFound, Unauthenticated, Unavailable
+from lightbox.index import accounts
 from lightbox.index import folders as folder_index
 from lightbox.services import auth
 from lightbox.settings import Settings
@@ -397,6 +398,12 @@ def sign_in(archive: Archive, identity: Identity) -> SignIn:
         person = _create(archive, identity)
     if person.disabled:
         raise Unauthenticated("this account is disabled")
+    with archive.db.read() as conn:
+        is_admin = accounts.get_user(conn, person.name).is_admin
+    if is_admin:
+        # Whoever the provider vouches for under an administrator's name would
+        # hold the whole archive: administrators sign in with their password.
+        raise Unauthenticated("administrators sign in with their password, not single sign-on")
     token = auth.create_token(archive, user=person.name, expires=auth.SESSION_LIFETIME,
                               label=auth.SESSION_LABEL)
     return SignIn(person.name, token)
