@@ -27,6 +27,8 @@ from pynetdicom.events import Event
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, streaming
 from lightbox.dimse.status import STORE_FAILURES, Store, status_dataset
+from lightbox.services import folders
+from lightbox.services.auth import Principal
 from lightbox.services.ingest import Offer, Outcome, Prepared, Status, commit, discard, prepare
 
 log = logging.getLogger("lightbox.dimse")
@@ -38,13 +40,14 @@ class _Mismatch(Exception):
     """The dataset names another SOP Class or Instance than the C-STORE request."""
 
 
-def receive(archive: Archive, event: Event, *, calling_ae: str, source: str) -> tuple[
-    Dataset, Outcome | None
-]:
+def receive(archive: Archive, event: Event, *, calling_ae: str, source: str,
+            principal: Principal | None = None) -> tuple[Dataset, Outcome | None]:
     """Store the dataset of a C-STORE request; the status to answer and the outcome.
 
-    Never raises: every failure becomes a failure status with an error comment.
-    The staging file is consumed whatever happens.
+    With the ``principal`` of a node acting as a member, the member's rules
+    apply: no adding to studies they may not add to (0x0124), and new studies
+    land in their inbox. Never raises: every failure becomes a failure status
+    with an error comment. The staging file is consumed whatever happens.
     """
     request = cast(C_STORE, event.request)
     sop_instance = str(request.AffectedSOPInstanceUID or "")
@@ -55,7 +58,11 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str) -> 
         prepared = prepare(archive, [offer], None)
         staged = None  # ingest owns it now
         _check_identity(prepared[0], request)
+        if principal is not None:
+            prepared = folders.screen_uploads(archive, principal, prepared)
         outcome = commit(archive, prepared)[0]
+        if principal is not None and outcome.status is not Status.REJECTED:
+            folders.file_uploads(archive, principal, [outcome.study_instance_uid or ""])
     except _Mismatch as exc:
         discard(prepared)
         return status_dataset(Store.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
