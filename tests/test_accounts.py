@@ -116,7 +116,7 @@ def test_cli_lists_disables_and_revokes(archive: Archive) -> None:
     assert lightbox("user", "add", "nina", stdin=GOOD + "\n").returncode == 0
     made = lightbox("token", "create", "--user", "nina", "--label", "laptop")
     assert made.returncode == 0
-    assert lightbox("user", "list").stdout.splitlines() == ["nina\tmember\tactive"]
+    assert lightbox("user", "list").stdout.splitlines() == ["nina\tmember\tactive\tdefault\t-"]
     listed = lightbox("token", "list", "--user", "nina").stdout.splitlines()
     assert len(listed) == 1 and "\tnina\tlaptop\t" in listed[0]
     assert made.stdout.strip() not in listed[0]
@@ -124,7 +124,8 @@ def test_cli_lists_disables_and_revokes(archive: Archive) -> None:
     assert lightbox("token", "revoke", token_id).returncode == 0
     assert lightbox("token", "list").stdout.rstrip().endswith("revoked")
     assert lightbox("user", "disable", "nina").returncode == 0
-    assert lightbox("user", "list").stdout.splitlines() == ["nina\tmember\tdisabled"]
+    assert lightbox("user", "list").stdout.splitlines() == [
+        "nina\tmember\tdisabled\tdefault\t-"]
     assert lightbox("token", "revoke", "999").returncode == 2
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 
 from lightbox.archive import Archive
 from lightbox.cli.importer import import_paths
@@ -15,6 +16,7 @@ from lightbox.samples import SAMPLES, write_samples
 from lightbox.services import auth
 from tests.browser import shot, sign_in
 from tests.conftest import RunningServer, make_settings, serving
+from tests.grants import grant
 
 NAME, PASSWORD = "radiologist", "browse the studies"
 
@@ -30,6 +32,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         summary = import_paths(archive, [Path(f) for f in files], progress=False)
         assert summary is not None
         auth.add_user(archive, NAME, PASSWORD, is_admin=False)
+        studies = {str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+        grant(archive, NAME, *sorted(studies))  # a member sees their folders' studies
         with serving(archive) as running:
             yield running
     finally:

@@ -31,6 +31,7 @@ from lightbox.archive import Archive
 from lightbox.services import auth
 from tests.conftest import BACKENDS, RunningServer, database_url, make_settings, serving
 from tests.factories import ROOT, ct_dataset, to_bytes
+from tests.grants import grant
 
 DICOM_ANY = (("application/dicom", "*"),)
 PATIENT = {"PatientID": "DWC-1", "PatientName": "Lovelace^Ada"}
@@ -558,6 +559,7 @@ def test_delete_instance_series_and_study(server: RunningServer) -> None:
 def test_delete_needs_an_administrator(server: RunningServer) -> None:
     study, items = _store_small_study(server)
     auth.add_user(server.archive, "reader", None, is_admin=False)
+    grant(server.archive, "reader", study, role="owner")  # even a folder's owner
     token = auth.create_token(server.archive, user="reader")
     client = DICOMwebClient(server.dicomweb, headers={"Authorization": f"Bearer {token}"})
     series, sop = items[0]

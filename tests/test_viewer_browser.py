@@ -23,6 +23,7 @@ from lightbox.samples import write_samples
 from lightbox.services import auth
 from tests.browser import shot, sign_in
 from tests.conftest import VIEWER_DIR, RunningServer, database_url, make_settings, serving
+from tests.grants import grant
 
 USER, PASSWORD = "rad", "viewer test pass"
 VIEWPORT = ".cornerstone-viewport-element"
@@ -56,6 +57,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         try:
             import_paths(archive, by_modality["CT"], progress=False)
             auth.add_user(archive, USER, PASSWORD, is_admin=False)
+            grant(archive, USER, ct, role="owner")  # owners may add reports (SR) to it
             with serving(archive) as server:
                 yield Demo(server, ct, sorted(by_modality["MR"]))
         finally:
