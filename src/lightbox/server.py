@@ -98,7 +98,9 @@ def serve(settings: Settings) -> None:
     archive = Archive.open(settings)
     archive.blobs.clear_staging()
     app = create_asgi(archive)
-    dicom = DicomServer(archive) if settings.dicom_port != 0 else None
+    # As many DIMSE processes as HTTP workers: one core each for parallel associations.
+    dicom = (DicomServer(archive, processes=settings.http_workers)
+             if settings.dicom_port != 0 else None)
     try:
         if dicom is not None:
             dicom.start()

@@ -4,12 +4,24 @@ Every association is admitted (or rejected) by the access policy when it is
 requested, logged when it ends, and served by handlers that never let an
 exception escape: pynetdicom would turn it into a generic failure, and a bug
 in one request must not end the association or the server.
+
+With ``processes`` above one, more processes accept associations from the
+same listening socket (whichever is free takes the next one): one Python
+process runs one thread at a time, and receiving, parsing and indexing
+instances is CPU work, so parallel associations need more than one process
+to use more than one core. Each process opens the archive itself; their
+index writes queue on the database's write lock.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import multiprocessing
+import os
+import signal
+import socket
 import threading
 import time
 import weakref
@@ -28,6 +40,7 @@ from lightbox.dimse.session import Session
 from lightbox.dimse.status import General, Store, status_dataset
 from lightbox.dimse.transport import MIN_PDU_LIMIT, AssociationServer
 from lightbox.services.ingest import Status as IngestStatus
+from lightbox.settings import Settings
 
 log = logging.getLogger("lightbox.dimse")
 
@@ -47,12 +60,22 @@ class DicomServer:
     """The SCP for one archive. ``start`` binds and serves in a background thread."""
 
     def __init__(self, archive: Archive, *, host: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, processes: int = 1,
+                 listener: socket.socket | None = None, loads: Any = None,
+                 slot: int = 0) -> None:
         self.archive = archive
         self.host = host or archive.settings.host
         self.port = archive.settings.dicom_port if port is None else port
+        self.processes = processes
+        self.listener = listener  # another process's listening socket, to serve too
+        # Connections each process serves (a shared Array), and this one's index.
+        self.loads = loads
+        self.slot = slot
+        if processes > 1 and loads is None:
+            self.loads = multiprocessing.get_context("spawn").Array("i", processes, lock=False)
         self._ae: AE | None = None
         self._server: AssociationServer | None = None
+        self._children: list[multiprocessing.process.BaseProcess] = []
         self._sessions: weakref.WeakKeyDictionary[Association, Session] = (
             weakref.WeakKeyDictionary()
         )
@@ -68,7 +91,9 @@ class DicomServer:
         # Given to the server, not to ae.supported_contexts, whose setter drops the roles.
         server = ae.make_server(
             (self.host, self.port), contexts=contexts.scp_contexts(),
-            evt_handlers=self._handlers(), server_class=AssociationServer,
+            evt_handlers=self._handlers(),
+            server_class=(AssociationServer if self.listener is None
+                          else transport.adopting(self.listener)),
         )
         assert isinstance(server, AssociationServer)
         server.tls_context = tls_context
@@ -79,6 +104,11 @@ class DicomServer:
             server.pdu_limit = max(settings.dicom_max_pdu, MIN_PDU_LIMIT)
         else:
             server.pdu_limit = 2**32
+        if self.processes > 1 and server.socket is not None:
+            # Every process polls the socket and tries to accept: the one that gets
+            # the connection serves it, the others find nothing and poll again.
+            server.socket.setblocking(False)
+        server.loads, server.slot = self.loads, self.slot
         # pynetdicom's shutdown() removes the server from this list.
         ae._servers.append(server)
         self.port = int(server.server_address[1])
@@ -86,6 +116,18 @@ class DicomServer:
         self._ae, self._server = ae, server
         log.info("DICOM SCP %s listening on %s:%d (%s)", settings.aet, self.host, self.port,
                  tls.describe(settings))
+        self._start_children()
+
+    def _start_children(self) -> None:
+        if self.processes < 2 or self._server is None or self._server.socket is None:
+            return
+        listener = self._server.socket
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        for n in range(1, self.processes):
+            child = spawn.Process(target=serve_process, name=f"dicom-scp-{n}", daemon=True,
+                                  args=(self.archive.settings, listener, self.loads, n))
+            child.start()
+            self._children.append(child)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, then abort the associations still open (waiting at most
@@ -94,6 +136,9 @@ class DicomServer:
         self._ae = self._server = None
         if ae is None or server is None:
             return
+        children, self._children = self._children, []
+        for child in children:
+            child.terminate()  # SIGTERM: the child stops its own server the same way
         server.shutdown()
         aborting = [threading.Thread(target=a.abort, daemon=True) for a in ae.active_associations]
         for thread in aborting:
@@ -101,6 +146,10 @@ class DicomServer:
         deadline = time.monotonic() + timeout
         for thread in aborting:
             thread.join(max(0.0, deadline - time.monotonic()))
+        for child in children:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
 
     def _handlers(self) -> list[Any]:
         return [
@@ -215,3 +264,39 @@ class DicomServer:
             return handler(self.archive, session.peer, session, event)
 
         return bound
+
+
+def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot: int) -> None:
+    """One more process serving the first one's listening socket, until SIGTERM
+    or until the process that started it dies."""
+    _die_with_parent()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    archive = Archive.open(settings, migrate=False)
+    host, port = listener.getsockname()[:2]
+    server = DicomServer(archive, host=host, port=port, listener=listener, loads=loads,
+                         slot=slot)
+    try:
+        server.start()
+        stop.wait()
+    finally:
+        server.stop()
+        archive.close()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent dies (even by kill -9), so no
+    orphan keeps serving an archive that nobody supervises."""
+    parent = multiprocessing.parent_process()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's stop() still ends this process
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(0)  # the parent died before the request took effect

@@ -34,6 +34,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -47,6 +48,10 @@ from lightbox.dimse import streaming
 log = logging.getLogger("lightbox.dimse")
 
 MIN_PDU_LIMIT = 1024 * 1024  # room for an A-ASSOCIATE-RQ with 128 contexts and more
+# Seconds a shared listener waits per association it is ahead: longer than a less
+# busy process may take to get round to accepting (setting up an association
+# holds a process's interpreter for some 20 ms).
+_BUSY_DEFERRAL = 0.025
 
 
 class _BoundedRequestHandler(RequestHandler):
@@ -58,6 +63,8 @@ class _BoundedRequestHandler(RequestHandler):
         if sock is not None:
             setattr(sock, "recv", _bounded_recv(sock, self.server.pdu_limit))  # noqa: B010
         _unpolled(assoc, self.server.pdu_limit)
+        self.server._handover.assoc = assoc
+        cast(_UnpolledAssociation, assoc).ended = self.server.association_ended
         if self.server.sink is not None:
             streaming.install(assoc, self.server.sink)
         return assoc
@@ -103,16 +110,62 @@ class AssociationServer(ThreadedAssociationServer):
     socket_timeout: float | None = 120.0
     pdu_limit: int = MIN_PDU_LIMIT
     sink: streaming.Sink | None = None  # where C-STORE datasets go (None: pynetdicom's temp files)
+    adopted: socket.socket | None = None  # a listening socket to serve instead of binding one
+    # When processes share the listening socket: connections each one serves, by slot.
+    loads: Any = None  # a multiprocessing Array of int
+    slot: int = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _BoundedRequestHandler
+        self.serving = 0  # connections accepted and not yet ended
+        self._count_lock = threading.Lock()
+        self._handover = threading.local()  # the association a connection became
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.adopted is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self.adopted
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.adopted is None:  # an adopted socket listens already
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
-        return self.socket.accept()
+        loads = self.loads
+        if loads is not None:
+            # Other processes poll the same socket: one busier than the least busy
+            # waits a little before it tries, so that one takes the association.
+            ahead = loads[self.slot] - min(loads)
+            if ahead > 0:
+                time.sleep(min(ahead, 8) * _BUSY_DEFERRAL)
+        accepted = self.socket.accept()  # BlockingIOError if another process took it
+        self._count(+1)
+        return accepted
+
+    def _count(self, change: int) -> None:
+        with self._count_lock:
+            self.serving += change
+            if self.loads is not None:
+                self.loads[self.slot] = self.serving
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        self._handover.assoc = None
+        try:
+            self._serve_connection(request, client_address)
+        finally:
+            if self._handover.assoc is None:  # refused before it became an association
+                self.association_ended()
+
+    def association_ended(self) -> None:
+        self._count(-1)
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
         try:
             no_delay(request)
             if self.tls_context is not None:
@@ -124,6 +177,12 @@ class AssociationServer(ThreadedAssociationServer):
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)
+
+
+def adopting(listener: socket.socket) -> type[AssociationServer]:
+    """An AssociationServer class that serves ``listener`` (a listening socket
+    shared with other processes) instead of binding a socket of its own."""
+    return type("AdoptingServer", (AssociationServer,), {"adopted": listener})
 
 
 def no_delay(sock: socket.socket) -> None:
@@ -324,6 +383,15 @@ class _UnpolledAssociation(Association):
     """pynetdicom's acceptor reactor, waiting on an event instead of sleeping 1 ms."""
 
     _lightbox_wake: threading.Event
+    ended: Any = None  # called once the association's thread is done
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            with contextlib.suppress(Exception):
+                if self.ended is not None:
+                    self.ended()
 
     def kill(self) -> None:
         self._lightbox_wake.set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,12 +32,32 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = _engine(url)
         self._write_lock: Any = threading.Lock() if self.is_sqlite else None
+        self._lock_file = _lock_file(self.engine) if self.is_sqlite else None
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A connection inside a transaction that commits on success."""
-        with self._write_lock or nullcontext(), self.engine.begin() as conn:
-            yield conn
+        with self._write_lock or nullcontext(), self._flock(), self.engine.connect() as conn:
+            # SQLite: take the write lock when the transaction begins. A deferred
+            # transaction that reads first cannot wait for another process's
+            # writer when it comes to write ("database is locked" at once).
+            conn.execution_options(lightbox_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _flock(self) -> Iterator[None]:
+        """SQLite: writers in other processes (HTTP workers, DIMSE processes, a CLI
+        import) queue here, woken as soon as the lock is free, instead of polling
+        in SQLite's busy handler with sleeps of up to 100 ms."""
+        if self._lock_file is None:
+            yield
+            return
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -59,6 +81,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+
+def _lock_file(engine: Engine) -> int | None:
+    """A descriptor of ``<database>-writelock`` for ``flock`` (none in memory)."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.open(f"{database}-writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 def _engine(url: str) -> Engine:
@@ -83,7 +116,8 @@ def _engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
+        write = conn.get_execution_options().get("lightbox_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
 

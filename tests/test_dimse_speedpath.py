@@ -1,0 +1,200 @@
+"""The fast C-STORE path: datasets streamed from the socket into staging, merged
+index transactions, and several SCP processes sharing one listening socket."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from lightbox.archive import Archive
+from lightbox.dimse import contexts, store, streaming
+from lightbox.dimse.scp import DicomServer
+from lightbox.dimse.status import Store
+from lightbox.index.db import Database
+from lightbox.index.schema import instances, series, studies
+from lightbox.services import ingest
+from lightbox.services.ingest import Offer, Status, store_instances
+from tests.conftest import free_port
+from tests.dimse_peers import dcmtk, scp, with_settings
+from tests.factories import ROOT, ct_dataset, write
+
+
+def _count(archive: Archive) -> int:
+    with archive.db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(instances)).scalar_one())
+
+
+def _send(port: int, datasets: list[Any], ae_title: str = "SPEEDSCU") -> list[int]:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize(("calling_ae", "sop_suffix"), [("SCU", ""), ("ODDSCU", ".1")])
+def test_file_meta_is_what_pydicom_writes(calling_ae: str, sop_suffix: str) -> None:
+    request = streaming.StoreRequest(CTImageStorage, "1.2.3.44" + sop_suffix,
+                                     ExplicitVRLittleEndian, calling_ae)
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(request.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(request.sop_instance_uid)
+    meta.TransferSyntaxUID = UID(request.transfer_syntax)
+    meta.ImplementationClassUID = UID(contexts.IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = contexts.IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = calling_ae
+    expected = DicomBytesIO()
+    write_file_meta_info(expected, meta, enforce_standard=True)
+    assert store.file_meta(request) == expected.getvalue()
+
+
+def test_dataset_in_many_small_pdus_is_stored_as_sent(archive: Archive) -> None:
+    # A 16 KiB maximum PDU cuts a 128 KiB image into some ten P-DATA PDUs.
+    small_pdus = with_settings(archive, dicom_max_pdu=16384)
+    sent = ct_dataset(size=256, sop=generate_uid(prefix=ROOT))
+    with scp(small_pdus) as server:
+        assert _send(server.port, [sent]) == [Store.SUCCESS]
+    with archive.db.read() as conn:
+        key = conn.execute(select(instances.c.blob_key)).scalar_one()
+    stored = pydicom.dcmread(archive.blobs.path(key))
+    assert stored.file_meta.ImplementationClassUID == contexts.IMPLEMENTATION_CLASS_UID
+    assert stored.file_meta.SourceApplicationEntityTitle == "SPEEDSCU"
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.SOPInstanceUID == sent.SOPInstanceUID
+    assert stored.PixelData == sent.PixelData
+    assert not any(archive.blobs.staging_dir().iterdir())
+
+
+def test_parallel_associations_store_everything_with_consistent_counts(
+    archive: Archive,
+) -> None:
+    study = generate_uid(prefix=ROOT)
+    uids = [generate_uid(prefix=ROOT) for _ in range(4)]
+    batches = [[ct_dataset(study=study, series=uids[n], instance_number=i)
+                for i in range(1, 7)] for n in range(4)]
+    with scp(archive) as server:
+        results: list[list[int]] = [[] for _ in batches]
+        senders = [threading.Thread(target=lambda n=n: results[n].extend(
+            _send(server.port, batches[n]))) for n in range(len(batches))]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=60)
+    assert results == [[Store.SUCCESS] * 6] * 4
+    assert _count(archive) == 24
+    with archive.db.read() as conn:
+        row = conn.execute(select(studies.c.number_of_series, studies.c.number_of_instances)
+                           ).one()
+        per_series = conn.execute(select(series.c.number_of_instances)).scalars().all()
+    assert tuple(row) == (4, 24)
+    assert sorted(per_series) == [6, 6, 6, 6]
+
+
+def test_callers_arriving_during_a_commit_share_the_next_one(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    first_started = threading.Event()
+    real_index = ingest._index
+
+    def slow_index(arch: Archive, items: Any) -> Any:
+        batches.append(len(items))
+        if len(batches) == 1:
+            first_started.set()
+            time.sleep(0.5)  # the others queue up meanwhile
+        return real_index(arch, items)
+
+    monkeypatch.setattr(ingest, "_index", slow_index)
+    files = [write(ct_dataset(), tmp_path / f"{n}.dcm") for n in range(5)]
+    outcomes: dict[int, Status] = {}
+
+    def offer(n: int) -> None:
+        outcomes[n] = store_instances(archive, [Offer(files[n], f"file {n}")])[0].status
+
+    first = threading.Thread(target=offer, args=(0,))
+    first.start()
+    assert first_started.wait(10)
+    others = [threading.Thread(target=offer, args=(n,)) for n in range(1, 5)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(timeout=30)
+    assert outcomes == {n: Status.STORED for n in range(5)}
+    assert batches[0] == 1 and sum(batches) == 5
+    assert len(batches) < 5  # some of the four waiting callers shared a transaction
+    assert _count(archive) == 5
+
+
+def _write_rows(url: str, rounds: int, errors: Any) -> None:
+    db = Database(url)
+    try:
+        for _ in range(rounds):
+            with db.write() as conn:
+                # Read, then write: a deferred transaction could not wait here.
+                conn.exec_driver_sql("SELECT count(*) FROM studies").scalar()
+                conn.exec_driver_sql("UPDATE studies SET number_of_series = number_of_series")
+    except Exception as exc:
+        errors.put(repr(exc))
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_writers_in_several_processes_wait_for_each_other(archive: Archive) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    errors = spawn.Queue()
+    writers = [spawn.Process(target=_write_rows, args=(archive.db.url, 40, errors))
+               for _ in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    assert errors.empty()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_two_processes_serve_one_port(archive: Archive, tmp_path: Path) -> None:
+    server = DicomServer(archive, host="127.0.0.1", port=free_port(), processes=2)
+    server.start()
+    try:
+        child = server._children[0]
+        assert child.is_alive()
+        # Each storescu keeps its association open while it sends, so that with four
+        # at once both processes have work; every instance must land either way.
+        folders = []
+        for n in range(4):
+            folder = tmp_path / f"part{n}"
+            folder.mkdir()
+            for i in range(5):
+                write(ct_dataset(instance_number=i + 1), folder / f"{i}.dcm")
+            folders.append(folder)
+        time.sleep(3)  # the second process imports and opens the archive
+        procs = [subprocess.Popen(["storescu", "-aec", "LIGHTBOX", "+sd", "127.0.0.1",
+                                   str(server.port), str(folder)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for folder in folders]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+        dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
+    finally:
+        server.stop()
+    assert not child.is_alive()
+    assert _count(archive) == 20
