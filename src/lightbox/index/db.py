@@ -91,7 +91,10 @@ def _lock_file(engine: Engine) -> int | None:
     database = engine.url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
-    return os.open(f"{database}-writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        return os.open(f"{database}-writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:  # a read-only folder: nothing will be written from here anyway
+        return None
 
 
 def _engine(url: str) -> Engine:
