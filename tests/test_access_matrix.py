@@ -781,9 +781,6 @@ def test_unknown_callers_may_not_retrieve(world: World, dimse: Dimse) -> None:
     assert dimse.received == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dimse.store ignores the node's acts_as user: a node acting as a viewer adds "
-    "instances to a study that user may only look at (STOW-RS refuses with 0x0124)"))
 def test_c_store_by_a_node_acting_as_a_viewer_does_not_change_the_study(
     world: World, dimse: Dimse
 ) -> None:
@@ -794,8 +791,14 @@ def test_c_store_by_a_node_acting_as_a_viewer_does_not_change_the_study(
     with _association(dimse, "BOBNODE", CTImageStorage) as assoc:
         assert assoc.is_established
         status = assoc.send_c_store(ds)
-    assert status.Status != 0x0000
+    assert status.Status == 0x0124  # Refused: Not Authorized, as STOW-RS answers
     assert _count(world, study) == before and not _stored(world, str(ds.SOPInstanceUID))
+    # A new study from the node is the member's: it lands in their inbox.
+    fresh = ct_dataset(patient_id="NODE-NEW", patient_name="Node^New")
+    with _association(dimse, "BOBNODE", CTImageStorage) as assoc:
+        assert assoc.send_c_store(fresh).Status == 0x0000
+    assert world.principal("bob").may_read(str(fresh.StudyInstanceUID))
+    assert not world.principal("carol").may_read(str(fresh.StudyInstanceUID))
 
 
 # -- the download and re-share switches, by other ways round -------------------------------

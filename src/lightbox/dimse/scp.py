@@ -35,7 +35,7 @@ from pynetdicom.events import Event
 
 from lightbox.archive import Archive
 from lightbox.dimse import commitment, contexts, find, retrieve, store, tls, transport
-from lightbox.dimse.access import Peer, Service, accept_unknown, admit
+from lightbox.dimse.access import Peer, Service, accept_unknown, admit, principal_for
 from lightbox.dimse.session import Session
 from lightbox.dimse.status import General, Store, status_dataset
 from lightbox.dimse.transport import MIN_PDU_LIMIT, AssociationServer
@@ -234,8 +234,12 @@ class DicomServer:
             peer = session.peer
             if not peer.may(Service.STORE):
                 return status_dataset(Store.NOT_AUTHORIZED, "not a known node")
+            # A node acting as a member stores under that member's rules.
+            acting = principal_for(self.archive, peer) if (
+                peer.node is not None and peer.node.acts_as) else None
             status, outcome = store.receive(
-                self.archive, event, calling_ae=peer.ae_title, source=f"C-STORE from {peer}"
+                self.archive, event, calling_ae=peer.ae_title, source=f"C-STORE from {peer}",
+                principal=acting,
             )
             session.note(f"C-STORE {outcome.status.value}" if outcome else "C-STORE failed")
             if outcome is not None and outcome.status is IngestStatus.STORED:
