@@ -212,6 +212,8 @@ class DicomServer:
             session.accepted(len(event.assoc.accepted_contexts))
 
     def _on_end(self, event: Event, how: str) -> None:
+        if how == "closed" and event.assoc.is_released:
+            how = "released"  # the peer closed after our release answer, before its event
         if how != "released":
             transport.discard_received_files(event.assoc)
         with self._lock:

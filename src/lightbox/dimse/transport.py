@@ -417,8 +417,10 @@ class _UnpolledAssociation(Association):
 
     def _ended(self) -> bool:
         if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
+            # Released before the answer goes out: the peer closes the connection
+            # as soon as it has the answer, and that close must read as a release.
             self.is_released = True
+            self.acse.send_release(is_response=True)
             self.is_established = False
             evt.trigger(self, evt.EVT_RELEASED, {})
             self.kill()
