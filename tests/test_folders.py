@@ -348,3 +348,35 @@ def test_cli_organisations_users_and_folders(
     listed = capsys.readouterr().out
     assert "Cases" in listed and "editor" in listed and "1 studies" in listed
     assert cli(["folder", "add", folder, "1.2.3", "--user", "kim", *common]) == 2
+
+
+def test_parallel_uploads_of_one_new_study_are_all_the_members(server: RunningServer) -> None:
+    """The upload page sends several requests at once: each must find the new
+    study theirs, whichever request stored it first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    token, member = _member(server, "nora")
+    study = ct_dataset().StudyInstanceUID
+    bodies = [stow_body([to_bytes(ct_dataset(study=study, instance_number=i))])
+              for i in range(8)]
+
+    def send(body: tuple[bytes, str]) -> int:
+        return httpx.post(server.dicomweb + "/studies", content=body[0], headers={
+            "Authorization": f"Bearer {token}", "Content-Type": body[1]}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(send, bodies)) == [200] * 8
+    assert _studies(server, token) == [study]
+    instances = httpx.get(server.dicomweb + f"/studies/{study}/instances",
+                          headers={"Authorization": f"Bearer {token}"}).json()
+    assert len(instances) == 8
+    # A refused upload leaves no claim behind: a study made later by someone
+    # else with that UID is not the member's.
+    refused = ct_dataset()
+    broken = to_bytes(refused)[:200]
+    body, kind = stow_body([broken])
+    httpx.post(server.dicomweb + "/studies", content=body, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": kind})
+    _ds, by_admin = _store(server, study=None)
+    assert by_admin.status_code == 200
+    assert not member.may_read(str(_ds.StudyInstanceUID))

@@ -63,6 +63,8 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str,
         outcome = commit(archive, prepared)[0]
         if principal is not None and outcome.status is not Status.REJECTED:
             folders.file_uploads(archive, principal, [outcome.study_instance_uid or ""])
+        elif principal is not None and outcome.study_instance_uid:
+            folders.file_uploads(archive, principal, [], offered=[outcome.study_instance_uid])
     except _Mismatch as exc:
         discard(prepared)
         return status_dataset(Store.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -36,6 +36,7 @@ from lightbox.errors import Conflict, NotFound
 from lightbox.index.schema import metadata, studies, users
 
 DEFAULT_ORGANISATION = 1
+CLAIM_LIFETIME = timedelta(hours=1)
 
 organisations = Table(
     "organisations",
@@ -104,6 +105,15 @@ invitations = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("accepted_at", DateTime(timezone=True), nullable=True),
+)
+
+
+upload_claims = Table(
+    "upload_claims",
+    metadata,
+    Column("study_instance_uid", String(64), primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -379,6 +389,35 @@ def remove_study(conn: Connection, folder_id: int, study_pk: int) -> None:
         folder_studies.c.folder_id == folder_id, folder_studies.c.study_pk == study_pk))
     if done.rowcount == 0:
         raise NotFound("the study is not in this folder")
+
+
+def claim_studies(conn: Connection, user_id: int, study_uids: Iterable[str]) -> set[str]:
+    """Claim for ``user_id`` the studies of an upload that do not exist yet, and
+    return every study of ``study_uids`` they hold a claim on. Claims last an
+    hour at most (an upload that broke off leaves its claims behind)."""
+    wanted = sorted(set(study_uids))
+    if not wanted:
+        return set()
+    now = datetime.now(UTC)
+    conn.execute(delete(upload_claims).where(
+        upload_claims.c.created_at < now - CLAIM_LIFETIME))
+    existing = set(study_pks(conn, wanted))
+    mine = set(conn.execute(select(upload_claims.c.study_instance_uid).where(
+        upload_claims.c.user_id == user_id,
+        upload_claims.c.study_instance_uid.in_(wanted))).scalars())
+    new = [u for u in wanted if u not in existing and u not in mine]
+    if new:
+        conn.execute(upload_claims.insert(), [
+            {"study_instance_uid": u, "user_id": user_id, "created_at": now} for u in new])
+    return mine | set(new)
+
+
+def drop_claims(conn: Connection, user_id: int, study_uids: Iterable[str]) -> None:
+    wanted = sorted(set(study_uids))
+    if wanted:
+        conn.execute(delete(upload_claims).where(
+            upload_claims.c.user_id == user_id,
+            upload_claims.c.study_instance_uid.in_(wanted)))
 
 
 def visible_study_pks(user_id: int) -> Select[Any]:

@@ -218,23 +218,26 @@ def add_studies(archive: Archive, principal: Principal, public_id: str, study_ui
 
 
 def file_uploads(archive: Archive, principal: Principal, study_uids: Iterable[str],
-                 folder: str | None = None) -> None:
+                 folder: str | None = None, offered: Iterable[str] = ()) -> None:
     """After an upload: a member's studies that are new to them go to their
-    inbox (or ``folder``, where they need the uploader role).
+    inbox (or ``folder``, where they need the uploader role). The claims made
+    by ``screen_uploads`` for every ``offered`` study end here.
 
     Callers that see the whole archive (administrators, nodes) need no inbox
     for what they upload: they see it anyway.
     """
-    if principal.grants is None or principal.studies is not None:
+    if principal.grants is None or principal.studies is not None or principal.user_id is None:
         return
-    wanted = sorted(u for u in set(study_uids) if folder or not principal.may_read(u))
-    if not wanted:
-        return
-    target = folder or ensure_inbox(archive, principal).public_id
+    stored = set(study_uids)
+    wanted = sorted(u for u in stored if folder or not principal.may_read(u))
+    target = (folder or ensure_inbox(archive, principal).public_id) if wanted else None
     with archive.db.write() as conn:
-        found, role = _load(conn, principal, target)
-        _require_role(principal, role, Role.UPLOADER)
-        index.add_studies(conn, found.id, index.study_pks(conn, wanted).values(), principal.user)
+        if target is not None:
+            found, role = _load(conn, principal, target)
+            _require_role(principal, role, Role.UPLOADER)
+            index.add_studies(conn, found.id, index.study_pks(conn, wanted).values(),
+                              principal.user)
+        index.drop_claims(conn, principal.user_id, stored | set(offered))
     _changed()
 
 
@@ -246,12 +249,16 @@ def screen_uploads(archive: Archive, principal: Principal,
     inbox (and "duplicate" answers would tell them what exists), or a viewer
     would change a study they were only shown.
     """
-    if principal.grants is None:
+    if principal.grants is None or principal.user_id is None:
         return prepared
-    with archive.db.read() as conn:
-        existing = index.study_pks(conn, {p.record.study_instance_uid for p in prepared
-                                          if p.record is not None})
-    hidden = {uid for uid in existing if not access.may_add_to(principal, uid)}
+    offered = {p.record.study_instance_uid for p in prepared if p.record is not None}
+    with archive.db.write() as conn:
+        # New studies are claimed at once: the member's parallel uploads of the
+        # same new study (the upload page sends several) are theirs too.
+        claimed = index.claim_studies(conn, principal.user_id, offered)
+        existing = index.study_pks(conn, offered)
+    hidden = {uid for uid in existing
+              if uid not in claimed and not access.may_add_to(principal, uid)}
     if not hidden:
         return prepared
     screened = []

@@ -93,8 +93,9 @@ async def store(request: Request) -> Response:
         discard(prepared)
         raise
     stored = {o.study_instance_uid for o in outcomes if o.status is not Status.REJECTED}
+    offered = {o.study_instance_uid for o in outcomes if o.study_instance_uid}
     await context.blocking(folders.file_uploads, archive, principal,
-                           {s for s in stored if s is not None})
+                           {s for s in stored if s is not None}, offered=offered)
     _audit(request, principal.user, outcomes)
     if not outcomes:
         raise BadRequest("the request holds no DICOM instances")
