@@ -921,3 +921,21 @@ def test_folder_roles(world: World) -> None:
     folders.remove_study(archive, dave, scratch, own.uid)
     assert not _sees(world, "bob", own.uid) and _sees(world, "carol", own.uid)
     folders.update_folder(archive, world.principal("admin"), scratch, allow_reshare=True)
+
+
+def test_a_c_move_of_several_studies_sends_the_downloadable_ones(
+    world: World, dimse: Dimse
+) -> None:
+    """One study the node's user may download, one they may only view: the first
+    is sent, the second left out (a request of only the second is refused)."""
+    fresh = _fresh_study(world, "Mover^Max")
+    _scratch_folder(world, fresh, "bob", folders.Role.VIEWER, download=True, reshare=False)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = [world.studies["S1"].uid, fresh.uid]
+    dimse.received.clear()
+    with _association(dimse, "BOBNODE", contexts.STUDY_ROOT_MOVE) as assoc:
+        statuses = [s for s, _ in assoc.send_c_move(identifier, "STORESCP",
+                                                   contexts.STUDY_ROOT_MOVE)]
+    assert statuses[-1].Status == Retrieve.SUCCESS
+    assert sorted(dimse.received) == sorted(fresh.sops)

@@ -30,7 +30,7 @@ from lightbox.dimse import contexts, query, tls
 from lightbox.dimse.access import Peer, Service, principal_for
 from lightbox.dimse.session import Session
 from lightbox.dimse.status import Retrieve, retrieve_failure, status_dataset
-from lightbox.errors import LightboxError, NotFound
+from lightbox.errors import Forbidden, LightboxError, NotFound
 from lightbox.index.instances import StoredInstance
 from lightbox.services import nodes, retrieve, search
 from lightbox.services.audit import Event as AuditEvent
@@ -44,16 +44,23 @@ MAX_SUBOPERATIONS = 65535  # Number of ... Sub-operations are US
 def instances_for(
     archive: Archive, principal: Principal, request: query.RetrieveRequest
 ) -> list[StoredInstance]:
-    """The stored instances a retrieve identifier names (none found is not an error)."""
+    """The stored instances a retrieve identifier names (none found is not an error).
+
+    Studies the caller may see but not download are left out; when that leaves
+    nothing, the request is refused (Forbidden, 0x0124) rather than "done"."""
     studies = list(request.studies)
     if request.level is QueryLevel.PATIENT:
         studies = _studies_of_patient(archive, principal, request.patient_id or "")
     found: list[StoredInstance] = []
+    refused: Forbidden | None = None
     for study in studies:
         for series in request.series or (None,):
             try:
                 matched = retrieve.download_instances(archive, principal, study, series)
             except NotFound:
+                continue
+            except Forbidden as exc:
+                refused = exc
                 continue
             if request.instances:
                 wanted = set(request.instances)
@@ -61,6 +68,8 @@ def instances_for(
             found.extend(matched)
             if len(found) > MAX_SUBOPERATIONS:
                 return found
+    if not found and refused is not None:
+        raise refused
     return found
 
 
