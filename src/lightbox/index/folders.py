@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 from lightbox.errors import Conflict, NotFound
 from lightbox.index.schema import metadata, studies, users
@@ -407,7 +408,10 @@ def claim_studies(conn: Connection, user_id: int, study_uids: Iterable[str]) -> 
         upload_claims.c.study_instance_uid.in_(wanted))).scalars())
     new = [u for u in wanted if u not in existing and u not in mine]
     if new:
-        conn.execute(upload_claims.insert(), [
+        # Two requests of one upload may claim the same study at once: the
+        # second insert is a no-op, not an error (PostgreSQL runs them together).
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        conn.execute(dialect.insert(upload_claims).on_conflict_do_nothing(), [
             {"study_instance_uid": u, "user_id": user_id, "created_at": now} for u in new])
     return mine | set(new)
 
