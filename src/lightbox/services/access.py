@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,16 +85,21 @@ def grants_on(principal: Principal, study_instance_uid: str) -> tuple[Grant, ...
     return principal.grants.on(study_instance_uid)
 
 
+def _granted(principal: Principal, study_instance_uid: str,
+             allows: Callable[[Grant], bool]) -> bool:
+    """Whole-archive callers may; members when a folder holding the study allows
+    it, or they own one (owners may everything in their folders)."""
+    found = grants_on(principal, study_instance_uid)
+    return found is None or any(g.role == "owner" or allows(g) for g in found)
+
+
 def may_download(principal: Principal, study_instance_uid: str) -> bool:
     """Whole studies as files (ZIP, WADO-RS/URI retrieve, desktop viewers, C-GET):
     allowed when one of the folders holding the study allows downloads, or the
     caller owns one of them."""
     if not principal.download or not principal.may_read(study_instance_uid):
         return False
-    found = grants_on(principal, study_instance_uid)
-    if found is None:
-        return True
-    return any(g.allow_download or g.role == "owner" for g in found)
+    return _granted(principal, study_instance_uid, lambda g: g.allow_download)
 
 
 def require_download(principal: Principal, study_instance_uid: str) -> None:
@@ -110,8 +116,7 @@ def may_add_to(principal: Principal, study_instance_uid: str) -> bool:
     an uploader, editor or owner of a folder holding it."""
     if principal.read_only or not principal.may_read(study_instance_uid):
         return False
-    found = grants_on(principal, study_instance_uid)
-    return found is None or any(g.role in _CONTRIBUTORS for g in found)
+    return _granted(principal, study_instance_uid, lambda g: g.role in _CONTRIBUTORS)
 
 
 def require_add_to(principal: Principal, study_instance_uid: str) -> None:
@@ -126,10 +131,7 @@ def may_reshare(principal: Principal, study_instance_uid: str) -> bool:
     that allows re-sharing."""
     if principal.read_only or principal.studies is not None:
         return False
-    found = grants_on(principal, study_instance_uid)
-    if found is None:
-        return True
-    return any(g.allow_reshare or g.role == "owner" for g in found)
+    return _granted(principal, study_instance_uid, lambda g: g.allow_reshare)
 
 
 def require_reshare(principal: Principal, study_instance_uid: str) -> None:
