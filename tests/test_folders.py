@@ -302,10 +302,13 @@ def test_a_collaborators_link_opens_for_collaborators_only(server: RunningServer
                              study=study)
 
 
-def test_grants_reach_other_processes_within_seconds(server: RunningServer) -> None:
+def test_grants_reach_other_processes_within_seconds(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The grant cache is per process; a change made elsewhere shows within CACHE_SECONDS."""
     from lightbox.services import access
 
+    monkeypatch.setattr(access, "CACHE_SECONDS", 0.5)  # the rule, not the default's wait
     ds, _ = _store(server)
     _t, reader = _member(server, "ivy")
     assert not reader.may_read(ds.StudyInstanceUID)

@@ -294,7 +294,7 @@ def test_the_links_viewer_page_follows_the_link(server: RunningServer) -> None:
                             headers=same_origin).status_code == 303
         page = browser.get(url + "/view/viewer", params={"StudyInstanceUIDs": study})
         if page.status_code == 503:
-            pytest.skip("the viewer is not installed (make install)")
+            pytest.fail("the viewer is not installed: run `make install` first")
         assert page.status_code == 200
         token = url.rsplit("/", 1)[1]
         assert f'src="/s/{token}/app-config.js"' in page.text
