@@ -24,10 +24,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install
+unit: install system-deps
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
-test: lint typecheck unit
+test: system-deps lint typecheck unit
 
 system-deps:
 	bash scripts/system-deps.sh
