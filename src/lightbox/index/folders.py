@@ -118,6 +118,13 @@ upload_claims = Table(
 )
 
 
+def _insert_or_nothing(conn: Connection, table: Table) -> Any:
+    """An INSERT that skips rows already there (parallel requests filing or
+    claiming the same study: PostgreSQL runs them side by side)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
@@ -378,7 +385,7 @@ def add_studies(conn: Connection, folder_id: int, pks: Iterable[int], added_by: 
     new = sorted(wanted - present)
     if new:
         now = datetime.now(UTC)
-        conn.execute(folder_studies.insert(), [
+        conn.execute(_insert_or_nothing(conn, folder_studies), [
             {"folder_id": folder_id, "study_pk": pk, "added_by": added_by, "added_at": now}
             for pk in new
         ])
@@ -410,8 +417,7 @@ def claim_studies(conn: Connection, user_id: int, study_uids: Iterable[str]) -> 
     if new:
         # Two requests of one upload may claim the same study at once: the
         # second insert is a no-op, not an error (PostgreSQL runs them together).
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        conn.execute(dialect.insert(upload_claims).on_conflict_do_nothing(), [
+        conn.execute(_insert_or_nothing(conn, upload_claims), [
             {"study_instance_uid": u, "user_id": user_id, "created_at": now} for u in new])
     return mine | set(new)
 

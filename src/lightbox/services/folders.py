@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
 
 from lightbox.archive import Archive
 from lightbox.dicom import uids
@@ -114,14 +115,22 @@ def ensure_inbox(archive: Archive, principal: Principal) -> FolderRow:
         found = index.inbox_of(conn, user_id)
     if found is not None:
         return found
-    with archive.db.write() as conn:
-        found = index.inbox_of(conn, user_id)  # made meanwhile by another request
+    try:
+        with archive.db.write() as conn:
+            found = index.inbox_of(conn, user_id)  # made meanwhile by another request
+            if found is None:
+                found = index.add_folder(
+                    conn, public_id=secrets.token_hex(6), name=INBOX_NAME,
+                    organisation=principal.organisation_id or index.DEFAULT_ORGANISATION,
+                    inbox_of=user_id, allow_download=True, allow_reshare=True)
+                index.set_member(conn, found.id, user_id, Role.OWNER.value)
+    except IntegrityError:
+        # Made by a parallel request in the same moment (PostgreSQL lets both try):
+        # theirs is the inbox.
+        with archive.db.read() as conn:
+            found = index.inbox_of(conn, user_id)
         if found is None:
-            found = index.add_folder(
-                conn, public_id=secrets.token_hex(6), name=INBOX_NAME,
-                organisation=principal.organisation_id or index.DEFAULT_ORGANISATION,
-                inbox_of=user_id, allow_download=True, allow_reshare=True)
-            index.set_member(conn, found.id, user_id, Role.OWNER.value)
+            raise
     _changed()
     return found
 
