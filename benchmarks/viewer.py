@@ -258,7 +258,7 @@ def load_series(files: list[Path], tag: str, server: servers.Server) -> str:
 def add_user(lightbox: servers.Server, command: str) -> None:
     env = dict(os.environ, LIGHTBOX_DATA=str(lightbox.workdir / "data"))
     done = subprocess.run(
-        [*command.split(), "user", "add", USER], input=PASSWORD + "\n", text=True,
+        [*command.split(), "user", "add", USER, "--admin"], input=PASSWORD + "\n", text=True,
         capture_output=True, env=env, cwd=lightbox.workdir, timeout=60, check=False,
     )
     if done.returncode != 0:

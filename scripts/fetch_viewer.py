@@ -144,6 +144,17 @@ def fetch(dest: Path = DEFAULT_DEST) -> bool:
     return True
 
 
+def compress(dest: Path) -> None:
+    """Compress the build's text files once, for every server process to send
+    (a no-op for files already done)."""
+    try:
+        from lightbox.web.viewer import ViewerBuild
+    except ImportError:
+        return  # not installed into this Python: the server compresses on first use
+    count = ViewerBuild(dest).prepare()
+    print(f"{count} viewer files compressed for serving")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"Fetch {PACKAGE}@{VERSION} (prebuilt OHIF).")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="target folder")
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not fetch(args.dest):
             print(f"{PACKAGE}@{VERSION} already in {args.dest}")
+        compress(args.dest)
     except FetchError as exc:
         print(f"fetch_viewer: {exc}", file=sys.stderr)
         return 1

@@ -407,6 +407,45 @@ def test_compressed_frames_decoded_on_request(loaded: Loaded, syntax: str) -> No
     assert got == [_frame_pixels(item.dataset, 1)]
 
 
+def _get_frames(loaded: Loaded, item: Instance, frames: str, accept: str) -> httpx.Response:
+    url = (f"{loaded.server.dicomweb}/studies/{loaded.study.uid}/series/{item.series}"
+           f"/instances/{item.sop}/frames/{frames}")
+    return httpx.get(url, headers={**loaded.server.headers, "Accept": accept})
+
+
+SINGLE_FIRST = ("application/octet-stream; transfer-syntax=*, "
+                "multipart/related; type=application/octet-stream; transfer-syntax=*")
+
+
+def test_single_part_frame_when_preferred(loaded: Loaded) -> None:
+    """The viewer asks for single-part frames first: the body is the frame itself,
+    the same from the first request (full path) as from the next (fast path)."""
+    multi = loaded.study.instances[3]
+    size = 32 * 32 * 2
+    for _ in range(2):
+        got = _get_frames(loaded, multi, "2", SINGLE_FIRST)
+        assert got.status_code == 200
+        assert got.headers["content-type"] == (
+            f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}")
+        assert got.content == multi.dataset.PixelData[size : 2 * size]
+    # A list of frames cannot be one part: the multipart choice answers it.
+    both = _get_frames(loaded, multi, "1,3", SINGLE_FIRST)
+    assert both.status_code == 200
+    assert both.headers["content-type"].startswith("multipart/related")
+    only_single = _get_frames(loaded, multi, "1,3", "application/octet-stream")
+    assert only_single.status_code == 406
+    assert "multipart/related" in only_single.json()["error"]
+
+
+@pytest.mark.parametrize("syntax", [c[2] for c in COMPRESSED])
+def test_single_part_compressed_frame_as_stored(loaded: Loaded, syntax: str) -> None:
+    item = loaded.study.find(syntax)
+    got = _get_frames(loaded, item, "1", SINGLE_FIRST)
+    assert got.status_code == 200
+    assert got.headers["content-type"] == f"application/octet-stream; transfer-syntax={syntax}"
+    assert got.content == next(generate_frames(item.dataset.PixelData, number_of_frames=1))
+
+
 def test_missing_frame_is_404(loaded: Loaded) -> None:
     multi = loaded.study.instances[3]
     with pytest.raises(HTTPError) as info:

@@ -3,6 +3,7 @@ behind the login, safe against path tricks; and the script that fetches it."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import importlib.util
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from lightbox.archive import Archive
+from lightbox.web.viewer import ViewerBuild, packed_folder
 from tests.conftest import VIEWER_DIR, RunningServer, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,3 +351,42 @@ def test_pinned_build_is_complete(viewer_dir: Path) -> None:
     fetch = _fetch_module()
     assert fetch.is_complete(viewer_dir)
     assert fetch.INTEGRITY in (viewer_dir / ".complete").read_text()
+
+
+def _small_build(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "index.html").write_text('<html><script src="/app.js"></script></html>')
+    (root / "app.js").write_text("var x = 1;\n" * 2000)
+    (root / "logo.png").write_bytes(b"\x89PNG")
+    return root
+
+
+def test_install_compresses_the_build_once_for_every_process(tmp_path: Path) -> None:
+    build = ViewerBuild(_small_build(tmp_path / "ohif"))
+    assert build.prepare() == 2  # index.html and app.js; the image is sent as it is
+    packed = sorted(packed_folder(build.root).glob("*.gz"))
+    assert len(packed) == 2
+    stamps = [p.stat().st_mtime_ns for p in packed]
+    asset = ViewerBuild(build.root).text(build.root / "app.js")  # another process
+    assert asset is not None and asset.gzipped is not None
+    assert gzip.decompress(asset.gzipped) == (build.root / "app.js").read_bytes()
+    assert asset.gzipped in [p.read_bytes() for p in packed]
+    assert [p.stat().st_mtime_ns for p in packed] == stamps  # read, not compressed again
+
+
+def test_a_damaged_compressed_copy_is_made_again(tmp_path: Path) -> None:
+    build = ViewerBuild(_small_build(tmp_path / "ohif"))
+    build.prepare()
+    for copy in packed_folder(build.root).glob("*.gz"):
+        copy.write_bytes(copy.read_bytes()[:20])  # cut off, as by a crash
+    asset = ViewerBuild(build.root).text(build.root / "app.js")
+    assert asset is not None and asset.gzipped is not None
+    assert gzip.decompress(asset.gzipped) == (build.root / "app.js").read_bytes()
+
+
+def test_an_unwritable_cache_still_serves_compressed(tmp_path: Path) -> None:
+    root = _small_build(tmp_path / "ohif")
+    packed_folder(root.resolve()).write_text("not a folder")
+    asset = ViewerBuild(root).text(root.resolve() / "app.js")
+    assert asset is not None and asset.gzipped is not None
+    assert gzip.decompress(asset.gzipped) == (root / "app.js").read_bytes()

@@ -91,8 +91,16 @@ def find_instance(
         cache.discard((study, series, sop))
         found = None
     if found is None:
-        found = find_instances(archive, principal, study, series, sop)[0]
-        cache.put(found)
+        # Viewers fetch every instance of a series, each once: one query for
+        # the whole series fills the cache for the frames that follow (and
+        # lets them take the fast path).
+        found = None
+        for item in find_instances(archive, principal, study, series):
+            cache.put(item)
+            if item.sop_instance_uid == sop:
+                found = item
+        if found is None:
+            raise NotFound(f"instance {sop} not found in series {series}")
     return found
 
 

@@ -22,7 +22,7 @@ from lightbox.services.retrieve import InstanceCache
 from lightbox.web.audit import client_of
 from lightbox.web.context import SESSION_COOKIE
 from lightbox.web.multipart import closing, new_boundary, part_header
-from lightbox.web.wado import frame_syntax
+from lightbox.web.wado import FrameForm, frame_syntax
 
 _FRAME_URL = re.compile(
     r"/dicom-web/studies/([0-9.]{1,64})/series/([0-9.]{1,64})/instances/([0-9.]{1,64})"
@@ -58,7 +58,7 @@ class FramesFastPath:
         self.authenticator = authenticator
         self.cache = cache
         self.metrics = metrics
-        self._negotiated: dict[tuple[str | None, str], tuple[bool, str]] = {}
+        self._negotiated: dict[tuple[str | None, str], FrameForm] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -82,7 +82,7 @@ class FramesFastPath:
                     return
         await self.app(scope, receive, send)
 
-    def _negotiate(self, accept: str | None, syntax: str) -> tuple[bool, str]:
+    def _negotiate(self, accept: str | None, syntax: str) -> FrameForm:
         """frame_syntax(), remembered: viewers send the same Accept every time."""
         key = (accept, syntax)
         found = self._negotiated.get(key)
@@ -107,11 +107,11 @@ class FramesFastPath:
             if instance is None or instance.layout is None or instance.layout.encapsulated:
                 return None
             accept = headers.get(b"accept", b"").decode("latin-1") or None
-            _native, media = self._negotiate(accept, instance.transfer_syntax_uid)
+            form = self._negotiate(accept, instance.transfer_syntax_uid)
             frames = instance.layout.frames
             if not 1 <= int(number) <= len(frames):
                 return None
-            answer = self._native_frame(instance.blob_key, frames[int(number) - 1][0], media)
+            answer = self._native_frame(instance.blob_key, frames[int(number) - 1][0], form)
             if answer is not None:
                 source, agent = client_of(scope)
                 self.archive.audit.count(
@@ -122,14 +122,21 @@ class FramesFastPath:
             return None
 
     def _native_frame(
-        self, blob_key: str, extent: tuple[int, int], media: str
+        self, blob_key: str, extent: tuple[int, int], form: FrameForm
     ) -> tuple[bytes, bytearray] | None:
-        """Multipart body with one native frame, read straight into the response
-        buffer (one copy from the page cache, none in Python)."""
+        """The body with one native frame (single part, or a multipart message
+        of one part), read straight into the response buffer: one copy from
+        the page cache, none in Python."""
         offset, length = extent
-        boundary = new_boundary()
-        head = part_header(boundary, f"{media}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}")
-        tail = b"\r\n" + closing(boundary)
+        part_type = f"{form.media}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+        if form.single:
+            head = tail = b""
+            content = part_type
+        else:
+            boundary = new_boundary()
+            head = part_header(boundary, part_type)
+            tail = b"\r\n" + closing(boundary)
+            content = f'multipart/related; type="{form.media}"; boundary={boundary}'
         body = bytearray(len(head) + length + len(tail))
         view = memoryview(body)
         view[: len(head)] = head
@@ -141,5 +148,4 @@ class FramesFastPath:
             os.close(fd)
         if got != length:
             return None  # the file changed under us: let the full path explain
-        content = f'multipart/related; type="{media}"; boundary={boundary}'
         return content.encode(), body

@@ -22,6 +22,7 @@ import logging
 import mimetypes
 import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,12 @@ APP_CONFIG = """\
           singlepart: 'bulkdata,video',
           bulkDataURI: { enabled: true, relativeResolution: 'studies' },
           omitQuotationForMultipartRequest: true,
+          // Frames as single-part bodies first: the image loader then skips
+          // its byte-by-byte multipart scan and copy of every frame.
+          acceptHeader: [
+            'application/octet-stream; transfer-syntax=*',
+            'multipart/related; type=application/octet-stream; transfer-syntax=*',
+          ],
         },
       },
 @LOCAL_SOURCE@    ],
@@ -232,15 +239,69 @@ def rewrite_stylesheet(sheet: bytes) -> bytes:
 REWRITES = {".js": rewrite_script, ".css": rewrite_stylesheet}
 
 
-def _pack(body: bytes, original: bytes, kind: str) -> Asset:
-    packed = gzip.compress(body, 6)
+def _gzip_size_matches(packed: bytes, size: int) -> bool:
+    """A gzip member ends with its uncompressed size (mod 2**32): a cut-off
+    or foreign file in the cache fails this and is compressed again."""
+    return len(packed) >= 18 and int.from_bytes(packed[-4:], "little") == size & 0xFFFFFFFF
+
+
+class PackedCache:
+    """Compressed copies of the build's files on disk, shared by every worker
+    process and kept across restarts (``make install`` fills it), so no
+    process compresses the viewer's bundles while a user waits for them.
+
+    Named by the SHA-256 of what they compress; a folder that cannot be
+    written to only means compressing in memory, as without a cache.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    def get(self, digest: str, size: int) -> bytes | None:
+        if self.folder is None:
+            return None
+        try:
+            packed = (self.folder / f"{digest}.gz").read_bytes()
+        except OSError:
+            return None
+        return packed if _gzip_size_matches(packed, size) else None
+
+    def put(self, digest: str, packed: bytes) -> None:
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix=".in-")
+            with os.fdopen(fd, "wb") as out:
+                out.write(packed)
+            os.replace(name, self.folder / f"{digest}.gz")
+        except OSError as exc:
+            log.debug("viewer asset cache not written (%s): compressing in memory", exc)
+            self.folder = None
+
+    def compressed(self, body: bytes, digest: str) -> bytes:
+        packed = self.get(digest, len(body))
+        if packed is None:
+            packed = gzip.compress(body, 6)
+            self.put(digest, packed)
+        return packed
+
+
+def _pack(body: bytes, original: bytes, kind: str, cache: PackedCache) -> Asset:
+    digest = hashlib.sha256(body).hexdigest()
+    packed = cache.compressed(body, digest)
     changed = body != original
     return Asset(
         body=body if changed else None,
         gzipped=packed if len(packed) < len(body) else None,
-        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+        etag='"' + digest[:32] + '"',
         media_type=kind,
     )
+
+
+def packed_folder(root: Path) -> Path:
+    """Where the compressed copies of the build at ``root`` are kept."""
+    return root.parent / f"{root.name}.gz"
 
 
 class ViewerBuild:
@@ -249,6 +310,7 @@ class ViewerBuild:
     def __init__(self, root: Path, budget: int = MEMORY_BUDGET) -> None:
         self.root = root.resolve()
         self.budget = budget
+        self.packed = PackedCache(packed_folder(self.root))
         self._assets: dict[Path, Asset] = {}
         self._from_disk: set[Path] = set()
         self._used = 0
@@ -277,11 +339,32 @@ class ViewerBuild:
     def index(self) -> Asset:
         return self._load(self.root / "index.html", rewrite_index, always=True)
 
+    def prepare(self) -> int:
+        """Compress every text file of the build into the disk cache (at
+        install time); returns how many files it holds."""
+        count = 0
+        for path in sorted(self.root.rglob("*")):
+            relative = path.relative_to(self.root).parts
+            if path.suffix.lower() not in TEXT_SUFFIXES or not path.is_file() or any(
+                part.startswith(".") for part in relative
+            ):
+                continue
+            original = path.read_bytes()
+            body = self._rewrite(path)(original)
+            self.packed.compressed(body, hashlib.sha256(body).hexdigest())
+            count += 1
+        return count
+
+    def _rewrite(self, path: Path) -> Any:
+        if path == self.root / "index.html":
+            return rewrite_index
+        return REWRITES.get(path.suffix, bytes)
+
     def text(self, path: Path) -> Asset | None:
         """A text file from memory (rewritten, compressed), or None: send from disk."""
         if path in self._from_disk:
             return None
-        asset = self._load(path, REWRITES.get(path.suffix, bytes))
+        asset = self._load(path, self._rewrite(path))
         if asset.body is None and asset.gzipped is None:
             with self._lock:
                 self._from_disk.add(path)
@@ -294,7 +377,7 @@ class ViewerBuild:
         if cached is not None:
             return cached
         original = path.read_bytes()
-        asset = _pack(rewrite(original), original, media_type(path))
+        asset = _pack(rewrite(original), original, media_type(path), self.packed)
         with self._lock:
             # A rewritten file must come from memory; others only within the budget.
             keep = always or asset.body is not None or self._used + asset.size <= self.budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -125,21 +126,42 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def frame_syntax(accept: str | None, stored: str) -> tuple[bool, str]:
-    """(native wanted, part media type) for a frames request on ``stored`` syntax."""
+@dataclass(frozen=True)
+class FrameForm:
+    """How frames are answered: decoded to native or as stored, the part's
+    media type, and whether as a single-part body (one frame, asked for as
+    bare ``application/octet-stream`` or a bare compressed type)."""
+
+    native: bool
+    media: str
+    single: bool = False
+
+
+def frame_syntax(accept: str | None, stored: str, count: int = 1) -> FrameForm:
+    """The form of a frames answer on ``stored`` syntax for ``count`` frames.
+
+    PS3.18 answers frames as multipart/related by default; a client that
+    prefers a single-part payload (``Accept: application/octet-stream``) gets
+    one when it asked for one frame. A single-part choice cannot carry
+    several frames, so it is passed over for a list of frames.
+    """
     compressed_type = uids.FRAME_MEDIA_TYPES.get(stored)
     for choice in parse_accept(accept):
+        single = choice.media_type not in ("multipart/related", "*/*")
+        if single and count > 1:
+            continue
         media = choice.type if choice.media_type == "multipart/related" else choice.media_type
         if media in (None, "*/*", "application/octet-stream"):
             if choice.transfer_syntax == "*" or (
                 choice.transfer_syntax == stored and compressed_type is not None
             ):
-                return False, "application/octet-stream"
-            return True, "application/octet-stream"
+                return FrameForm(False, "application/octet-stream", single)
+            return FrameForm(True, "application/octet-stream", single)
         if compressed_type is not None and media == compressed_type:
-            return False, compressed_type
+            return FrameForm(False, compressed_type, single)
     raise NotAcceptable(f"frames of this instance are available as application/octet-stream"
-                        f"{' or ' + compressed_type if compressed_type else ''}")
+                        f"{' or ' + compressed_type if compressed_type else ''}"
+                        f"{' (several frames need multipart/related)' if count > 1 else ''}")
 
 
 async def frames(request: Request) -> Response:
@@ -152,19 +174,26 @@ async def frames(request: Request) -> Response:
     instance = await context.blocking(
         retrieve.find_instance, archive, cache, principal, study, series, sop
     )
-    native, media = frame_syntax(request.headers.get("accept"), instance.transfer_syntax_uid)
+    form = frame_syntax(
+        request.headers.get("accept"), instance.transfer_syntax_uid, len(numbers)
+    )
     boundary = new_boundary()
     chunks: list[bytes] = []
     for number in numbers:
         # Ranged reads of a few hundred KiB from the page cache: cheaper inline
         # than a hop to a worker thread.
         frame = retrieve.stored_frame(archive, instance, number)
-        if frame is None or (native and frame.transfer_syntax_uid not in uids.NATIVE_SYNTAXES):
-            frame = await context.blocking(pixels.frame, archive, instance, number, native=native)
-        part_type = f"{media}; transfer-syntax={frame.transfer_syntax_uid}"
+        if frame is None or (
+            form.native and frame.transfer_syntax_uid not in uids.NATIVE_SYNTAXES
+        ):
+            frame = await context.blocking(pixels.frame, archive, instance, number,
+                                           native=form.native)
+        part_type = f"{form.media}; transfer-syntax={frame.transfer_syntax_uid}"
+        if form.single:
+            return Response(frame.data, media_type=part_type)
         chunks += [part_header(boundary, part_type), frame.data, b"\r\n"]
     chunks.append(closing(boundary))
-    content = f'multipart/related; type="{media}"; boundary={boundary}'
+    content = f'multipart/related; type="{form.media}"; boundary={boundary}'
     return Response(b"".join(chunks), media_type=content)
 
 
