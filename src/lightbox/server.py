@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from lightbox.archive import Archive
 from lightbox.dimse.scp import DicomServer
 from lightbox.errors import BadRequest
+from lightbox.services import readahead
 from lightbox.settings import ENV_PREFIX, Settings, load
 from lightbox.web.app import create_asgi
 
@@ -38,7 +39,13 @@ def worker_app() -> ASGIApp:
     """The application of one HTTP worker process (settings from the environment)."""
     _die_with_parent()
     archive = Archive.open(load(), migrate=False)
+    _start_readahead()
     return create_asgi(archive)
+
+
+def _start_readahead() -> None:
+    """Start this process's header helper now, not at the first upload."""
+    readahead.helper.start()
 
 
 def _die_with_parent() -> None:
@@ -109,6 +116,8 @@ def serve(settings: Settings) -> None:
             # handed over through the environment.
             export_settings(settings)
             app = "lightbox.server:worker_app"  # type: ignore[assignment]
+        else:
+            _start_readahead()
         uvicorn.run(
             app,
             factory=settings.http_workers > 1,

@@ -71,12 +71,15 @@ class Outcome:
 class Offer:
     """A file offered for storage. ``staged`` files already live in the blob
     store's staging folder and are moved, not copied; ``synced`` says whether
-    their bytes were fsynced already (if not, ingest does it)."""
+    their bytes were fsynced already (if not, ingest does it). ``header`` is
+    the file's header when it was read ahead (see ``readahead``): the record,
+    or why the file is refused; None means ingest reads it."""
 
     path: Path
     source: str
     staged: bool = False
     synced: bool = True
+    header: InstanceRecord | InvalidInstance | None = None
 
 
 # Headers are parsed while other files' fsyncs are in flight: the waits overlap.
@@ -149,12 +152,37 @@ def prepare(
     """
     offers = [_with_preamble(archive, offer) for offer in offers]
     adopted = [_adopt(archive, offer) for offer in offers]
-    durable = [_pool.submit(_make_durable, archive, offer, key)
+    # Staged files whose bytes are synced need only their new names made
+    # durable: one directory sync for all of them, here.
+    named = _sync_names(archive, [
+        key for offer, (_path, key) in zip(offers, adopted, strict=True)
+        if key is not None and offer.synced
+    ])
+    durable = [_durable(key) if key in named else _pool.submit(_make_durable, archive, offer, key)
                for offer, (_path, key) in zip(offers, adopted, strict=True)]
     return [
         _prepared(archive, offer, path, blob, expected_study)
         for offer, (path, _key), blob in zip(offers, adopted, durable, strict=True)
     ]
+
+
+def _sync_names(archive: Archive, keys: list[str]) -> set[str | None]:
+    """``keys`` whose directory entries are now durable (none if that failed:
+    each is then tried again on its own, and a failure reported for it)."""
+    if not keys:
+        return set()
+    try:
+        archive.blobs.sync(keys)
+    except OSError:
+        return set()
+    return set(keys)
+
+
+def _durable(key: str | None) -> Future[str]:
+    done: Future[str] = Future()
+    assert key is not None
+    done.set_result(key)
+    return done
 
 
 def _adopt(archive: Archive, offer: Offer) -> tuple[Path, str | None]:
@@ -206,7 +234,7 @@ def _prepared(
     expected_study: str | None,
 ) -> Prepared:
     try:
-        record = _validate(archive, path, expected_study)
+        record = _validate(archive, path, expected_study, offer.header)
     except InvalidInstance as exc:
         record, rejection = None, _rejected(offer, exc)
     try:
@@ -248,14 +276,19 @@ def _with_preamble(archive: Archive, offer: Offer) -> Offer:
     return Offer(target, offer.source, staged=True, synced=False)
 
 
-def _validate(archive: Archive, path: Path, expected_study: str | None) -> InstanceRecord:
+def _validate(
+    archive: Archive, path: Path, expected_study: str | None,
+    header: InstanceRecord | InvalidInstance | None = None,
+) -> InstanceRecord:
     try:
         if not path.is_file():
             raise InvalidInstance("not a regular file")
         size = os.path.getsize(path)
         if size > archive.settings.max_instance_bytes:
             raise InvalidInstance(f"object of {size} bytes exceeds the limit")
-        record = read_instance(path)
+        if isinstance(header, InvalidInstance):
+            raise header
+        record = read_instance(path) if header is None else header
     except OSError as exc:
         # One unreadable offer (gone, no permission) must not sink the batch.
         raise InvalidInstance(f"cannot read the file: {exc.strerror or exc}") from exc

@@ -7,9 +7,13 @@ once the whole body has arrived.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -18,7 +22,7 @@ from starlette.routing import Route
 
 from lightbox.dicom import uids
 from lightbox.errors import BadRequest, TooLarge, UnsupportedMediaType
-from lightbox.services import folders
+from lightbox.services import folders, readahead
 from lightbox.services.ingest import (
     FailureReason,
     Offer,
@@ -28,6 +32,7 @@ from lightbox.services.ingest import (
     discard,
     prepare,
 )
+from lightbox.storage.blobs import fsync_file
 from lightbox.web import context
 from lightbox.web.errors import warning_value
 from lightbox.web.multipart import Part, iter_parts, parse_content_type
@@ -66,22 +71,24 @@ async def store(request: Request) -> Response:
     principal.require_write()
     boundary = _boundary(request)
     settings = archive.settings
-    offers: list[Offer] = []
+    received: list[_Received] = []
     parts = iter_parts(
         _limited(request, settings.max_upload_bytes), boundary,
         spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
-        max_parts=settings.max_parts, sync=False,  # ingest fsyncs them, in parallel
+        max_parts=settings.max_parts, sync=False, background=True,
     )
-    # The whole body is received (parts spooled to disk, never to memory) before
-    # anything is checked or stored, so a request that breaks off half-way
-    # changes nothing. Checking while receiving was tried: both are Python work
-    # in one process, and interleaving them made uploads slower, not faster.
+    # Every part is kept on disk (never in memory) until the whole body has
+    # arrived; only then is anything stored, so a request that breaks off
+    # half-way changes nothing. Meanwhile each received part is fsynced on a
+    # thread and its header read in the helper process, while the next part
+    # arrives: when the body ends, little is left to do but index.
     try:
         async for part in parts:
-            offers.append(_offer(part, len(offers)))
+            received.append(_Received.start(part, len(received)))
+        offers = [await item.finish() for item in received]
     except BaseException:
-        for offer in offers:
-            offer.path.unlink(missing_ok=True)
+        for item in received:
+            await item.drop()
         raise
     prepared = await context.blocking(prepare, archive, offers, study)
     try:
@@ -102,12 +109,74 @@ async def store(request: Request) -> Response:
     return _response(request, outcomes, study)
 
 
-def _offer(part: Part, number: int) -> Offer:
-    source = f"part {number + 1}"
-    if part.content_type not in ("", *DICOM_TYPES):
-        # Still offered: the ingest path rejects what is not DICOM, with a reason.
-        source += f" ({part.content_type})"
-    return Offer(part.path, source, staged=True, synced=False)
+# The parts' fsyncs wait on the disk, not on the interpreter: several at once
+# let the filesystem commit them together.
+_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="part-sync")
+
+
+@dataclass
+class _Received:
+    """A part on disk (or being written there), with its fsync and its header
+    read (in the helper process) under way."""
+
+    offer: Offer
+    written: asyncio.Future[None]
+    synced: asyncio.Future[None]
+    header: asyncio.Task[readahead.Header | None]
+
+    @classmethod
+    def start(cls, part: Part, number: int) -> _Received:
+        source = f"part {number + 1}"
+        if part.content_type not in ("", *DICOM_TYPES):
+            # Still offered: the ingest path rejects what is not DICOM, with a reason.
+            source += f" ({part.content_type})"
+        loop = asyncio.get_running_loop()
+        written = part.written or loop.create_future()
+        if part.written is None:
+            written.set_result(None)
+        # The header is read (in the helper) from the page cache while the
+        # file's fsync runs on a thread: neither waits for the other.
+        synced = asyncio.ensure_future(_after(written, fsync_file, part.path))
+        # Retrieved here too, so a request that breaks off leaves no unread error.
+        synced.add_done_callback(lambda done: done.cancelled() or done.exception())
+        header = asyncio.ensure_future(_read_ahead(written, part.path))
+        return cls(Offer(part.path, source, staged=True, synced=False), written, synced, header)
+
+    async def finish(self) -> Offer:
+        """The offer, marked synced if its fsync succeeded (ingest retries
+        and reports one that did not), with the header read ahead."""
+        try:
+            await self.synced
+            synced = True
+        except OSError:
+            synced = False
+        return replace(self.offer, synced=synced, header=await self.header)
+
+    async def drop(self) -> None:
+        """Forget the part: its file goes once its writer is done with it."""
+        self.header.cancel()
+        path = self.offer.path
+        # The write cannot be stopped half-way: the file goes when it is done,
+        # even if this request is cancelled again while it waits.
+        self.written.add_done_callback(lambda _: path.unlink(missing_ok=True))
+        await asyncio.wait([self.written])
+
+
+async def _after(written: asyncio.Future[None], work: Callable[[Path], None], path: Path) -> None:
+    await written
+    await asyncio.get_running_loop().run_in_executor(_syncs, work, path)
+
+
+async def _read_ahead(written: asyncio.Future[None], path: Path) -> readahead.Header | None:
+    """The part's header from the helper process, once its file is written."""
+    await asyncio.wait([written])
+    if written.cancelled() or written.exception() is not None:
+        return None
+    future = readahead.helper.submit(path)
+    if future is None:
+        return None
+    await asyncio.wait([asyncio.wrap_future(future)])
+    return readahead.outcome(future)
 
 
 def _audit(request: Request, actor: str, outcomes: list[Outcome]) -> None:
