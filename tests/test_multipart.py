@@ -7,7 +7,6 @@ import email
 import hashlib
 import os
 import random
-import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -16,9 +15,7 @@ from typing import Any
 import pytest
 
 from lightbox.errors import BadRequest, TooLarge
-from lightbox.web import multipart
 from lightbox.web.multipart import (
-    SPILL_BYTES,
     Part,
     closing,
     encode_parts,
@@ -328,8 +325,7 @@ def test_fifty_megabyte_part_streams_in_bounded_memory(tmp_path: Path) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # A part is gathered in memory up to SPILL_BYTES, then streams to its file.
-    assert peak < SPILL_BYTES + (4 << 20), f"peak traced memory {peak} bytes"
+    assert peak < 4 << 20, f"peak traced memory {peak} bytes"
     assert part.size == count * len(block) == part.path.stat().st_size
     file_digest = hashlib.sha256()
     with part.path.open("rb") as f:
@@ -408,71 +404,3 @@ def test_dicomweb_client_round_trip(tmp_path: Path) -> None:
     content_type = f'multipart/related; type="{DICOM}"; boundary={B}'
     upload = web.DICOMwebClient._encode_multipart_message(bodies, content_type)
     assert bodies_of(parse(upload, tmp_path)) == bodies
-
-
-def test_background_parts_are_yielded_while_their_files_are_written(tmp_path: Path) -> None:
-    bodies = [bytes([n]) * (100_000 + n) for n in range(5)]
-    message = encode_parts([("application/dicom", b) for b in bodies], B)
-
-    async def run() -> list[tuple[Part, bytes]]:
-        out = []
-        async for part in iter_parts(_source([message[i : i + 7000] for i in range(
-                0, len(message), 7000)]), B, spool_dir=tmp_path, max_part_size=1 << 20,
-                max_parts=10, sync=False, background=True):
-            assert part.written is not None
-            await part.written
-            out.append((part, part.path.read_bytes()))
-        return out
-
-    got = asyncio.run(run())
-    assert [content for _, content in got] == bodies
-    assert all(part.size == len(content) for part, content in got)
-
-
-def test_background_writes_keep_memory_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """While written bytes wait for slow writers beyond MAX_PENDING_BYTES,
-    the next part is not handed out: receiving pauses."""
-    monkeypatch.setattr(multipart, "MAX_PENDING_BYTES", 150_000)
-    write = multipart._write_file
-
-    def slow_write(path: Path, data: bytearray, sync: bool) -> None:
-        time.sleep(0.05)
-        write(path, data, sync)
-
-    monkeypatch.setattr(multipart, "_write_file", slow_write)
-    bodies = [bytes([n]) * 100_000 for n in range(6)]
-    message = encode_parts([("application/dicom", b) for b in bodies], B)
-
-    async def run() -> list[int]:
-        waiting = []
-        seen: list[Part] = []
-        async for part in iter_parts(_source([message]), B, spool_dir=tmp_path,
-                                     max_part_size=1 << 20, max_parts=10, background=True):
-            waiting.append(sum(p.size for p in seen if p.written and not p.written.done()))
-            seen.append(part)
-        await asyncio.gather(*(p.written for p in seen if p.written))
-        return waiting
-
-    waiting = asyncio.run(run())
-    # Each part is 100 kB: with the one just received, no earlier one may still wait.
-    assert len(waiting) == 6 and max(waiting) == 0
-
-
-def test_a_part_larger_than_the_spill_size_streams_to_its_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(multipart, "SPILL_BYTES", 50_000)
-    body = bytes(range(256)) * 1000  # 256 kB
-    message = encode_parts([("application/dicom", body)], B)
-
-    async def run() -> Part:
-        parts = [p async for p in iter_parts(
-            _source([message[i : i + 10_000] for i in range(0, len(message), 10_000)]), B,
-            spool_dir=tmp_path, max_part_size=1 << 20, max_parts=1, background=True)]
-        return parts[0]
-
-    part = asyncio.run(run())
-    assert part.written is None  # written as it came, closed before it was yielded
-    assert part.path.read_bytes() == body

@@ -2,10 +2,8 @@
 
 Reading (STOW-RS): :func:`iter_parts` streams each body part of an async byte
 stream into its own file in ``spool_dir`` and yields a :class:`Part` once the
-file is fsynced and closed (or, on request, while a thread still writes it),
-ready to be renamed into a blob store on the same filesystem. A part of up to
-``SPILL_BYTES`` is gathered in memory and written in one go; a larger one
-streams to its file. Memory use stays bounded whatever the upload's size.
+file is fsynced and closed, ready to be renamed into a blob store on the same
+filesystem. Memory use is one chunk plus the header limit, whatever the size.
 
 Writing (WADO-RS): a message is, for every part in order,
 ``part_header(boundary, content_type) + body + b"\\r\\n"``, then one
@@ -22,8 +20,8 @@ import io
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -63,9 +61,6 @@ class Part:
     headers: dict[str, str]
     path: Path
     size: int
-    # Set for a part yielded while its file is still being written on a
-    # thread, see ``iter_parts(background=True)``.
-    written: asyncio.Future[None] | None = None
 
     @property
     def content_type(self) -> str:
@@ -102,68 +97,6 @@ def _check_boundary(boundary: str, error: type[Exception] = BadRequest) -> bytes
     if not _BOUNDARY_RE.fullmatch(boundary):
         raise error("multipart boundary contains invalid characters")
     return boundary.encode("ascii")
-
-
-# Parts up to this size are gathered in memory and written to their file in
-# one go off the event loop; larger ones stream to their file as they arrive.
-SPILL_BYTES = 4 * 1024 * 1024
-# How many bytes of finished parts may wait in memory for their writer thread
-# before receiving pauses: memory stays bounded when the disk is slower than
-# the network.
-MAX_PENDING_BYTES = 32 * 1024 * 1024
-
-
-# Threads of their own: a write must not queue behind other work's fsyncs.
-_writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="part-writer")
-
-
-class _Body:
-    """A part's body on its way to ``path``: in memory until it outgrows
-    SPILL_BYTES, then in the file, created at that point."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.memory = bytearray()
-        self.file: io.BufferedWriter | None = None
-
-    def write(self, data: memoryview) -> None:
-        if self.file is None and len(self.memory) + len(data) <= SPILL_BYTES:
-            self.memory += data
-            return
-        if self.file is None:
-            self.file = _create(self.path)
-            self.file.write(self.memory)
-            self.memory = bytearray()
-        self.file.write(data)
-
-    def discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.path.unlink(missing_ok=True)
-
-
-def _create(path: Path) -> io.BufferedWriter:
-    """A new, empty file at ``path`` (never an existing one)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        return os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-
-
-def _write_file(path: Path, data: bytearray, sync: bool) -> None:
-    """Write a whole part body to a new file at ``path`` (fsynced if ``sync``)."""
-    try:
-        with _create(path) as file:
-            file.write(data)
-            if sync:
-                file.flush()
-                os.fsync(file.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 _State = Enum("_State", "PREAMBLE HEADERS BODY DONE")
@@ -239,7 +172,7 @@ class _Parser:
         self._scan = 0
         self._state = _State.PREAMBLE
         self._count = 0  # parts started so far, including the one in progress
-        self._body: _Body | None = None
+        self._file: io.BufferedWriter | None = None
         self._part = Part({}, Path(), 0)
 
     def feed(self, data: bytes) -> None:
@@ -247,11 +180,11 @@ class _Parser:
         if self._state is not _State.DONE:
             self._buf += data
 
-    def next_part(self) -> tuple[_Body, Part] | None:
+    def next_part(self) -> tuple[io.BufferedWriter, Part] | None:
         """Advance over buffered bytes; return a finished part or None for more data.
 
-        The returned body is complete, in memory or in a file not yet fsynced
-        or closed; it and the part's path now belong to the caller.
+        The returned file holds the whole body but is not yet fsynced or closed;
+        it and the part's path now belong to the caller.
         """
         while self._state is not _State.DONE:
             if self._state is _State.BODY:
@@ -269,10 +202,11 @@ class _Parser:
             raise BadRequest("multipart body ended before the closing boundary")
 
     def abort(self) -> None:
-        """Drop the body of a part in progress (and its file), if any."""
-        if self._body is not None:
-            self._body.discard()
-            self._body = None
+        """Close and delete the file of a part in progress, if any."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._part.path.unlink(missing_ok=True)
 
     def _start_part(self, verdict: _Verdict, end: int) -> None:
         """Enter HEADERS (keeping the boundary line's LF) or DONE after a boundary."""
@@ -329,15 +263,18 @@ class _Parser:
         headers = _parse_header_block(bytes(buf[1:idx]))
         del buf[: idx + length]
         self._scan = 0
-        # The file is made when the body is written: a random name, created
-        # exclusively, as tempfile would.
-        path = self._spool_dir / f"part-{secrets.token_hex(12)}"
-        self._part = Part(headers, path, 0)
-        self._body = _Body(path)
+        fd, name = tempfile.mkstemp(dir=self._spool_dir, prefix="part-")
+        self._part = Part(headers, Path(name), 0)
+        try:
+            self._file = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self._part.path.unlink()
+            raise
         self._state = _State.BODY
         return True
 
-    def _read_body(self) -> tuple[_Body, Part] | None:
+    def _read_body(self) -> tuple[io.BufferedWriter, Part] | None:
         """Stream body bytes to the part file; return the part once its delimiter is seen."""
         buf, length = self._buf, len(self._delim)
         while True:
@@ -356,8 +293,8 @@ class _Parser:
             self._scan = idx + 1
         # The CR of a CRLF delimiter is not body data; a bare LF delimiter has none.
         written = self._write(idx - 1 if idx > 0 and buf[idx - 1] == 0x0D else idx)
-        assert self._body is not None
-        finished, self._body = (self._body, self._part), None
+        assert self._file is not None
+        finished, self._file = (self._file, self._part), None
         self._start_part(verdict[0], verdict[1] - written)
         return finished
 
@@ -365,14 +302,14 @@ class _Parser:
         """Move ``count`` bytes (if positive) from the buffer front to the part file."""
         if count <= 0:
             return 0
-        assert self._body is not None
+        assert self._file is not None
         self._part.size += count
         if self._part.size > self._max_part_size:
             raise TooLarge(
                 f"multipart part {self._count} exceeds the limit of {self._max_part_size} bytes"
             )
         # Why memoryview: writes without copying the chunk; the view is freed before the del.
-        self._body.write(memoryview(self._buf)[:count])
+        self._file.write(memoryview(self._buf)[:count])
         del self._buf[:count]
         return count
 
@@ -386,45 +323,19 @@ def _fsync_and_close(file: io.BufferedWriter) -> None:
         file.close()
 
 
-async def _seal(body: _Body, part: Part, sync: bool, background: bool) -> Part:
-    """Finish a part's file off the event loop: fsync it (unless ``sync`` is
-    False) and close it, or write it whole when its body is in memory. With
-    ``background``, a body in memory is yielded at once with the write under
-    way (``part.written``). The file is deleted on failure."""
-    file = body.file
-    if file is None:
-        # Why a thread: creating and filling a file can wait on the
-        # filesystem's journal for milliseconds, stalling every other request.
-        writing = asyncio.get_running_loop().run_in_executor(
-            _writers, _write_file, body.path, body.memory, sync
-        )
-        if background:
-            part.written = writing
-            return part
-        try:
-            await writing
-        except BaseException:
-            # Cancelled mid-write: the file the thread still makes must go too.
-            writing.add_done_callback(lambda _: body.path.unlink(missing_ok=True))
-            raise
-        return part
+async def _seal(file: io.BufferedWriter, part: Part, sync: bool) -> Part:
+    """Fsync (unless ``sync`` is False) and close a finished part off the event
+    loop; delete it on failure."""
     try:
         if not sync:
             file.close()
             return part
+        # Why a thread: fsync can take milliseconds and would stall every other request.
         await asyncio.to_thread(_fsync_and_close, file)
     except BaseException:
         part.path.unlink(missing_ok=True)
         raise
     return part
-
-
-async def _pace(pending: list[tuple[asyncio.Future[None], int]]) -> None:
-    """Wait for the oldest background writes while too many bytes wait for them."""
-    pending[:] = [(f, n) for f, n in pending if not f.done()]
-    while pending and sum(n for _, n in pending) > MAX_PENDING_BYTES:
-        oldest, _ = pending.pop(0)
-        await asyncio.wait([oldest])
 
 
 async def iter_parts(
@@ -436,7 +347,6 @@ async def iter_parts(
     max_parts: int,
     max_header_bytes: int = 16384,
     sync: bool = True,
-    background: bool = False,
 ) -> AsyncIterator[Part]:
     """Yield the parts of a ``multipart/related`` body streamed as ``chunks``.
 
@@ -444,34 +354,24 @@ async def iter_parts(
     Preamble and epilogue are skipped (they are not buffered but are read, so
     the caller must cap the total request size). Delimiter lines may end in
     CRLF or a bare LF. Each part body goes to a new ``part-*`` file in
-    ``spool_dir``, fsynced (unless ``sync`` is False) and closed before the
-    part is yielded; the caller then owns that file. With ``background``, a
-    part gathered in memory is yielded at once while a thread writes (and,
-    with ``sync``, fsyncs) its file: ``part.written`` says when that is
-    done, and receiving
-    pauses while more than ``MAX_PENDING_BYTES`` wait for such writes. On any
-    error or cancellation the body of the part in progress is dropped; files
-    of parts already yielded are left to the caller.
+    ``spool_dir``, fsynced and closed before the part is yielded; the caller
+    then owns that file. On any error or cancellation the file of the part in
+    progress is deleted; files of parts already yielded are left to the caller.
 
     Raises BadRequest for a missing or invalid boundary, no opening boundary,
     a body that ends before the close delimiter, or a header block that is
     malformed or larger than ``max_header_bytes``. Raises TooLarge when a part
     body exceeds ``max_part_size`` bytes or there are more than ``max_parts``.
-    Files are created and filled on threads, not on the event loop, except
-    that of a part too large to gather, which is written as its chunks come.
+    Body writes happen on the event loop: they go to the page cache and are
+    far cheaper than a thread hop per chunk.
     """
     limits = (max_part_size, max_parts, max_header_bytes)
     parser = _Parser(_check_boundary(boundary), spool_dir, limits)
-    pending: list[tuple[asyncio.Future[None], int]] = []
     try:
         async for chunk in chunks:
             parser.feed(chunk)
             while (finished := parser.next_part()) is not None:
-                part = await _seal(*finished, sync, background)
-                if part.written is not None:
-                    pending.append((part.written, part.size))
-                    await _pace(pending)
-                yield part
+                yield await _seal(*finished, sync)
         parser.finish()
     finally:
         parser.abort()

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -75,7 +74,7 @@ async def store(request: Request) -> Response:
     parts = iter_parts(
         _limited(request, settings.max_upload_bytes), boundary,
         spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
-        max_parts=settings.max_parts, sync=False, background=True,
+        max_parts=settings.max_parts, sync=False,
     )
     # Every part is kept on disk (never in memory) until the whole body has
     # arrived; only then is anything stored, so a request that breaks off
@@ -88,7 +87,7 @@ async def store(request: Request) -> Response:
         offers = [await item.finish() for item in received]
     except BaseException:
         for item in received:
-            await item.drop()
+            item.offer.path.unlink(missing_ok=True)
         raise
     prepared = await context.blocking(prepare, archive, offers, study)
     try:
@@ -116,13 +115,12 @@ _syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="part-sync")
 
 @dataclass
 class _Received:
-    """A part on disk (or being written there), with its fsync and its header
-    read (in the helper process) under way."""
+    """A part on disk, with its fsync (on a thread) and its header read (in
+    the helper process) under way."""
 
     offer: Offer
-    written: asyncio.Future[None]
     synced: asyncio.Future[None]
-    header: asyncio.Task[readahead.Header | None]
+    header: Future[readahead.Header | None] | None
 
     @classmethod
     def start(cls, part: Part, number: int) -> _Received:
@@ -130,17 +128,11 @@ class _Received:
         if part.content_type not in ("", *DICOM_TYPES):
             # Still offered: the ingest path rejects what is not DICOM, with a reason.
             source += f" ({part.content_type})"
-        loop = asyncio.get_running_loop()
-        written = part.written or loop.create_future()
-        if part.written is None:
-            written.set_result(None)
-        # The header is read (in the helper) from the page cache while the
-        # file's fsync runs on a thread: neither waits for the other.
-        synced = asyncio.ensure_future(_after(written, fsync_file, part.path))
+        synced = asyncio.get_running_loop().run_in_executor(_syncs, fsync_file, part.path)
         # Retrieved here too, so a request that breaks off leaves no unread error.
         synced.add_done_callback(lambda done: done.cancelled() or done.exception())
-        header = asyncio.ensure_future(_read_ahead(written, part.path))
-        return cls(Offer(part.path, source, staged=True, synced=False), written, synced, header)
+        offer = Offer(part.path, source, staged=True, synced=False)
+        return cls(offer, synced, readahead.helper.submit(part.path))
 
     async def finish(self) -> Offer:
         """The offer, marked synced if its fsync succeeded (ingest retries
@@ -150,33 +142,9 @@ class _Received:
             synced = True
         except OSError:
             synced = False
-        return replace(self.offer, synced=synced, header=await self.header)
-
-    async def drop(self) -> None:
-        """Forget the part: its file goes once its writer is done with it."""
-        self.header.cancel()
-        path = self.offer.path
-        # The write cannot be stopped half-way: the file goes when it is done,
-        # even if this request is cancelled again while it waits.
-        self.written.add_done_callback(lambda _: path.unlink(missing_ok=True))
-        await asyncio.wait([self.written])
-
-
-async def _after(written: asyncio.Future[None], work: Callable[[Path], None], path: Path) -> None:
-    await written
-    await asyncio.get_running_loop().run_in_executor(_syncs, work, path)
-
-
-async def _read_ahead(written: asyncio.Future[None], path: Path) -> readahead.Header | None:
-    """The part's header from the helper process, once its file is written."""
-    await asyncio.wait([written])
-    if written.cancelled() or written.exception() is not None:
-        return None
-    future = readahead.helper.submit(path)
-    if future is None:
-        return None
-    await asyncio.wait([asyncio.wrap_future(future)])
-    return readahead.outcome(future)
+        if self.header is not None:
+            await asyncio.wait([asyncio.wrap_future(self.header)])
+        return replace(self.offer, synced=synced, header=readahead.outcome(self.header))
 
 
 def _audit(request: Request, actor: str, outcomes: list[Outcome]) -> None:
