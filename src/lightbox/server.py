@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from lightbox import allocator
 from lightbox.archive import Archive
 from lightbox.dimse.scp import DicomServer
 from lightbox.errors import BadRequest
@@ -38,6 +39,7 @@ def export_settings(settings: Settings) -> None:
 def worker_app() -> ASGIApp:
     """The application of one HTTP worker process (settings from the environment)."""
     _die_with_parent()
+    allocator.keep_buffers()
     archive = Archive.open(load(), migrate=False)
     _start_readahead()
     return create_asgi(archive)
@@ -102,6 +104,7 @@ def serve(settings: Settings) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
     tls = https_options(settings)  # before anything starts: a bad pair stops here
+    allocator.keep_buffers()
     archive = Archive.open(settings)
     archive.blobs.clear_staging()
     app = create_asgi(archive)

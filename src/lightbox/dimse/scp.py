@@ -33,6 +33,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from lightbox import allocator
 from lightbox.archive import Archive
 from lightbox.dimse import commitment, contexts, find, retrieve, store, tls, transport
 from lightbox.dimse.access import Peer, Service, accept_unknown, admit, principal_for
@@ -276,6 +277,7 @@ def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot:
     """One more process serving the first one's listening socket, until SIGTERM
     or until the process that started it dies."""
     _die_with_parent()
+    allocator.keep_buffers()
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     stop = threading.Event()
