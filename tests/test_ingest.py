@@ -301,6 +301,41 @@ def test_study_counters_and_modalities(archive: Archive) -> None:
     assert len(blob_files(archive)) == 5
 
 
+def test_one_batch_mixing_every_case(archive: Archive) -> None:
+    """New series, more of an indexed series, copies (earlier and within the
+    batch) and a series of another study, in one batch: each gets its own
+    outcome, rows and counters match, and no blob is left unreferenced."""
+    # The intruder's study sorts after the other: the batch meets its series
+    # UID again after indexing that series' instances under the first study.
+    study, other_study = f"{ROOT}90.1", f"{ROOT}90.2"
+    known_series, new_series = f"{ROOT}90.1.1", f"{ROOT}90.1.2"
+    first = ct_dataset(study=study, series=known_series, instance_number=1)
+    store_instances(archive, [staged(archive, to_bytes(first))])
+    more = [ct_dataset(study=study, series=known_series, instance_number=n) for n in (2, 3)]
+    fresh = [ct_dataset(study=study, series=new_series, instance_number=n) for n in (1, 2, 3)]
+    intruder = ct_dataset(study=other_study, series=known_series)  # series of another study
+    batch = [more[0], first, fresh[0], more[1], fresh[1], intruder, fresh[1], fresh[2]]
+    outcomes = store_instances(archive, [staged(archive, to_bytes(d)) for d in batch])
+    assert [o.status for o in outcomes] == [
+        Status.STORED, Status.DUPLICATE, Status.STORED, Status.STORED, Status.STORED,
+        Status.REJECTED, Status.DUPLICATE, Status.STORED,
+    ]
+    assert [o.sop_instance_uid for o in outcomes] == [d.SOPInstanceUID for d in batch]
+    assert study_row(archive, study) == (2, 6, "\\CT\\")
+    with archive.db.read() as conn:
+        per_series = dict(
+            conn.execute(select(series.c.series_instance_uid, series.c.number_of_instances)).all()
+        )
+        sops = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+    assert per_series == {known_series: 3, new_series: 3}
+    assert sops == {d.SOPInstanceUID for d in [first, *more, *fresh]}
+    assert len(blob_files(archive)) == 6
+    assert staging_files(archive) == []
+    for d in [first, *more, *fresh]:
+        found = stored(archive, d.SOPInstanceUID)
+        assert archive.blobs.path(found.blob_key).read_bytes() == to_bytes(d)
+
+
 # --- odd files and staging -----------------------------------------------------------
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -71,6 +73,12 @@ _BUMP_SERIES = (
     .where(series.c.pk == bindparam("series"))
     .values(number_of_instances=series.c.number_of_instances + 1)
 )
+_ADD_TO_SERIES = (
+    update(series)
+    .where(series.c.pk == bindparam("series"))
+    .values(number_of_instances=series.c.number_of_instances + bindparam("added"))
+)
+_IN_CHUNK = 500  # values per IN list: well inside SQLite's and PostgreSQL's limits
 
 
 def store(
@@ -80,7 +88,7 @@ def store(
     blob_key: str,
     *,
     overwrite: bool,
-    known: dict[str, tuple[int, int]] | None = None,
+    known: dict[tuple[str, str], tuple[int, int]] | None = None,
 ) -> tuple[Stored, str | None, int | None]:
     """Index one instance inside the caller's transaction.
 
@@ -89,7 +97,9 @@ def store(
     counters the caller must bring up to date with ``refresh_studies`` before
     committing (once per batch, not once per instance).
     ``known`` remembers series rows across the calls of one transaction
-    (series UID -> (series pk, study pk)); clear it after a rollback.
+    ((study UID, series UID) -> (series pk, study pk)): an instance naming
+    the same series under another study still meets the check. Clear it after
+    a rollback.
     Raises Conflict when the series is already filed under another study.
     """
     now = datetime.now(UTC)
@@ -98,15 +108,29 @@ def store(
         return Stored.DUPLICATE, blob_key, None
     if old is not None:
         _delete_instance_rows(conn, [old.pk])
-    cached = known.get(record.series_instance_uid) if known is not None else None
+    filed = (record.study_instance_uid, record.series_instance_uid)
+    cached = known.get(filed) if known is not None else None
     if cached is not None and not overwrite:
         series_pk, study_pk = cached  # the batch's earlier instance made both rows
     else:
         study_pk = _study(db, conn, record, now)
         series_pk = _series(db, conn, record, study_pk)
         if known is not None:
-            known[record.series_instance_uid] = (series_pk, study_pk)
+            known[filed] = (series_pk, study_pk)
     # The same two statements every time: compiled once, not per instance.
+    conn.execute(_INSERT_INSTANCE, instance_row(record, blob_key, series_pk, study_pk, now))
+    conn.execute(_BUMP_SERIES, {"series": series_pk})
+    if old is not None:
+        # The replaced copy may have been the last of another series or study.
+        _prune(conn, {old.study_pk}, now)
+        return Stored.REPLACED, old.blob_key, study_pk
+    return Stored.STORED, None, study_pk
+
+
+def instance_row(
+    record: InstanceRecord, blob_key: str, series_pk: int, study_pk: int, now: datetime
+) -> dict[str, Any]:
+    """The instances row of ``record``, stored as ``blob_key``."""
     row = {a.column: record.values.get(a.column) for a in _INSTANCE_ATTRIBUTES}
     row.update(
         series_pk=series_pk,
@@ -117,13 +141,28 @@ def store(
         dicom_json=record.metadata,
         created_at=now,
     )
-    conn.execute(_INSERT_INSTANCE, row)
-    conn.execute(_BUMP_SERIES, {"series": series_pk})
-    if old is not None:
-        # The replaced copy may have been the last of another series or study.
-        _prune(conn, {old.study_pk}, now)
-        return Stored.REPLACED, old.blob_key, study_pk
-    return Stored.STORED, None, study_pk
+    return row
+
+
+def stored_sops(conn: Connection, sops: Sequence[str]) -> set[str]:
+    """Which of ``sops`` (SOP Instance UIDs) are indexed already."""
+    found: set[str] = set()
+    for start in range(0, len(sops), _IN_CHUNK):
+        chunk = list(sops[start : start + _IN_CHUNK])
+        found.update(conn.execute(
+            select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid.in_(chunk))
+        ).scalars())
+    return found
+
+
+def insert_instances(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert instance rows of series that exist (one statement for all), and
+    count them in their series."""
+    if not rows:
+        return
+    conn.execute(_INSERT_INSTANCE, list(rows))
+    added = Counter(row["series_pk"] for row in rows)
+    conn.execute(_ADD_TO_SERIES, [{"series": pk, "added": n} for pk, n in added.items()])
 
 
 def refresh_studies(conn: Connection, study_pks: set[int]) -> None:

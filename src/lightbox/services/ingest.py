@@ -22,7 +22,9 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -373,19 +375,41 @@ def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
 def _transaction(
     archive: Archive, items: Sequence[Prepared]
 ) -> tuple[list[Outcome], list[str]]:
+    """The index transaction. An instance of a series that is in the index
+    already (the batch's earlier instances made or found its row) is a plain
+    new row: those are inserted together at the end, with one statement.
+    Anything else (a new series or study, a copy to replace) goes through
+    ``index.store`` in a savepoint of its own, so that a conflict refuses that
+    instance alone."""
     results: list[Outcome | None] = [None] * len(items)
     unreferenced: list[str] = []
     touched: set[int] = set()
-    known: dict[str, tuple[int, int]] = {}
+    known: dict[tuple[str, str], tuple[int, int]] = {}
+    overwrite = archive.settings.overwrite
+    rows: list[dict[str, Any]] = []
+    now = datetime.now(UTC)
     with archive.db.write() as conn:
+        taken = set() if overwrite else index.stored_sops(
+            conn, [item.record.sop_instance_uid for item in items if item.record is not None])
         for i, item in sorted(enumerate(items), key=_lock_order):
             record, blob = item.record, item.blob
             assert record is not None and blob is not None
+            cached = known.get((record.study_instance_uid, record.series_instance_uid))
+            if not overwrite and record.sop_instance_uid in taken:
+                unreferenced.append(blob.key)
+                results[i] = _outcome(Status.DUPLICATE, item.offer, record)
+                continue
+            if not overwrite and cached is not None:
+                series_pk, study_pk = cached
+                rows.append(index.instance_row(record, blob.key, series_pk, study_pk, now))
+                taken.add(record.sop_instance_uid)
+                touched.add(study_pk)
+                results[i] = _outcome(Status.STORED, item.offer, record)
+                continue
             savepoint = conn.begin_nested()
             try:
-                stored, freed, study_pk = index.store(
-                    archive.db, conn, record, blob.key, overwrite=archive.settings.overwrite,
-                    known=known,
+                stored, freed, stored_study = index.store(
+                    archive.db, conn, record, blob.key, overwrite=overwrite, known=known,
                 )
                 savepoint.commit()
             except Conflict as exc:
@@ -395,12 +419,14 @@ def _transaction(
                 results[i] = _outcome(Status.REJECTED, item.offer, record, exc.message,
                                       FailureReason.PROCESSING_FAILURE)
                 continue
+            taken.add(record.sop_instance_uid)
             if freed is not None:
                 unreferenced.append(freed)
-            if study_pk is not None:
-                touched.add(study_pk)
+            if stored_study is not None:
+                touched.add(stored_study)
             status = Status.DUPLICATE if stored is index.Stored.DUPLICATE else Status.STORED
             results[i] = _outcome(status, item.offer, record)
+        index.insert_instances(conn, rows)
         index.refresh_studies(conn, touched)
     return [r for r in results if r is not None], unreferenced
 
