@@ -389,7 +389,9 @@ def _transaction(
     rows: list[dict[str, Any]] = []
     now = datetime.now(UTC)
     with archive.db.write() as conn:
-        taken = set() if overwrite else index.stored_sops(
+        # One query for the copies among several instances (one alone is
+        # looked up by index.store, which it goes through anyway).
+        taken = set() if overwrite or len(items) < 2 else index.stored_sops(
             conn, [item.record.sop_instance_uid for item in items if item.record is not None])
         for i, item in sorted(enumerate(items), key=_lock_order):
             record, blob = item.record, item.blob
