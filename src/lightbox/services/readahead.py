@@ -152,7 +152,9 @@ helper = ReadAhead()
 
 
 if __name__ == "__main__":
-    # Ctrl-C at the terminal reaches the whole group; the server ends the
-    # helper itself, by closing its input.
+    # Ctrl-C at the terminal, or a service manager stopping the server, signals
+    # the whole group; the helper ends when its worker does (its input closes),
+    # after any answer it is writing.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)
