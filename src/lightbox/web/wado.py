@@ -142,8 +142,10 @@ def frame_syntax(accept: str | None, stored: str, count: int = 1) -> FrameForm:
 
     PS3.18 answers frames as multipart/related by default; a client that
     prefers a single-part payload (``Accept: application/octet-stream``) gets
-    one when it asked for one frame. A single-part choice cannot carry
-    several frames, so it is passed over for a list of frames.
+    one when it asked for one frame. A single-part media type is permitted
+    only for a resource that is a single response item (PS3.18 §10.4.4), so
+    for a list of frames it is passed over, and 406 follows if nothing else
+    was accepted.
     """
     compressed_type = uids.FRAME_MEDIA_TYPES.get(stored)
     for choice in parse_accept(accept):
