@@ -49,6 +49,8 @@ def test_the_helper_loop_answers_in_order(files: dict[str, Path]) -> None:
     answers = io.BytesIO()
     serve(io.BytesIO(b"".join(f"{files[n]}\n".encode() for n in names)), answers)
     data, found = answers.getvalue(), []
+    assert data[:4] == bytes(4)  # "ready", before any answer
+    data = data[4:]
     while data:
         size = int.from_bytes(data[:4], "little")
         found.append(pickle.loads(data[4 : 4 + size]))
@@ -57,8 +59,37 @@ def test_the_helper_loop_answers_in_order(files: dict[str, Path]) -> None:
     assert isinstance(found[2], MissingOrInvalidUID)
 
 
-def test_a_helper_process_reads_headers(files: dict[str, Path]) -> None:
+def _started() -> ReadAhead:
     helper = ReadAhead()
+    helper.start()
+    assert helper.ready(10)
+    return helper
+
+
+def test_headers_are_read_inline_until_the_helper_is_ready(files: dict[str, Path]) -> None:
+    helper = ReadAhead()
+    try:
+        assert helper.submit(files["good"]) is None  # starts it; not ready yet
+        assert helper.ready(10)
+        assert readahead.outcome(helper.submit(files["good"])) == read_instance(files["good"])
+    finally:
+        helper.stop()
+
+
+def test_a_helper_that_is_behind_is_passed_over(files: dict[str, Path]) -> None:
+    helper = _started()
+    try:
+        futures = [helper.submit(files["good"]) for _ in range(3 * readahead.MAX_WAITING)]
+        assert None in futures  # the queue filled up: those are read inline
+        answers = [readahead.outcome(f) for f in futures if f is not None]
+        assert len(answers) >= readahead.MAX_WAITING
+        assert all(a == read_instance(files["good"]) for a in answers)
+    finally:
+        helper.stop()
+
+
+def test_a_helper_process_reads_headers(files: dict[str, Path]) -> None:
+    helper = _started()
     try:
         futures = [helper.submit(files[n]) for n in ("good", "junk", "good")]
         answers = [readahead.outcome(f) for f in futures]
@@ -80,6 +111,8 @@ def test_a_dead_helper_is_replaced_then_given_up(files: dict[str, Path]) -> None
     try:
         pids = []
         for _ in range(readahead.MAX_FAILURES):
+            helper.start()
+            assert helper.ready(10)
             assert readahead.outcome(helper.submit(files["good"])) is not None
             proc = helper._proc
             assert proc is not None
@@ -88,15 +121,15 @@ def test_a_dead_helper_is_replaced_then_given_up(files: dict[str, Path]) -> None
             _wait_for(lambda p=proc: helper._proc is not p)
         assert len(set(pids)) == readahead.MAX_FAILURES
         # Given up: ingest reads headers itself from now on.
-        assert helper.submit(files["good"]) is None
+        helper.start()
+        assert helper._proc is None and helper.submit(files["good"]) is None
     finally:
         helper.stop()
 
 
 def test_waiting_requests_get_no_answer_when_the_helper_dies(files: dict[str, Path]) -> None:
-    helper = ReadAhead()
+    helper = _started()
     try:
-        helper.start()
         proc = helper._proc
         assert proc is not None
         proc.kill()
@@ -104,14 +137,15 @@ def test_waiting_requests_get_no_answer_when_the_helper_dies(files: dict[str, Pa
         future = helper.submit(files["good"])  # written before the death is noticed, or not
         assert future is None or readahead.outcome(future) in (None, read_instance(files["good"]))
         _wait_for(lambda: helper._proc is not proc)
+        helper.start()
+        assert helper.ready(10)
         assert readahead.outcome(helper.submit(files["good"])) == read_instance(files["good"])
     finally:
         helper.stop()
 
 
 def test_the_helper_ends_with_its_input(files: dict[str, Path]) -> None:
-    helper = ReadAhead()
-    helper.start()
+    helper = _started()
     proc = helper._proc
     assert proc is not None
     helper.stop()
@@ -128,6 +162,8 @@ def test_uploads_are_stored_whether_or_not_the_helper_answers(server: RunningSer
             **server.headers, "Content-Type": 'multipart/related; type="application/dicom"; '
                                               "boundary=bnd"})
 
+    readahead.helper.start()
+    assert readahead.helper.ready(10)
     first = upload(f"{ROOT}81.1")
     assert first.status_code == 200
     proc = readahead.helper._proc

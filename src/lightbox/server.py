@@ -17,7 +17,6 @@ from lightbox import allocator
 from lightbox.archive import Archive
 from lightbox.dimse.scp import DicomServer
 from lightbox.errors import BadRequest
-from lightbox.services import readahead
 from lightbox.settings import ENV_PREFIX, Settings, load
 from lightbox.web.app import create_asgi
 
@@ -41,13 +40,7 @@ def worker_app() -> ASGIApp:
     _die_with_parent()
     allocator.keep_buffers()
     archive = Archive.open(load(), migrate=False)
-    _start_readahead()
     return create_asgi(archive)
-
-
-def _start_readahead() -> None:
-    """Start this process's header helper now, not at the first upload."""
-    readahead.helper.start()
 
 
 def _die_with_parent() -> None:
@@ -119,8 +112,6 @@ def serve(settings: Settings) -> None:
             # handed over through the environment.
             export_settings(settings)
             app = "lightbox.server:worker_app"  # type: ignore[assignment]
-        else:
-            _start_readahead()
         uvicorn.run(
             app,
             factory=settings.http_workers > 1,

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Header = InstanceRecord | InvalidInstance
 MAX_FAILURES = 3  # helpers that died before it is given up in this process
+MAX_WAITING = 64  # requests in the helper's queue; past that, headers are read inline
 
 
 def read_header(path: str) -> Header | None:
@@ -55,7 +56,10 @@ def read_header(path: str) -> Header | None:
 
 
 def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
-    """The helper's loop: a path a line in, a length-prefixed pickle out."""
+    """The helper's loop: a path a line in, a length-prefixed pickle out.
+    An empty answer first says the helper is ready (its imports are done)."""
+    answers.write(bytes(4))
+    answers.flush()
     for line in requests:
         data = pickle.dumps(read_header(line.rstrip(b"\n").decode()), pickle.HIGHEST_PROTOCOL)
         answers.write(len(data).to_bytes(4, "little") + data)
@@ -63,34 +67,43 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 class ReadAhead:
-    """The helper of this process, started on first use (or by ``start``)."""
+    """The helper of this process, started by the first upload that could use
+    it: a server that never receives STOW-RS never runs one. Until it is
+    ready (its imports take a fraction of a second), headers are read inline."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._ready = threading.Event()
         self._waiting: deque[Future[Header | None]] = deque()
         self._failures = 0
         self._off = (os.cpu_count() or 1) < 2  # nothing to gain on one core
 
     def start(self) -> None:
-        """Start the helper now, so the first upload does not wait for its imports."""
+        """Start the helper if it is not running."""
         with self._lock:
             self._ensure()
 
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the helper to be ready."""
+        return self._ready.wait(timeout)
+
     def submit(self, path: Path) -> Future[Header | None] | None:
-        """Ask for ``path``'s header; None when there is no helper."""
+        """Ask for ``path``'s header; None when there is no helper (yet)."""
         with self._lock:
             proc = self._ensure()
-            if proc is None or proc.stdin is None:
+            if proc is None or proc.stdin is None or not self._ready.is_set():
                 return None
+            if len(self._waiting) >= MAX_WAITING:
+                return None  # it is behind: this header is read inline
             future: Future[Header | None] = Future()
-            self._waiting.append(future)
             try:
-                proc.stdin.write(f"{path}\n".encode())
-                proc.stdin.flush()
+                # One write of a line shorter than PIPE_BUF is all or nothing;
+                # the pipe never blocks this thread (it is the event loop's).
+                os.write(proc.stdin.fileno(), f"{path}\n".encode())
             except OSError:
-                self._waiting.pop()
-                return None  # it died: the reader thread notices and cleans up
+                return None  # full (or the helper died: its reader cleans up)
+            self._waiting.append(future)
             return future
 
     def _ensure(self) -> subprocess.Popen[bytes] | None:
@@ -102,25 +115,36 @@ class ReadAhead:
                     [sys.executable, "-m", __name__],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 )
+                assert self._proc.stdin is not None
+                os.set_blocking(self._proc.stdin.fileno(), False)
             except OSError as exc:
                 log.warning("header read-ahead is off: %s", exc)
                 self._off = True
                 return None
-            threading.Thread(target=self._answers, args=(self._proc,),
+            self._waiting = deque()  # this helper's own queue of requests
+            threading.Thread(target=self._answers, args=(self._proc, self._waiting),
                              name="readahead", daemon=True).start()
         return self._proc
 
-    def _answers(self, proc: subprocess.Popen[bytes]) -> None:
+    def _answers(
+        self, proc: subprocess.Popen[bytes], waiting: deque[Future[Header | None]]
+    ) -> None:
         """Hand each answer to the oldest waiting request; when the helper ends,
         every waiting request gets None (ingest reads the header itself)."""
         assert proc.stdout is not None
+        if proc.stdout.read(4) != bytes(4):
+            proc.kill()  # not our helper's greeting: give up on this one
+        else:
+            with self._lock:
+                if self._proc is proc:
+                    self._ready.set()
         while True:
             size = proc.stdout.read(4)
             data = proc.stdout.read(int.from_bytes(size, "little")) if len(size) == 4 else b""
             if not data:
                 break
             with self._lock:
-                future = self._waiting.popleft()
+                future = waiting.popleft()
             try:
                 future.set_result(pickle.loads(data))
             except Exception:  # a bad answer is no answer
@@ -129,15 +153,17 @@ class ReadAhead:
         with self._lock:
             if self._proc is proc:
                 self._proc = None
+                self._ready.clear()
                 self._failures += 1
                 self._off = self._failures >= MAX_FAILURES
                 log.warning("header read-ahead helper ended (status %s)", proc.returncode)
-            while self._waiting:
-                self._waiting.popleft().set_result(None)
+            while waiting:
+                waiting.popleft().set_result(None)
 
     def stop(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
+            self._ready.clear()
         if proc is not None and proc.stdin is not None:
             proc.stdin.close()
             proc.wait()
