@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import ssl
 from dataclasses import fields
 from typing import Any
@@ -15,12 +13,12 @@ from starlette.types import ASGIApp
 
 from lightbox import allocator
 from lightbox.archive import Archive
+from lightbox.child import start_child
 from lightbox.dimse.scp import DicomServer
 from lightbox.errors import BadRequest
 from lightbox.settings import ENV_PREFIX, Settings, load
 from lightbox.web.app import create_asgi
 
-PR_SET_PDEATHSIG = 1
 # HTTPS: forward-secret AEAD suites only (TLS 1.3 suites are configured apart).
 # uvicorn would otherwise ask for "TLSv1", which admits CBC and SHA-1 suites.
 HTTPS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS"
@@ -37,22 +35,9 @@ def export_settings(settings: Settings) -> None:
 
 def worker_app() -> ASGIApp:
     """The application of one HTTP worker process (settings from the environment)."""
-    _die_with_parent()
-    allocator.keep_buffers()
+    start_child()
     archive = Archive.open(load(), migrate=False)
     return create_asgi(archive)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to end this worker when the supervisor dies (even by kill -9),
-    so no orphan keeps serving from an archive nobody supervises."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the supervisor's own shutdown still stops workers
-    if os.getppid() == 1:
-        os._exit(0)  # the supervisor died before the request took effect
 
 
 def https_options(settings: Settings) -> dict[str, Any]:

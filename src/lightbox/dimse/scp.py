@@ -15,11 +15,9 @@ index writes queue on the database's write lock.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import multiprocessing
-import os
 import signal
 import socket
 import threading
@@ -33,8 +31,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
-from lightbox import allocator
 from lightbox.archive import Archive
+from lightbox.child import start_child
 from lightbox.dimse import commitment, contexts, find, retrieve, store, tls, transport
 from lightbox.dimse.access import Peer, Service, accept_unknown, admit, principal_for
 from lightbox.dimse.session import Session
@@ -276,8 +274,7 @@ class DicomServer:
 def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot: int) -> None:
     """One more process serving the first one's listening socket, until SIGTERM
     or until the process that started it dies."""
-    _die_with_parent()
-    allocator.keep_buffers()
+    start_child()
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -292,19 +289,3 @@ def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot:
     finally:
         server.stop()
         archive.close()
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Ask Linux for SIGTERM when the parent dies (even by kill -9), so no
-    orphan keeps serving an archive that nobody supervises."""
-    parent = multiprocessing.parent_process()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent's stop() still ends this process
-    if parent is not None and os.getppid() != parent.pid:
-        os._exit(0)  # the parent died before the request took effect

@@ -160,15 +160,18 @@ def prepare(
         key for offer, (_path, key) in zip(offers, adopted, strict=True)
         if key is not None and offer.synced
     ])
-    durable = [_durable(key) if key in named else _pool.submit(_make_durable, archive, offer, key)
-               for offer, (_path, key) in zip(offers, adopted, strict=True)]
+    durable = [
+        _durable(key) if key is not None and key in named
+        else _pool.submit(_make_durable, archive, offer, key)
+        for offer, (_path, key) in zip(offers, adopted, strict=True)
+    ]
     return [
         _prepared(archive, offer, path, blob, expected_study)
         for offer, (path, _key), blob in zip(offers, adopted, durable, strict=True)
     ]
 
 
-def _sync_names(archive: Archive, keys: list[str]) -> set[str | None]:
+def _sync_names(archive: Archive, keys: list[str]) -> set[str]:
     """``keys`` whose directory entries are now durable (none if that failed:
     each is then tried again on its own, and a failure reported for it)."""
     if not keys:
@@ -180,9 +183,9 @@ def _sync_names(archive: Archive, keys: list[str]) -> set[str | None]:
     return set(keys)
 
 
-def _durable(key: str | None) -> Future[str]:
+def _durable(key: str) -> Future[str]:
+    """A blob already durable, in the form of the pool's results."""
     done: Future[str] = Future()
-    assert key is not None
     done.set_result(key)
     return done
 

@@ -142,9 +142,9 @@ class _Received:
             synced = True
         except OSError:
             synced = False
-        if self.header is not None:
-            await asyncio.wait([asyncio.wrap_future(self.header)])
-        return replace(self.offer, synced=synced, header=readahead.outcome(self.header))
+        # The helper's futures always end with a result (None when it had none).
+        header = None if self.header is None else await asyncio.wrap_future(self.header)
+        return replace(self.offer, synced=synced, header=header)
 
 
 def _audit(request: Request, actor: str, outcomes: list[Outcome]) -> None:
