@@ -17,12 +17,15 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, store, streaming
 from lightbox.dimse.scp import DicomServer
-from lightbox.dimse.status import Store
+from lightbox.dimse.status import Store, status_dataset
 from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest
@@ -64,6 +67,63 @@ def test_file_meta_is_what_pydicom_writes(calling_ae: str, sop_suffix: str) -> N
     expected = DicomBytesIO()
     write_file_meta_info(expected, meta, enforce_standard=True)
     assert store.file_meta(request) == expected.getvalue()
+
+
+@pytest.mark.parametrize(("status", "comment", "sop"), [
+    (Store.SUCCESS, None, "1.2.3.4"),
+    (Store.OUT_OF_RESOURCES, "storage is not writable", "1.2.3.45"),
+    (Store.CANNOT_UNDERSTAND, "odd", "1.2.3.456"),
+])
+def test_store_response_is_what_pynetdicom_encodes(
+    status: int, comment: str | None, sop: str
+) -> None:
+    request = C_STORE()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop
+    answer = C_STORE()
+    answer.MessageIDBeingRespondedTo = 7
+    answer.AffectedSOPClassUID = CTImageStorage
+    answer.AffectedSOPInstanceUID = sop
+    answer.Status = status
+    if comment:
+        answer.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(answer)
+    message._set_command_group_length()
+    expected = encode(message.command_set, True, True)
+    assert streaming.store_response(request, status_dataset(status, comment)) == expected
+
+
+def test_status_with_more_than_a_comment_is_left_to_pynetdicom() -> None:
+    request = C_STORE()
+    request.MessageID = 1
+    status = status_dataset(Store.CANNOT_UNDERSTAND, "bad")
+    status.OffendingElement = [0x00080018]
+    assert streaming.store_response(request, status) is None
+
+
+def test_peer_with_a_tiny_pdu_gets_its_answer_in_fragments(archive: Archive) -> None:
+    # A failure with a long comment does not fit one 128-byte PDU: pynetdicom
+    # splits the answer, and the peer still reads it.
+    ae = AE(ae_title="TINYPDU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.maximum_pdu_size = 128
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    good = ct_dataset(size=64)
+    bad = ct_dataset(size=64)
+    del bad.StudyInstanceUID
+    with scp(archive) as server:
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX")
+        assert assoc.is_established
+        try:
+            stored = assoc.send_c_store(good)
+            refused = assoc.send_c_store(bad)
+        finally:
+            assoc.release()
+    assert stored.Status == Store.SUCCESS
+    assert refused.Status != Store.SUCCESS and "StudyInstanceUID" in str(refused.ErrorComment)
+    assert _count(archive) == 1
 
 
 def test_dataset_in_many_small_pdus_is_stored_as_sent(archive: Archive) -> None:

@@ -97,6 +97,7 @@ class DicomServer:
         assert isinstance(server, AssociationServer)
         server.tls_context = tls_context
         server.sink = functools.partial(store.open_staged, self.archive)
+        server.store_handler = self._on_store
         server.handshake_timeout = float(settings.dicom_acse_timeout)
         server.socket_timeout = float(settings.dicom_network_timeout) or None
         if settings.dicom_max_pdu > 0:

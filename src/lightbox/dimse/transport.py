@@ -66,7 +66,7 @@ class _BoundedRequestHandler(RequestHandler):
         self.server._handover.assoc = assoc
         cast(_UnpolledAssociation, assoc).ended = self.server.association_ended
         if self.server.sink is not None:
-            streaming.install(assoc, self.server.sink)
+            streaming.install(assoc, self.server.sink, self.server.store_handler)
         return assoc
 
 
@@ -110,6 +110,7 @@ class AssociationServer(ThreadedAssociationServer):
     socket_timeout: float | None = 120.0
     pdu_limit: int = MIN_PDU_LIMIT
     sink: streaming.Sink | None = None  # where C-STORE datasets go (None: pynetdicom's temp files)
+    store_handler: streaming.Handler | None = None  # answers streamed C-STOREs where they arrive
     adopted: socket.socket | None = None  # a listening socket to serve instead of binding one
     # When processes share the listening socket: connections each one serves, by slot.
     loads: Any = None  # a multiprocessing Array of int

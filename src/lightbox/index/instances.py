@@ -165,11 +165,46 @@ def insert_instances(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     conn.execute(_ADD_TO_SERIES, [{"series": pk, "added": n} for pk, n in added.items()])
 
 
-def refresh_studies(conn: Connection, study_pks: set[int]) -> None:
-    """Bring counters and ModalitiesInStudy of ``study_pks`` up to date."""
+def filed_series(conn: Connection, series_uids: Sequence[str]) -> dict[str, tuple[int, int, str]]:
+    """The series among ``series_uids`` that are indexed already: series UID ->
+    (series pk, study pk, Study Instance UID)."""
+    found: dict[str, tuple[int, int, str]] = {}
+    unique = sorted(set(series_uids))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start : start + _IN_CHUNK]
+        for row in conn.execute(
+            select(series.c.series_instance_uid, series.c.pk, series.c.study_pk,
+                   studies.c.study_instance_uid)
+            .join(studies, studies.c.pk == series.c.study_pk)
+            .where(series.c.series_instance_uid.in_(chunk))
+        ):
+            found[row.series_instance_uid] = (row.pk, row.study_pk, row.study_instance_uid)
+    return found
+
+
+_ADD_TO_STUDY = (
+    update(studies)
+    .where(studies.c.pk == bindparam("study"))
+    .values(number_of_instances=studies.c.number_of_instances + bindparam("added"),
+            updated_at=bindparam("now"))
+)
+
+
+def refresh_studies(
+    conn: Connection, study_pks: set[int], added: dict[int, int] | None = None
+) -> None:
+    """Bring counters and ModalitiesInStudy of ``study_pks`` up to date, and
+    count ``added`` instances (study pk -> how many) in studies that only
+    gained instances of series they had already: their series count and
+    modalities stay, so one increment does. Studies are locked in one
+    order (by pk), whichever way they are brought up to date."""
     now = datetime.now(UTC)
-    for study_pk in sorted(study_pks):
-        _refresh_study(conn, study_pk, now)
+    added = added or {}
+    for study_pk in sorted(study_pks | added.keys()):
+        if study_pk in study_pks:
+            _refresh_study(conn, study_pk, now)
+        else:
+            conn.execute(_ADD_TO_STUDY, {"study": study_pk, "added": added[study_pk], "now": now})
 
 
 def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime) -> int:

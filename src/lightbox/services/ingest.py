@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -378,37 +379,53 @@ def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
 def _transaction(
     archive: Archive, items: Sequence[Prepared]
 ) -> tuple[list[Outcome], list[str]]:
-    """The index transaction. An instance of a series that is in the index
-    already (the batch's earlier instances made or found its row) is a plain
-    new row: those are inserted together at the end, with one statement.
-    Anything else (a new series or study, a copy to replace) goes through
-    ``index.store`` in a savepoint of its own, so that a conflict refuses that
-    instance alone."""
+    """The index transaction. Two queries first: which instances are indexed
+    already (copies), and which of the batch's series are. An instance of a
+    series in the index (or made by the batch's earlier instances) is a plain
+    new row: those are inserted together at the end, with one statement, and
+    counted in their study with one increment. Anything else (a new series or
+    study, a copy to replace) goes through ``index.store`` in a savepoint of
+    its own, so that a conflict refuses that instance alone."""
     results: list[Outcome | None] = [None] * len(items)
     unreferenced: list[str] = []
-    touched: set[int] = set()
+    refresh: set[int] = set()  # studies that gained series: counted again
+    added: Counter[int] = Counter()  # studies that only gained instances
     known: dict[tuple[str, str], tuple[int, int]] = {}
     overwrite = archive.settings.overwrite
     rows: list[dict[str, Any]] = []
     now = datetime.now(UTC)
+    records = [item.record for item in items if item.record is not None]
     with archive.db.write() as conn:
-        # One query for the copies among several instances (one alone is
-        # looked up by index.store, which it goes through anyway).
-        taken = set() if overwrite or len(items) < 2 else index.stored_sops(
-            conn, [item.record.sop_instance_uid for item in items if item.record is not None])
+        taken: set[str] = set()
+        filed: dict[str, tuple[int, int, str]] = {}
+        if not overwrite:
+            taken = index.stored_sops(conn, [r.sop_instance_uid for r in records])
+            filed = index.filed_series(conn, [
+                r.series_instance_uid for r in records if r.sop_instance_uid not in taken])
         for i, item in sorted(enumerate(items), key=_lock_order):
             record, blob = item.record, item.blob
             assert record is not None and blob is not None
-            cached = known.get((record.study_instance_uid, record.series_instance_uid))
             if not overwrite and record.sop_instance_uid in taken:
                 unreferenced.append(blob.key)
                 results[i] = _outcome(Status.DUPLICATE, item.offer, record)
                 continue
+            place = (record.study_instance_uid, record.series_instance_uid)
+            cached = known.get(place)
+            if cached is None and place[1] in filed:
+                series_pk, study_pk, study_uid = filed[place[1]]
+                if study_uid != place[0]:
+                    unreferenced.append(blob.key)
+                    results[i] = _outcome(
+                        Status.REJECTED, item.offer, record,
+                        f"series {place[1]} is already stored in another study",
+                        FailureReason.PROCESSING_FAILURE)
+                    continue
+                cached = known[place] = (series_pk, study_pk)
             if not overwrite and cached is not None:
                 series_pk, study_pk = cached
                 rows.append(index.instance_row(record, blob.key, series_pk, study_pk, now))
                 taken.add(record.sop_instance_uid)
-                touched.add(study_pk)
+                added[study_pk] += 1
                 results[i] = _outcome(Status.STORED, item.offer, record)
                 continue
             savepoint = conn.begin_nested()
@@ -428,11 +445,12 @@ def _transaction(
             if freed is not None:
                 unreferenced.append(freed)
             if stored_study is not None:
-                touched.add(stored_study)
+                refresh.add(stored_study)
             status = Status.DUPLICATE if stored is index.Stored.DUPLICATE else Status.STORED
             results[i] = _outcome(status, item.offer, record)
         index.insert_instances(conn, rows)
-        index.refresh_studies(conn, touched)
+        index.refresh_studies(conn, refresh, {
+            pk: n for pk, n in added.items() if pk not in refresh})
     return [r for r in results if r is not None], unreferenced
 
 
