@@ -287,13 +287,13 @@ class StreamingDIMSE(DIMSEServiceProvider):
         status = self._handler(Event(assoc, evt.EVT_C_STORE, {
             "request": request, "context": context.as_tuple}))
         command = store_response(request, status)
-        limit = self.maximum_pdu_size
-        if command is None or (limit and len(command) > limit - 6):
+        limit, sock = self.maximum_pdu_size, assoc.dul.socket
+        if command is None or sock is None or (limit and len(command) > limit - 6):
             self.send_msg(_response(request, status), context_id)  # queued to this thread
             return True
         item = struct.pack(">LB", len(command) + 2, context_id) + bytes([_COMMAND | _LAST])
         pdu = struct.pack(">BxL", P_DATA_TF, len(item) + len(command)) + item + command
-        assoc.dul.socket.send(pdu)  # this thread is the one that writes to the socket
+        sock.send(pdu)  # this thread is the one that writes to the socket
         return True
 
     def _delegate(self, context_id: int, data: bytes) -> None:
