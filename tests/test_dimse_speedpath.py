@@ -4,6 +4,7 @@ index transactions, and several SCP processes sharing one listening socket."""
 from __future__ import annotations
 
 import multiprocessing
+import socket
 import subprocess
 import threading
 import time
@@ -258,3 +259,20 @@ def test_two_processes_serve_one_port(archive: Archive, tmp_path: Path) -> None:
         server.stop()
     assert not child.is_alive()
     assert _count(archive) == 20
+
+
+def test_port_probe_releases_its_slot_at_once(archive: Archive) -> None:
+    # A connection closed before any A-ASSOCIATE-RQ (a health check) is done
+    # as soon as it closes, not after the ACSE timeout: it no longer counts as
+    # load when processes share out new associations.
+    with scp(archive) as server:
+        listener = server._server
+        assert listener is not None
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        deadline = time.monotonic() + 5
+        while listener.serving and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert listener.serving == 0
+        assert _send(server.port, [ct_dataset(size=64)]) == [Store.SUCCESS]
+    assert _count(archive) == 1

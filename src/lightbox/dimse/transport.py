@@ -345,7 +345,18 @@ class _UnpolledDUL(DULServiceProvider):
                 idle = True
                 continue
             self.state_machine.do_action(event)
+            if event in ("Evt17", "Evt18"):  # connection closed, or ARTIM expired
+                self._closed_before_request()
             idle = False
+
+    def _closed_before_request(self) -> None:
+        """A connection that closed before any A-ASSOCIATE-RQ (a port probe):
+        the acceptor, waiting for that request, stops now instead of after the
+        ACSE timeout, and its thread and load count with it."""
+        assoc = self.assoc
+        if (self.state_machine.current_state == "Sta1" and assoc.requestor.primitive is None
+                and self.to_user_queue.empty()):
+            self.to_user_queue.put(None)
 
     def _wait(self) -> None:
         """Until the socket is readable, a primitive is queued, or _IDLE_WAIT passed."""

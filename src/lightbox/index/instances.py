@@ -79,6 +79,16 @@ _ADD_TO_SERIES = (
     .values(number_of_instances=series.c.number_of_instances + bindparam("added"))
 )
 _IN_CHUNK = 500  # values per IN list: well inside SQLite's and PostgreSQL's limits
+# Built once: a statement made per call costs more to build and look up than to run.
+_STORED_SOPS = select(instances.c.sop_instance_uid).where(
+    instances.c.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
+_FILED_SERIES = (
+    select(series.c.series_instance_uid, series.c.pk, series.c.study_pk,
+           studies.c.study_instance_uid)
+    .join(studies, studies.c.pk == series.c.study_pk)
+    .where(series.c.series_instance_uid.in_(bindparam("uids", expanding=True)))
+)
 
 
 def store(
@@ -149,9 +159,7 @@ def stored_sops(conn: Connection, sops: Sequence[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(sops), _IN_CHUNK):
         chunk = list(sops[start : start + _IN_CHUNK])
-        found.update(conn.execute(
-            select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid.in_(chunk))
-        ).scalars())
+        found.update(conn.execute(_STORED_SOPS, {"sops": chunk}).scalars())
     return found
 
 
@@ -172,12 +180,7 @@ def filed_series(conn: Connection, series_uids: Sequence[str]) -> dict[str, tupl
     unique = sorted(set(series_uids))
     for start in range(0, len(unique), _IN_CHUNK):
         chunk = unique[start : start + _IN_CHUNK]
-        for row in conn.execute(
-            select(series.c.series_instance_uid, series.c.pk, series.c.study_pk,
-                   studies.c.study_instance_uid)
-            .join(studies, studies.c.pk == series.c.study_pk)
-            .where(series.c.series_instance_uid.in_(chunk))
-        ):
+        for row in conn.execute(_FILED_SERIES, {"uids": chunk}):
             found[row.series_instance_uid] = (row.pk, row.study_pk, row.study_instance_uid)
     return found
 
