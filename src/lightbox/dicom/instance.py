@@ -12,8 +12,10 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
@@ -27,6 +29,10 @@ from lightbox.errors import InvalidInstance
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _DIGITS = re.compile(r"\d+")
+_READ_DIRECTLY = (*_REQUIRED_UIDS, "Rows", "Columns", "SamplesPerPixel", "BitsAllocated",
+                  "NumberOfFrames")
+_TAGS = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in _READ_DIRECTLY}
+_VR = {keyword: dictionary_VR(_TAGS[keyword]) for keyword in _READ_DIRECTLY}
 
 
 class MissingOrInvalidUID(InvalidInstance):
@@ -102,10 +108,8 @@ def read_instance(path: Path) -> InstanceRecord:
             raise InvalidInstance(
                 "a DICOMDIR indexes files and is not itself an image: import its folder"
             )
-        for keyword in _REQUIRED_UIDS:
-            _check_uid(ds, keyword)
+        sop_class, sop, study, series = (_check_uid(ds, keyword) for keyword in _REQUIRED_UIDS)
         layout, pixel_vr = _pixel_layout(fp, ds, syntax, size)
-    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
     try:
         # Nested sequences are only parsed here, so their errors surface here.
         obj = dicomjson.to_dict(ds, uri_prefix=_INSTANCE, pixel_vr=pixel_vr)
@@ -119,7 +123,7 @@ def read_instance(path: Path) -> InstanceRecord:
         study_instance_uid=study,
         series_instance_uid=series,
         sop_instance_uid=sop,
-        sop_class_uid=ds.SOPClassUID,
+        sop_class_uid=sop_class,
         transfer_syntax_uid=syntax,
         values=values,
         layout=layout,
@@ -161,7 +165,17 @@ def _transfer_syntax(ds: Dataset) -> str:
     return syntax
 
 
-def _check_uid(ds: Dataset, keyword: str) -> None:
+def _check_uid(ds: Dataset, keyword: str) -> str:
+    """The UID ``keyword`` names, or MissingOrInvalidUID.
+
+    A well-formed UID is taken from the element's bytes as pydicom decodes
+    them (Latin-1, trailing NULs and spaces removed, one value); anything
+    else goes through pydicom for the reason."""
+    raw = _raw_bytes(ds, keyword)
+    if raw is not None:
+        text = raw.decode("latin-1").rstrip("\x00 ")
+        if "\\" not in text and uids.is_valid_uid(text):
+            return text
     try:
         value = ds.get(keyword)
     except Exception as exc:
@@ -171,9 +185,25 @@ def _check_uid(ds: Dataset, keyword: str) -> None:
     if not uids.is_valid_uid(str(value)):
         shown = str(value)[:80].encode("ascii", "backslashreplace").decode()
         raise MissingOrInvalidUID(f"{keyword} is not a valid UID: {shown!r}")
+    return str(value)
+
+
+def _raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
+    """The undecoded value of a top-level element of a little endian data set
+    (None when it is decoded already, absent, or big endian)."""
+    if ds.is_little_endian is False:
+        return None
+    item = ds.get_item(_TAGS[keyword])
+    value = getattr(item, "value", None) if isinstance(item, RawDataElement) else None
+    return value if isinstance(value, bytes) else None
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
+    raw = _raw_bytes(ds, keyword)
+    if raw is not None and len(raw) == 2 and _VR[keyword] == "US":
+        vr = cast(RawDataElement, ds.get_item(_TAGS[keyword])).VR
+        if vr in (None, "US"):  # implicit VR, or as the dictionary says
+            return int.from_bytes(raw, "little")
     value = ds.get(keyword)
     if value is None or value == "":
         return default
