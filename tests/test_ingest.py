@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -21,7 +22,7 @@ from sqlalchemy import select
 from lightbox.archive import Archive
 from lightbox.index import instances as index
 from lightbox.index.schema import instances, series, studies
-from lightbox.services import retrieve
+from lightbox.services import ingest, retrieve
 from lightbox.services.ingest import Offer, Outcome, Status, store_instances
 from tests.factories import ROOT, ct_dataset, to_bytes, write
 
@@ -107,6 +108,46 @@ def test_store_then_duplicate_keeps_first(archive: Archive, tmp_path: Path) -> N
         assert blob_files(archive) == blobs, "the first copy is kept, nothing else written"
         assert staging_files(archive) == []
     assert stored(archive, ds.SOPInstanceUID).size == len(first)
+
+
+def test_copy_stored_after_the_look_up_is_still_a_duplicate(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The look-up before the write transaction can be overtaken by another
+    # writer storing the same instance: the write then meets the unique key,
+    # and the batch is indexed again with the look-up inside the transaction.
+    study, known = generate_uid(prefix=ROOT), generate_uid(prefix=ROOT)
+    first = ct_dataset(study=study, series=known)
+    assert single(store_instances(archive, [staged(archive, to_bytes(first))])).status is (
+        Status.STORED)
+    blobs = blob_files(archive)
+    real = ingest._look_up
+    retried: list[bool] = []
+
+    def stale(*args: Any) -> Any:  # the series as it is, the copy not yet there
+        taken, filed = real(*args)
+        assert first.SOPInstanceUID in taken and known in filed
+        return set(), filed
+
+    def transaction(*args: Any, **kwargs: Any) -> Any:
+        retried.append("looked_up" not in kwargs)
+        return real_transaction(*args, **kwargs)
+
+    real_transaction = ingest._transaction
+    monkeypatch.setattr(ingest, "_look_up", stale)
+    monkeypatch.setattr(ingest, "_transaction", transaction)
+    again = ct_dataset(study=study, series=known)
+    again.SOPInstanceUID = first.SOPInstanceUID
+    fresh = ct_dataset(study=study, series=known, instance_number=2)
+    outcomes = store_instances(archive, [staged(archive, to_bytes(again)),
+                                         staged(archive, to_bytes(fresh))])
+    assert [o.status for o in outcomes] == [Status.DUPLICATE, Status.STORED]
+    assert retried == [False, True]
+    assert len(blob_files(archive)) == len(blobs) + 1
+    assert staging_files(archive) == []
+    with archive.db.read() as conn:
+        assert conn.execute(select(series.c.number_of_instances)).scalar_one() == 2
+        assert conn.execute(select(studies.c.number_of_instances)).scalar_one() == 2
 
 
 def test_duplicate_within_one_batch_leaves_one_blob(archive: Archive) -> None:

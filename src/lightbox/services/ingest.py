@@ -2,8 +2,8 @@
 
 Per batch: move each file under a fresh key and make it durable (fsync of
 data, then of the directory) while its header is parsed and validated, then
-one index transaction with a savepoint per instance. If indexing fails, the
-blob is removed. An outcome of STORED means both the bytes and the index row
+one index transaction (see ``_transaction``). If indexing fails, the blob is
+removed. An outcome of STORED means both the bytes and the index row
 are durable.
 
 The index transactions of callers that arrive while another one is being
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from lightbox.archive import Archive
 from lightbox.dicom.instance import InstanceRecord, MissingOrInvalidUID, read_instance
@@ -360,7 +360,13 @@ def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
     """One index transaction for ``items`` (each with a record and a blob);
     blobs that end up unreferenced are deleted. One Outcome per item, in order."""
     try:
-        outcomes, unreferenced = _transaction(archive, items)
+        try:
+            looked_up = _look_up(archive, items)
+            outcomes, unreferenced = _transaction(archive, items, looked_up=looked_up)
+        except IntegrityError:
+            # Another writer stored one of these instances (or removed a series)
+            # after the look-up: again, looking up inside the transaction.
+            outcomes, unreferenced = _transaction(archive, items)
     except SQLAlchemyError as exc:
         log.error("index transaction failed: %s", exc)
         for item in items:
@@ -376,11 +382,33 @@ def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
     return outcomes
 
 
+_LookUp = tuple[set[str], dict[str, tuple[int, int, str]]]
+
+
+def _look_up(archive: Archive, items: Sequence[Prepared]) -> _LookUp | None:
+    """Which of the items' instances and series are indexed already, read
+    before the write transaction so that the write lock is held for writing
+    only (None with ``overwrite``, which looks up each instance as it goes)."""
+    if archive.settings.overwrite:
+        return None
+    records = [item.record for item in items if item.record is not None]
+    with archive.db.read() as conn:
+        return _stored_and_filed(conn, records)
+
+
+def _stored_and_filed(conn: Any, records: Sequence[InstanceRecord]) -> _LookUp:
+    taken = index.stored_sops(conn, [r.sop_instance_uid for r in records])
+    filed = index.filed_series(conn, [
+        r.series_instance_uid for r in records if r.sop_instance_uid not in taken])
+    return taken, filed
+
+
 def _transaction(
-    archive: Archive, items: Sequence[Prepared]
+    archive: Archive, items: Sequence[Prepared], looked_up: _LookUp | None = None,
 ) -> tuple[list[Outcome], list[str]]:
-    """The index transaction. Two queries first: which instances are indexed
-    already (copies), and which of the batch's series are. An instance of a
+    """The index transaction. It starts from which instances are indexed
+    already (copies) and which of the batch's series are: ``looked_up``
+    before the write lock was taken, or else looked up inside. An instance of a
     series in the index (or made by the batch's earlier instances) is a plain
     new row: those are inserted together at the end, with one statement, and
     counted in their study with one increment. Anything else (a new series or
@@ -398,10 +426,10 @@ def _transaction(
     with archive.db.write() as conn:
         taken: set[str] = set()
         filed: dict[str, tuple[int, int, str]] = {}
-        if not overwrite:
-            taken = index.stored_sops(conn, [r.sop_instance_uid for r in records])
-            filed = index.filed_series(conn, [
-                r.series_instance_uid for r in records if r.sop_instance_uid not in taken])
+        if looked_up is not None:
+            taken, filed = set(looked_up[0]), looked_up[1]
+        elif not overwrite:
+            taken, filed = _stored_and_filed(conn, records)
         for i, item in sorted(enumerate(items), key=_lock_order):
             record, blob = item.record, item.blob
             assert record is not None and blob is not None
