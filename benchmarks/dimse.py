@@ -1,6 +1,7 @@
 """DIMSE benchmark: Lightbox's SCP vs Orthanc's, measured in the same run.
 
     .venv/bin/python benchmarks/dimse.py [--slices 200] [--size 512] [--finds 50]
+                                         [--parallel 4] [--find-studies 10000]
                                          [--work DIR] [--keep] [--database URL]
                                          [--lightbox-cmd CMD] [--orthanc-defaults]
 
@@ -8,6 +9,10 @@
   200 + 50 = 250 instances of 512x512) over one association; instances/s and
   MB/s from the wall time of storescu. Both servers make every instance durable
   before answering (Lightbox always; Orthanc with "SyncStorageArea": true).
+- The same with a second corpus split over --parallel (4) storescu processes
+  at once; how much faster that is than one association, and the fraction of
+  the machine's durable-write ceiling (the same files written one after the
+  other with write, fsync, rename and a directory fsync) it reaches.
 - C-FIND: study-level queries (PatientID plus five return keys) over one
   pynetdicom association per server, the servers taking turns query by query
   after a warm-up; median and 90th percentile latency of a complete request
@@ -45,6 +50,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
+
+from ceiling import DurableWriter
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_CORPUS = REPO.parent / "shared/corpus/make_corpus.py"
@@ -220,6 +227,18 @@ def measure_store_parallel(peer: Peer, folders: list[Path], files: list[Path]) -
             "mb_per_second": size / seconds / 1e6}
 
 
+def measure_ceiling(directory: Path, files: list[Path]) -> dict[str, float]:
+    """The machine's durable-write rate for the same files (see ceiling.py)."""
+    writer = DurableWriter(directory)
+    try:
+        payloads = [f.read_bytes() for f in files]
+        os.sync()  # no writeback of the servers' work during the timed writes
+        writer.write(payloads)
+    finally:
+        writer.cleanup()
+    return {"per_second": writer.per_second, "files": writer.files}
+
+
 def fill_studies(work: Path, database: str | None, studies: int) -> None:
     """Generated study rows in Lightbox's index, before it starts (C-FIND at scale)."""
     from lightbox.archive import Archive
@@ -358,6 +377,7 @@ def main(argv: list[str]) -> int:
             folders = split_corpus(other, args.parallel, split)
             results["parallel"] = {p.label: measure_store_parallel(p, folders, other)
                                    for p in peers}
+            results["ceiling"] = measure_ceiling(run / "write-ceiling", other)
         results["find"] = measure_find(peers, args.finds)
     finally:
         for proc in list(_RUNNING):
@@ -373,9 +393,17 @@ def main(argv: list[str]) -> int:
     print(_row("C-STORE ingest (MB/s)", store["lightbox"]["mb_per_second"],
                store["orthanc"]["mb_per_second"]))
     if "parallel" in results:
-        par = results["parallel"]
+        par, ceiling = results["parallel"], results["ceiling"]["per_second"]
         print(_row(f"C-STORE, {args.parallel} associations (inst/s)",
                    par["lightbox"]["per_second"], par["orthanc"]["per_second"]))
+        print(_row(f"  {args.parallel} associations / 1 (x)",
+                   par["lightbox"]["per_second"] / store["lightbox"]["per_second"],
+                   par["orthanc"]["per_second"] / store["orthanc"]["per_second"]))
+        print(_row(f"  {args.parallel} associations, % of ceiling",
+                   100 * par["lightbox"]["per_second"] / ceiling,
+                   100 * par["orthanc"]["per_second"] / ceiling))
+        print(f"durable-write ceiling, same files: {ceiling:.0f} files/s (write, fsync, "
+              "rename, directory fsync, one file after the other)")
     print(f"C-FIND: Lightbox's index holds {args.find_studies} generated studies besides the "
           "corpus; Orthanc's only the corpus")
     print(_row("C-FIND study median (ms)", find["lightbox"]["median_ms"],
