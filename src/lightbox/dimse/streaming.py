@@ -331,7 +331,6 @@ def install(assoc: Any, sink: Sink, handler: Handler | None = None) -> None:
     dimse._buffer = None
 
 
-
 # ---------------------------------------------------------------- C-STORE-RSP
 
 _STATUS_ONLY = {0x00000900, 0x00000902}  # Status, Error Comment
