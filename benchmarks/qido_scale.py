@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from lightbox.archive import Archive
 from lightbox.index.schema import instances, patients, series, studies
@@ -98,7 +98,21 @@ def fill(archive: Archive, total: int) -> list[str]:
         if p % 1000 == 0:
             print(f"  {in_pk} instances", flush=True)
     _flush(archive, rows_p, rows_st, rows_se, rows_in)
+    _advance_keys(archive)
     return ids
+
+
+def _advance_keys(archive: Archive) -> None:
+    """PostgreSQL: move each table's key sequence past the keys given here,
+    so that instances stored later (the DIMSE benchmark's) get fresh ones."""
+    if archive.db.is_sqlite:
+        return  # SQLite takes the next rowid after the largest
+    with archive.db.write() as conn:
+        for table in (patients, studies, series, instances):
+            conn.execute(text(
+                f"SELECT setval(pg_get_serial_sequence('{table.name}', 'pk'), "
+                f"(SELECT max(pk) FROM {table.name}))"
+            ))
 
 
 def _flush(archive: Archive, *batches: list[dict[str, object]]) -> None:
