@@ -25,7 +25,7 @@ C-STORE-RSP (a command set of fixed form, PS3.7 9.3.1.2) is encoded here and
 written to the socket as one P-DATA-TF PDU. pynetdicom's path for it would
 hand the request to the association's thread, look up the service class,
 encode the response with pydicom and pass it back to this thread to send:
-about a third of the processor time of an instance. Anything out of the
+more than a quarter of the interpreter's time per instance. Anything out of the
 ordinary (a request outside its context's SOP Class, a status with more
 than Status and Error Comment, a peer with a tiny PDU) takes that path.
 """
