@@ -163,12 +163,23 @@ def start_orthanc(work: Path, tuned: bool = True) -> Peer:
 
 def start_lightbox(work: Path, command: str, database: str | None, studies: int = 0) -> Peer:
     work.mkdir(parents=True, exist_ok=True)
-    if studies:
-        fill_studies(work, database, studies)
     argv0 = shlex.split(command)
     data = work / "data"
     options = ["--data", str(data), *(["--database", database] if database else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+
+    def count() -> int:
+        done = subprocess.run([*argv0, "stats", *options], env=env, cwd=work, text=True,
+                              capture_output=True, timeout=120, check=True)
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith("instances"))
+        return int(line.split()[1])
+
+    if database and count():
+        # The corpus would only meet copies of itself: nothing would be stored.
+        raise SystemExit(f"{database} already holds instances: give the benchmark an empty "
+                         "database")
+    if studies:
+        fill_studies(work, database, studies)
     # The query client must be a known node to use C-FIND (C-STORE from loopback needs not).
     subprocess.run([*argv0, "node", "add", "bench", "--aet", SCU_AET, "--host", HOST,
                     "--port", "1", *options], check=True, env=env, cwd=work,
@@ -179,13 +190,6 @@ def start_lightbox(work: Path, command: str, database: str | None, studies: int 
                    "--dicom-port", str(dicom_port), "--aet", "LIGHTBOX"], log, work, env)
     _wait(_http_ok(f"http://{HOST}:{http_port}/healthz"), proc, "Lightbox", log)
     _wait(_listening(dicom_port), proc, "Lightbox SCP", log)
-
-    def count() -> int:
-        done = subprocess.run([*argv0, "stats", *options], env=env, cwd=work, text=True,
-                              capture_output=True, timeout=120, check=True)
-        line = next(ln for ln in done.stdout.splitlines() if ln.startswith("instances"))
-        return int(line.split()[1])
-
     return Peer("lightbox", "LIGHTBOX", dicom_port, proc, count)
 
 
