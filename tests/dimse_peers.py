@@ -112,6 +112,21 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
             return json.loads(resp.read())
 
+    def post(self, path: str, body: Any, timeout: float = 60) -> Any:
+        """POST ``body`` (JSON, or a string as it is) to the REST API."""
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def file(self, sop_instance_uid: str) -> bytes:
+        """The stored file of an instance, found by its SOP Instance UID."""
+        [found] = self.post("/tools/lookup", sop_instance_uid)
+        with urllib.request.urlopen(f"{self.url}/instances/{found['ID']}/file",
+                                    timeout=10) as resp:
+            return bytes(resp.read())
+
 
 @contextmanager
 def orthanc(workdir: Path, modalities: dict[str, tuple[str, int]],

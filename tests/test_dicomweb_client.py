@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread, dcmwrite
@@ -181,6 +182,19 @@ def test_search_for_studies_counts_and_modalities(loaded: Loaded) -> None:
     assert sorted(_values(study, "00080061")) == ["CT", "MR", "NM", "OT"]
     assert _value(study, "00100010") == {"Alphabetic": "Lovelace^Ada"}
     assert _value(study, "00081190") == f"{loaded.server.dicomweb}/studies/{loaded.study.uid}"
+
+
+def test_http_basic_with_the_token_as_password(loaded: Loaded) -> None:
+    # As 3D Slicer and Kheops clients send it: any user name, the token as password.
+    session = requests.Session()
+    session.auth = ("slicer", loaded.server.token)
+    client = DICOMwebClient(loaded.server.dicomweb, session=session)
+    found = client.search_for_studies(search_filters={"StudyInstanceUID": loaded.study.uid})
+    assert [s["0020000D"]["Value"][0] for s in found] == [loaded.study.uid]
+    session.auth = ("slicer", "not-the-token")
+    with pytest.raises(HTTPError) as refused:
+        client.search_for_studies()
+    assert refused.value.response.status_code == 401
 
 
 def test_search_for_series_top_level_and_nested(loaded: Loaded) -> None:

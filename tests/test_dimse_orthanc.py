@@ -1,8 +1,10 @@
 """Lightbox as SCU against Orthanc as SCP, through the CLI: echo, find, move into
-Lightbox (through our SCP), get (through the ingest path), send."""
+Lightbox (through our SCP), get (through the ingest path), send; and Orthanc
+C-MOVE-ing a study out of Lightbox to itself."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +101,26 @@ def test_lightbox_as_scu_against_orthanc(
                       "-k", f"StudyInstanceUID={LOCAL_STUDY}")
     for path in local:
         assert str(pydicom.dcmread(path).SOPInstanceUID) in on_orthanc
+
+
+def test_orthanc_moves_a_study_out_of_lightbox(
+    archive: Archive, peer: Peer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = ROOT + "601"
+    local = [write(ct_dataset(instance_number=n, study=study), tmp_path / f"{n}.dcm")
+             for n in (1, 2, 3)]
+    assert all(o.status is Status.STORED
+               for o in store_instances(archive, [Offer(p, "test") for p in local]))
+    # Orthanc is a known node: it may ask for a move, and it is the destination.
+    _cli(archive, capsys, "node", "add", "orthanc", "--aet", "ORTHANC", "--host", "127.0.0.1",
+         "--port", str(peer.orthanc.dicom_port))
+    with scp(archive, port=peer.lightbox_port):
+        peer.orthanc.post("/modalities/lightbox/move", {
+            "Level": "Study", "Resources": [{"StudyInstanceUID": study}],
+            "TargetAet": "ORTHANC", "Synchronous": True})
+    for path in local:
+        sent = pydicom.dcmread(path)
+        back = pydicom.dcmread(io.BytesIO(peer.orthanc.file(str(sent.SOPInstanceUID))))
+        assert back.StudyInstanceUID == study
+        assert back.PixelData == sent.PixelData
+        assert {e.tag for e in back} == {e.tag for e in sent}

@@ -6,12 +6,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
 
 from lightbox.archive import Archive
@@ -20,9 +22,9 @@ from lightbox.dimse.access import operator_principal
 from lightbox.dimse.status import CommitmentFailure, EventType, Retrieve
 from lightbox.services import nodes, retrieve
 from lightbox.services.ingest import Offer, Status, store_instances
-from tests.conftest import free_port
+from tests.conftest import free_port, serving
 from tests.dimse_peers import dcmtk, make_corpus, scp, storescp
-from tests.factories import ROOT
+from tests.factories import ROOT, stow_body
 
 
 @pytest.fixture
@@ -119,6 +121,63 @@ def test_getscu_receives_the_study_decompressed_when_it_asks_for_native(
         back = got[original.SOPInstanceUID]
         assert not back.file_meta.TransferSyntaxUID.is_compressed
         assert np.array_equal(back.pixel_array, original.pixel_array)
+
+
+def test_what_came_by_stow_rs_comes_back_by_c_get_byte_for_byte(
+    archive: Archive, tmp_path: Path
+) -> None:
+    # Compressed and native instances up by STOW-RS; a C-GET requestor that accepts
+    # their own syntaxes receives each data set exactly as it was sent.
+    files = [*make_corpus(tmp_path / "j2k", "--slices", "2", "--size", "64",
+                          "--syntax", "jpeg2000", "--seed", "43"),
+             *make_corpus(tmp_path / "native", "--slices", "2", "--size", "64",
+                          "--syntax", "explicit", "--seed", "44")]
+    sent = {}
+    for path in files:
+        _meta, offset = split_dataset(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sent[str(ds.SOPInstanceUID)] = (path.read_bytes()[offset:], ds)
+    with serving(archive) as server:
+        body, content_type = stow_body([f.read_bytes() for f in files])
+        response = httpx.post(f"{server.dicomweb}/studies", content=body, timeout=60,
+                              headers={**server.headers, "Content-Type": content_type,
+                                       "Accept": "application/dicom+json"})
+        assert response.status_code == 200, response.text
+    nodes.add_node(archive, name="getscu", ae_title="GETSCU", host="127.0.0.1", port=1)
+    received: dict[str, bytes] = {}
+
+    def on_store(event: Event) -> int:
+        # Lightbox receives C-GET data sets to a file (chunked): read it past its meta.
+        path = Path(event.dataset_path)
+        _meta, offset = split_dataset(path)
+        received[str(event.request.AffectedSOPInstanceUID)] = path.read_bytes()[offset:]
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(contexts.STUDY_ROOT_GET)
+    syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for _, ds in sent.values()})
+    sop_class = str(next(iter(sent.values()))[1].SOPClassUID)
+    for syntax in syntaxes:  # one context each: an acceptor picks one syntax per context
+        ae.add_requested_context(sop_class, [syntax])
+    role = build_role(sop_class, scp_role=True)
+    studies = {str(ds.StudyInstanceUID) for _, ds in sent.values()}
+    with scp(archive) as dicom:
+        assoc = ae.associate("127.0.0.1", dicom.port, ae_title="LIGHTBOX", ext_neg=[role],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        try:
+            for study_uid in studies:
+                identifier = Dataset()
+                identifier.QueryRetrieveLevel = "STUDY"
+                identifier.StudyInstanceUID = study_uid
+                statuses = [s for s, _ in assoc.send_c_get(identifier, contexts.STUDY_ROOT_GET)]
+                assert statuses[-1].Status == Retrieve.SUCCESS
+        finally:
+            assoc.release()
+    assert set(received) == set(sent)
+    for sop, (data_set, _ds) in sent.items():
+        assert received[sop] == data_set, sop
 
 
 # --- Storage Commitment ---------------------------------------------------------------
