@@ -34,7 +34,7 @@ def test_direct_reads_match_pydicom_on_every_test_file(monkeypatch: pytest.Monke
     def through_pydicom(_ds: Dataset, _keyword: str) -> Any:
         return None
 
-    monkeypatch.setattr(instance, "_raw_bytes", through_pydicom)
+    monkeypatch.setattr(instance, "_raw", through_pydicom)
     decoded = {name_of(path): _outcome(path) for path in files}
     assert direct == decoded
     stored = [name for name, outcome in direct.items() if isinstance(outcome, InstanceRecord)]

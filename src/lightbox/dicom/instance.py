@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -171,9 +171,9 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
     A well-formed UID is taken from the element's bytes as pydicom decodes
     them (Latin-1, trailing NULs and spaces removed, one value); anything
     else goes through pydicom for the reason."""
-    raw = _raw_bytes(ds, keyword)
+    raw = _raw(ds, keyword)
     if raw is not None:
-        text = raw.decode("latin-1").rstrip("\x00 ")
+        text = raw[1].decode("latin-1").rstrip("\x00 ")
         if "\\" not in text and uids.is_valid_uid(text):
             return text
     try:
@@ -188,22 +188,23 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
     return str(value)
 
 
-def _raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
-    """The undecoded value of a top-level element of a little endian data set
-    (None when it is decoded already, absent, or big endian)."""
+def _raw(ds: Dataset, keyword: str) -> tuple[str | None, bytes] | None:
+    """The VR (None: implicit) and undecoded value of a top-level element of a
+    little endian data set (None when it is decoded already, absent, or big
+    endian)."""
     if ds.is_little_endian is False:
         return None
     item = ds.get_item(_TAGS[keyword])
-    value = getattr(item, "value", None) if isinstance(item, RawDataElement) else None
-    return value if isinstance(value, bytes) else None
+    if isinstance(item, RawDataElement) and isinstance(item.value, bytes):
+        return item.VR, item.value
+    return None
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
-    raw = _raw_bytes(ds, keyword)
-    if raw is not None and len(raw) == 2 and _VR[keyword] == "US":
-        vr = cast(RawDataElement, ds.get_item(_TAGS[keyword])).VR
-        if vr in (None, "US"):  # implicit VR, or as the dictionary says
-            return int.from_bytes(raw, "little")
+    raw = _raw(ds, keyword)
+    # Implicit VR, or explicit as the dictionary says: two bytes, little endian.
+    if raw is not None and _VR[keyword] == "US" and raw[0] in (None, "US") and len(raw[1]) == 2:
+        return int.from_bytes(raw[1], "little")
     value = ds.get(keyword)
     if value is None or value == "":
         return default

@@ -49,6 +49,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
 
 # Message Control Header bits (PS3.8 E.2).
 _COMMAND = 0x01
@@ -289,7 +290,7 @@ class StreamingDIMSE(DIMSEServiceProvider):
         command = store_response(request, status)
         limit, sock = self.maximum_pdu_size, assoc.dul.socket
         if command is None or sock is None or (limit and len(command) > limit - 6):
-            self.send_msg(_response(request, status), context_id)  # queued to this thread
+            self.send_msg(_response(assoc, request, status), context_id)  # queued to this thread
             return True
         item = struct.pack(">LB", len(command) + 2, context_id) + bytes([_COMMAND | _LAST])
         pdu = struct.pack(">BxL", P_DATA_TF, len(item) + len(command)) + item + command
@@ -367,14 +368,11 @@ def _uid(value: Any) -> bytes:
     return raw + b"\x00" * (len(raw) % 2)
 
 
-def _response(request: C_STORE, status: Dataset) -> C_STORE:
-    """The response primitive, for pynetdicom to encode (and split) itself."""
+def _response(assoc: Any, request: C_STORE, status: Dataset) -> C_STORE:
+    """The response primitive, filled from ``status`` the way pynetdicom's
+    Storage SCP fills it, for pynetdicom to encode (and split) itself."""
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = request.MessageID
     rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
     rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
-    rsp.Status = int(status.Status)
-    for keyword in ("ErrorComment", "OffendingElement"):
-        if keyword in status:
-            setattr(rsp, keyword, status.get(keyword))
-    return rsp
+    return StorageServiceClass(assoc).validate_status(status, rsp)

@@ -199,8 +199,9 @@ def refresh_studies(
     """Bring counters and ModalitiesInStudy of ``study_pks`` up to date, and
     count ``added`` instances (study pk -> how many) in studies that only
     gained instances of series they had already: their series count and
-    modalities stay, so one increment does. Studies are locked in one
-    order (by pk), whichever way they are brought up to date."""
+    modalities stay, so one increment does (a study in both is recounted).
+    Studies are locked in one order (by pk), whichever way they are brought
+    up to date."""
     now = datetime.now(UTC)
     added = added or {}
     for study_pk in sorted(study_pks | added.keys()):
@@ -208,6 +209,11 @@ def refresh_studies(
             _refresh_study(conn, study_pk, now)
         else:
             conn.execute(_ADD_TO_STUDY, {"study": study_pk, "added": added[study_pk], "now": now})
+
+
+def series_elsewhere(series_uid: str) -> Conflict:
+    """The refusal of an instance naming a series that another study holds."""
+    return Conflict(f"series {series_uid} is already stored in another study")
 
 
 def _study(db: Database, conn: Connection, record: InstanceRecord, now: datetime) -> int:
@@ -260,7 +266,7 @@ def _series(db: Database, conn: Connection, record: InstanceRecord, study_pk: in
             )
         ).one()
     if row.study_pk != study_pk:
-        raise Conflict(f"series {record.series_instance_uid} is already stored in another study")
+        raise series_elsewhere(record.series_instance_uid)
     return int(row.pk)
 
 

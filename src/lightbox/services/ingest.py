@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from lightbox.archive import Archive
@@ -391,12 +392,15 @@ def _look_up(archive: Archive, items: Sequence[Prepared]) -> _LookUp | None:
     only (None with ``overwrite``, which looks up each instance as it goes)."""
     if archive.settings.overwrite:
         return None
-    records = [item.record for item in items if item.record is not None]
     with archive.db.read() as conn:
-        return _stored_and_filed(conn, records)
+        return _stored_and_filed(conn, _records(items))
 
 
-def _stored_and_filed(conn: Any, records: Sequence[InstanceRecord]) -> _LookUp:
+def _records(items: Sequence[Prepared]) -> list[InstanceRecord]:
+    return [item.record for item in items if item.record is not None]
+
+
+def _stored_and_filed(conn: Connection, records: Sequence[InstanceRecord]) -> _LookUp:
     taken = index.stored_sops(conn, [r.sop_instance_uid for r in records])
     filed = index.filed_series(conn, [
         r.series_instance_uid for r in records if r.sop_instance_uid not in taken])
@@ -422,14 +426,13 @@ def _transaction(
     overwrite = archive.settings.overwrite
     rows: list[dict[str, Any]] = []
     now = datetime.now(UTC)
-    records = [item.record for item in items if item.record is not None]
     with archive.db.write() as conn:
         taken: set[str] = set()
         filed: dict[str, tuple[int, int, str]] = {}
         if looked_up is not None:
-            taken, filed = set(looked_up[0]), looked_up[1]
+            taken, filed = looked_up
         elif not overwrite:
-            taken, filed = _stored_and_filed(conn, records)
+            taken, filed = _stored_and_filed(conn, _records(items))
         for i, item in sorted(enumerate(items), key=_lock_order):
             record, blob = item.record, item.blob
             assert record is not None and blob is not None
@@ -445,7 +448,7 @@ def _transaction(
                     unreferenced.append(blob.key)
                     results[i] = _outcome(
                         Status.REJECTED, item.offer, record,
-                        f"series {place[1]} is already stored in another study",
+                        index.series_elsewhere(place[1]).message,
                         FailureReason.PROCESSING_FAILURE)
                     continue
                 cached = known[place] = (series_pk, study_pk)
@@ -477,8 +480,7 @@ def _transaction(
             status = Status.DUPLICATE if stored is index.Stored.DUPLICATE else Status.STORED
             results[i] = _outcome(status, item.offer, record)
         index.insert_instances(conn, rows)
-        index.refresh_studies(conn, refresh, {
-            pk: n for pk, n in added.items() if pk not in refresh})
+        index.refresh_studies(conn, refresh, added)
     return [r for r in results if r is not None], unreferenced
 
 
