@@ -56,6 +56,15 @@ def test_import_reports_stored_duplicate_rejected_and_skipped(tmp_path: Path) ->
     assert "instances  3" in stats.stdout and "studies    1" in stats.stdout
 
 
+def test_import_shows_its_progress(tmp_path: Path) -> None:
+    study_files(tmp_path / "in", 5)
+    result = run(tmp_path / "data", "import", str(tmp_path / "in"))
+    assert result.returncode == 0, result.stderr
+    # A running count on stderr (files are found while they are stored: no total).
+    assert "importing: 5file" in result.stderr
+    assert "stored 5" in result.stdout
+
+
 def test_import_reads_zip_archives_without_trusting_member_names(tmp_path: Path) -> None:
     files = study_files(tmp_path / "src", 2)
     archive = tmp_path / "cd.zip"
