@@ -97,7 +97,7 @@ def snapshot(archive: Archive) -> Snapshot:
     files = frozenset(
         str(p.relative_to(root))
         for p in root.rglob("*")
-        if p.is_file() and ".staging" not in p.relative_to(root).parts
+        if p.is_file() and not p.relative_to(root).parts[0].startswith(".")
     )
     return counts, files
 

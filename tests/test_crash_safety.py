@@ -192,7 +192,7 @@ def check_index(data: Path, url: str) -> tuple[int, int]:
         root = archive.settings.blob_root
         on_disk = {
             p.name for p in root.rglob("*")
-            if p.is_file() and ".staging" not in p.relative_to(root).parts
+            if p.is_file() and not p.relative_to(root).parts[0].startswith(".")
         }
         referenced = {key for _, key, _ in rows}
         assert referenced <= on_disk

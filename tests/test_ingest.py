@@ -28,12 +28,12 @@ from tests.factories import ROOT, ct_dataset, to_bytes, write
 
 
 def blob_files(archive: Archive) -> dict[Path, bytes]:
-    """Every stored blob (path -> content), staging excluded."""
+    """Every stored blob (path -> content); staging and spare files (in dot folders) excluded."""
     root = archive.settings.blob_root
     return {
         p: p.read_bytes()
         for p in root.rglob("*")
-        if p.is_file() and ".staging" not in p.relative_to(root).parts
+        if p.is_file() and not p.relative_to(root).parts[0].startswith(".")
     }
 
 

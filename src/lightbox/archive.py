@@ -36,4 +36,5 @@ class Archive:
 
     def close(self) -> None:
         self.audit.close()
+        self.blobs.close()
         self.db.dispose()

@@ -16,6 +16,7 @@ from lightbox.archive import Archive
 from lightbox.child import start_child
 from lightbox.dimse.scp import DicomServer
 from lightbox.errors import BadRequest
+from lightbox.services import readahead
 from lightbox.settings import ENV_PREFIX, Settings, load
 from lightbox.web.app import create_asgi
 
@@ -37,6 +38,7 @@ def worker_app() -> ASGIApp:
     """The application of one HTTP worker process (settings from the environment)."""
     start_child()
     archive = Archive.open(load(), migrate=False)
+    readahead.helper.start()  # ready before the first upload, not started by it
     return create_asgi(archive)
 
 
@@ -97,6 +99,8 @@ def serve(settings: Settings) -> None:
             # handed over through the environment.
             export_settings(settings)
             app = "lightbox.server:worker_app"  # type: ignore[assignment]
+        else:
+            readahead.helper.start()
         uvicorn.run(
             app,
             factory=settings.http_workers > 1,

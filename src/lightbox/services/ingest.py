@@ -154,7 +154,9 @@ def prepare(
     the directory's sync finds nothing left to write. Nothing is indexed
     until ``commit``.
     """
-    offers = [_with_preamble(archive, offer) for offer in offers]
+    # A header read ahead was read from a file with its preamble.
+    offers = [offer if offer.header is not None else _with_preamble(archive, offer)
+              for offer in offers]
     adopted = [_adopt(archive, offer) for offer in offers]
     # Staged files whose bytes are synced need only their new names made
     # durable: one directory sync for all of them, here.
@@ -257,6 +259,7 @@ def _prepared(
     if record is None:
         blob.delete()
         return Prepared(offer, None, rejection)
+    _pool.submit(archive.blobs.uncache, blob.key)  # durable and read: no need to wait
     return Prepared(offer, record, None, blob)
 
 

@@ -67,9 +67,10 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 class ReadAhead:
-    """The helper of this process, started by the first upload that could use
-    it: a server that never receives STOW-RS never runs one. Until it is
-    ready (its imports take a fraction of a second), headers are read inline."""
+    """The helper of this process. ``lightbox serve`` starts it with each HTTP
+    worker, so that the first upload does not wait for it; anywhere else the
+    first upload that could use it does. Until it is ready (its imports take
+    a fraction of a second), headers are read inline."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

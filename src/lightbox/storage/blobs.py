@@ -7,11 +7,13 @@ directory entry have been fsynced.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
-import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -55,6 +57,18 @@ class BlobStore(Protocol):
         """Open a blob for reading."""
         ...
 
+    def uncache(self, key: str) -> None:
+        """Advise that a blob just stored will not be read soon.
+
+        Ingest calls this once a blob is durable and its header read. An
+        archive receives far more than anyone asks for right away; received
+        blobs kept in the page cache would crowd out the index and the
+        studies being viewed. Their memory also goes straight back to the
+        next blob received, which is cheaper to write into than memory the
+        system has not used yet (markedly so on a virtual machine).
+        """
+        ...
+
     def read_range(self, key: str, start: int, length: int) -> bytes:
         """Read ``length`` bytes at ``start``."""
         ...
@@ -83,20 +97,22 @@ def fsync_dir(path: Path) -> None:
 
 
 class FileBlobStore:
-    """Blobs as files under ``root/<minute>/<key>``, staged in ``root/.staging``."""
+    """Blobs as files under ``root/<minute>/<key>``, staged in ``root/.staging``
+    (where empty files made ahead wait in ``root/.spare``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._staging = root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
+        (root / ".spare").mkdir(exist_ok=True)
+        self._spares = SpareFiles(root / ".spare", self._staging)
 
     def staging_dir(self) -> Path:
         return self._staging
 
     def new_staging_file(self) -> tuple[int, Path]:
-        """Create an empty staging file; returns an open descriptor and its path."""
-        fd, name = tempfile.mkstemp(dir=self._staging, prefix="in-")
-        return fd, Path(name)
+        """An empty staging file: an open descriptor (for writing) and its path."""
+        return self._spares.take()
 
     def path(self, key: str) -> Path:
         if not _is_key(key):
@@ -131,6 +147,15 @@ class FileBlobStore:
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
 
+    def uncache(self, key: str) -> None:
+        """Let a durable blob's pages leave the page cache (see ``BlobStore``)."""
+        with contextlib.suppress(OSError):  # advice only; the blob may be gone already
+            fd = os.open(self.path(key), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
     def read_range(self, key: str, start: int, length: int) -> bytes:
         fd = os.open(self.path(key), os.O_RDONLY)
         try:
@@ -142,13 +167,114 @@ class FileBlobStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
 
+    def close(self) -> None:
+        """Remove the spare files this process made ahead (see ``SpareFiles``)."""
+        self._spares.close()
+
     def clear_staging(self, older_than: float = 3600.0) -> None:
         """Remove leftovers of interrupted uploads (called at start-up).
 
         Only old files go: another process sharing the store may be mid-upload.
         """
         limit = time.time() - older_than
-        for entry in self._staging.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < limit:
-                    entry.unlink()
+        for folder in (self._staging, self.root / ".spare"):
+            for entry in folder.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < limit:
+                        entry.unlink()
+
+
+class SpareFiles:
+    """Empty staging files made ahead, on a thread of their own.
+
+    Creating a file costs a few hundred microseconds on some filesystems (the
+    allocation of its inode), and a file is created for every instance
+    received, in the thread that receives it: the event loop for STOW-RS, the
+    association's thread for C-STORE. Taking a file made ahead costs only its
+    move (a rename) from ``spares`` into ``staging``. The first take starts
+    the thread, so a process that never receives never makes any; what it made
+    and did not use is removed when it exits. A spare waits at most
+    ``MAX_AGE`` seconds, well inside the age at which start-up sweeps leftovers.
+    """
+
+    KEEP = 16  # files made ahead
+    MAX_AGE = 600.0
+
+    def __init__(self, spares: Path, staging: Path) -> None:
+        self._spares = spares
+        self._staging = staging
+        self._lock = threading.Lock()
+        self._ready: deque[tuple[int, str, float]] = deque()
+        self._wanted = threading.Event()
+        self._pid = 0  # the process whose thread fills ``_ready``
+        self._closed = False
+
+    def take(self) -> tuple[int, Path]:
+        """An empty staging file (open for writing) and its path."""
+        with self._lock:
+            if not self._closed and self._pid != os.getpid():  # first take here (or in a fork)
+                self._pid = os.getpid()
+                self._ready = deque()
+                threading.Thread(target=self._fill, name="spare-files", daemon=True).start()
+                atexit.register(self.close)
+            spare = self._ready.popleft() if self._ready else None
+        self._wanted.set()
+        if spare is not None:
+            fd, name, made = spare
+            if time.monotonic() - made < self.MAX_AGE:
+                try:
+                    os.rename(self._spares / name, self._staging / name)
+                    return fd, self._staging / name
+                except OSError:
+                    pass  # swept away meanwhile: make one here
+            self._remove(deque([spare]))
+        fd, name, _made = self._make(self._staging)
+        return fd, self._staging / name
+
+    @staticmethod
+    def _make(folder: Path) -> tuple[int, str, float]:
+        # 128 random bits: the name is still unique where the file is moved to.
+        name = f"in-{secrets.token_hex(16)}"
+        fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        return fd, name, time.monotonic()
+
+    def _fill(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    return
+                stale = deque(s for s in self._ready if now - s[2] >= self.MAX_AGE)
+                for spare in stale:
+                    self._ready.remove(spare)
+                missing = self.KEEP - len(self._ready)
+            self._remove(stale)
+            for _ in range(missing):
+                try:
+                    spare = self._make(self._spares)
+                except OSError:
+                    break  # the folder is gone or full: takes make their own and report it
+                with self._lock:
+                    if self._closed:
+                        self._remove(deque([spare]))
+                        return
+                    self._ready.append(spare)
+
+    def close(self) -> None:
+        """Stop making spares and remove those made (by this process, not by
+        the one it was forked from); later takes make their file themselves."""
+        with self._lock:
+            self._closed = True
+            if self._pid != os.getpid():
+                return
+            spares, self._ready = self._ready, deque()
+        self._wanted.set()
+        self._remove(spares)
+
+    def _remove(self, spares: deque[tuple[int, str, float]]) -> None:
+        while spares:
+            fd, name, _made = spares.popleft()
+            os.close(fd)
+            (self._spares / name).unlink(missing_ok=True)

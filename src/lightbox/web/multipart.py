@@ -21,9 +21,10 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 
 from lightbox.errors import BadRequest, TooLarge
@@ -164,9 +165,12 @@ class _Parser:
     already searched), so tiny chunks do not cause quadratic rescans.
     """
 
-    def __init__(self, boundary: bytes, spool_dir: Path, limits: tuple[int, int, int]) -> None:
+    def __init__(
+        self, boundary: bytes, new_file: Callable[[], tuple[int, Path]],
+        limits: tuple[int, int, int],
+    ) -> None:
         self._delim = b"\n--" + boundary
-        self._spool_dir = spool_dir
+        self._new_file = new_file
         self._max_part_size, self._max_parts, self._max_header_bytes = limits
         self._buf = bytearray(b"\n")
         self._scan = 0
@@ -263,8 +267,8 @@ class _Parser:
         headers = _parse_header_block(bytes(buf[1:idx]))
         del buf[: idx + length]
         self._scan = 0
-        fd, name = tempfile.mkstemp(dir=self._spool_dir, prefix="part-")
-        self._part = Part(headers, Path(name), 0)
+        fd, path = self._new_file()
+        self._part = Part(headers, path, 0)
         try:
             self._file = os.fdopen(fd, "wb")
         except BaseException:
@@ -314,6 +318,11 @@ class _Parser:
         return count
 
 
+def _spool_file(folder: Path) -> tuple[int, Path]:
+    fd, name = tempfile.mkstemp(dir=folder, prefix="part-")
+    return fd, Path(name)
+
+
 def _fsync_and_close(file: io.BufferedWriter) -> None:
     """Make the file's contents durable, then close it (even on failure)."""
     try:
@@ -347,6 +356,7 @@ async def iter_parts(
     max_parts: int,
     max_header_bytes: int = 16384,
     sync: bool = True,
+    new_file: Callable[[], tuple[int, Path]] | None = None,
 ) -> AsyncIterator[Part]:
     """Yield the parts of a ``multipart/related`` body streamed as ``chunks``.
 
@@ -354,7 +364,8 @@ async def iter_parts(
     Preamble and epilogue are skipped (they are not buffered but are read, so
     the caller must cap the total request size). Delimiter lines may end in
     CRLF or a bare LF. Each part body goes to a new ``part-*`` file in
-    ``spool_dir``, fsynced and closed before the part is yielded; the caller
+    ``spool_dir`` (or made by ``new_file``, which returns an open descriptor and
+    the path of an empty file), fsynced and closed before the part is yielded; the caller
     then owns that file. On any error or cancellation the file of the part in
     progress is deleted; files of parts already yielded are left to the caller.
 
@@ -366,7 +377,9 @@ async def iter_parts(
     far cheaper than a thread hop per chunk.
     """
     limits = (max_part_size, max_parts, max_header_bytes)
-    parser = _Parser(_check_boundary(boundary), spool_dir, limits)
+    if new_file is None:
+        new_file = partial(_spool_file, spool_dir)
+    parser = _Parser(_check_boundary(boundary), new_file, limits)
     try:
         async for chunk in chunks:
             parser.feed(chunk)

@@ -74,7 +74,7 @@ async def store(request: Request) -> Response:
     parts = iter_parts(
         _limited(request, settings.max_upload_bytes), boundary,
         spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
-        max_parts=settings.max_parts, sync=False,
+        max_parts=settings.max_parts, sync=False, new_file=archive.blobs.new_staging_file,
     )
     # Every part is kept on disk (never in memory) until the whole body has
     # arrived; only then is anything stored, so a request that breaks off

@@ -1,0 +1,106 @@
+"""The filesystem blob store's staging files: empty files made ahead (spares),
+their clean-up, and the page-cache advice given once a blob is stored."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lightbox.storage.blobs import FileBlobStore, SpareFiles
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_staging_files_come_empty_and_writable_and_spares_go_on_close(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    spare_dir = tmp_path / ".spare"
+    taken = []
+    for i in range(3):
+        fd, path = store.new_staging_file()
+        assert path.parent == store.staging_dir()
+        assert path.stat().st_size == 0
+        os.write(fd, f"instance {i}".encode())
+        os.close(fd)
+        taken.append(path)
+    assert len({p.name for p in taken}) == 3
+    # The thread makes spares ahead: they wait outside staging, empty.
+    assert _wait_for(lambda: len(list(spare_dir.iterdir())) == SpareFiles.KEEP)
+    assert all(p.stat().st_size == 0 for p in spare_dir.iterdir())
+    key = store.put_file(taken[0])
+    assert store.path(key).read_bytes() == b"instance 0"
+    store.close()
+    assert list(spare_dir.iterdir()) == []
+    # What was taken is the caller's; a take after close still works.
+    assert sorted(store.staging_dir().iterdir()) == sorted(taken[1:])
+    fd, path = store.new_staging_file()
+    os.close(fd)
+    assert path.parent == store.staging_dir() and list(spare_dir.iterdir()) == []
+
+
+def test_a_spare_past_its_age_is_not_handed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileBlobStore(tmp_path)
+    fd, _path = store.new_staging_file()
+    os.close(fd)
+    spare_dir = tmp_path / ".spare"
+    assert _wait_for(lambda: len(list(spare_dir.iterdir())) == SpareFiles.KEEP)
+    made_before = set(spare_dir.iterdir())
+    monkeypatch.setattr(SpareFiles, "MAX_AGE", 0.0)
+    fd, path = store.new_staging_file()
+    os.close(fd)
+    # Made there and then, not one of the old spares; the old ones are removed.
+    assert path.name not in {p.name for p in made_before}
+    assert _wait_for(lambda: not made_before & set(spare_dir.iterdir()))
+    store.close()
+
+
+def test_a_spare_swept_away_meanwhile_is_replaced(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    fd, _path = store.new_staging_file()
+    os.close(fd)
+    spare_dir = tmp_path / ".spare"
+    assert _wait_for(lambda: len(list(spare_dir.iterdir())) == SpareFiles.KEEP)
+    for p in spare_dir.iterdir():  # another process's start-up sweep, say
+        p.unlink()
+    fd, path = store.new_staging_file()
+    os.write(fd, b"still stored")
+    os.close(fd)
+    assert path.read_bytes() == b"still stored"
+    store.close()
+
+
+def test_start_up_sweep_removes_old_spares_only(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    old = tmp_path / ".spare" / "in-old"
+    new = tmp_path / ".spare" / "in-new"
+    old.touch()
+    new.touch()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    store.clear_staging()
+    assert not old.exists() and new.exists()
+
+
+def test_uncache_is_only_advice(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    fd, path = store.new_staging_file()
+    os.write(fd, b"x" * 100_000)
+    os.fsync(fd)
+    os.close(fd)
+    key = store.put_file(path)
+    store.uncache(key)
+    assert store.path(key).read_bytes() == b"x" * 100_000
+    store.delete(key)
+    store.uncache(key)  # gone already: nothing to say
+    store.close()
