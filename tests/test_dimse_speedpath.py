@@ -3,6 +3,7 @@ index transactions, and several SCP processes sharing one listening socket."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import socket
 import subprocess
@@ -276,3 +277,20 @@ def test_port_probe_releases_its_slot_at_once(archive: Archive) -> None:
         assert listener.serving == 0
         assert _send(server.port, [ct_dataset(size=64)]) == [Store.SUCCESS]
     assert _count(archive) == 1
+
+
+def test_each_association_gets_its_own_contexts_sharing_only_the_uids() -> None:
+    """pynetdicom deep-copies the SCP's contexts per association; the copy of
+    ours is equal, owns its lists (negotiation may change them), and shares
+    the immutable UIDs instead of validating thousands of them again."""
+    ours = contexts.scp_contexts()
+    theirs = copy.deepcopy(ours)
+    assert len(theirs) == len(ours) > 100
+    for a, b in zip(ours, theirs, strict=True):
+        assert a is not b
+        assert (a.abstract_syntax, a.transfer_syntax, a.scu_role, a.scp_role, a.context_id) == (
+            b.abstract_syntax, b.transfer_syntax, b.scu_role, b.scp_role, b.context_id)
+        assert a.transfer_syntax is not b.transfer_syntax
+        assert all(x is y for x, y in zip(a.transfer_syntax, b.transfer_syntax, strict=True))
+    theirs[1].transfer_syntax = [ExplicitVRLittleEndian]
+    assert len(ours[1].transfer_syntax) == len(contexts.TRANSFER_SYNTAXES)

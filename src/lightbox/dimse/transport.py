@@ -49,9 +49,11 @@ log = logging.getLogger("lightbox.dimse")
 
 MIN_PDU_LIMIT = 1024 * 1024  # room for an A-ASSOCIATE-RQ with 128 contexts and more
 # Seconds a shared listener waits per association it is ahead: longer than a less
-# busy process may take to get round to accepting (setting up an association
-# holds a process's interpreter for some 20 ms).
-_BUSY_DEFERRAL = 0.025
+# busy process may take to get round to accepting. Setting up an association
+# holds a process's interpreter for some 20 ms, and a process receiving a
+# dataset lets its accepting thread run only every few milliseconds: at 25 ms,
+# four storescu started at once were split 3 + 1.
+_BUSY_DEFERRAL = 0.1
 
 
 class _BoundedRequestHandler(RequestHandler):
