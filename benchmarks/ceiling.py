@@ -14,16 +14,10 @@ class DurableWriter:
     This is the least a server must do per stored instance to survive a power cut, so the
     rate it reaches is the ceiling for STOW-RS ingest on this filesystem. ``directory`` must
     be on the filesystem where the servers keep their data.
-
-    With ``drop_pages`` each file's pages leave the page cache once synced, as Lightbox does
-    with what it receives. On a virtual machine whose memory is mostly untouched, writing
-    into the page cache costs far more than writing into memory just given back, so this
-    variant is the higher ceiling; both are reported.
     """
 
-    def __init__(self, directory: Path, *, drop_pages: bool = False) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.drop_pages = drop_pages
         directory.mkdir(parents=True, exist_ok=True)
         self.files = 0
         self.bytes = 0
@@ -54,8 +48,6 @@ class DurableWriter:
                     while view:
                         view = view[os.write(fd, view) :]
                     os.fsync(fd)
-                    if self.drop_pages:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:
                     os.close(fd)
                 os.rename(tmp, self.directory / f"{name}.dcm")

@@ -55,28 +55,22 @@ def figure_stow(bench: Bench) -> None:
         for name in TARGETS
     }
     _warm_up(bench, files[:STOW_BATCH])
-    # The ceiling as the issue defines it, and the same writer dropping each file's pages
-    # from the page cache once synced (as Lightbox does with what it receives).
-    writers = {
-        "ceiling": DurableWriter(bench.tmp / "write-ceiling"),
-        "ceiling, pages dropped": DurableWriter(bench.tmp / "write-ceiling-dropped",
-                                                drop_pages=True),
-    }
+    writer = DurableWriter(bench.tmp / "write-ceiling")
     seconds = dict.fromkeys(TARGETS, 0.0)
     rounds = _rounds(n, bench.sizes.stow_rounds)
     log(
         f"STOW-RS: {n} instances per server, {STOW_BATCH} per request, one client, "
-        f"in {len(rounds)} round(s) alternating with the durable-write ceilings"
+        f"in {len(rounds)} round(s) alternating with the durable-write ceiling"
     )
     try:
         for r, (lo, hi) in enumerate(rounds):
             done = []
-            for target in rotated((*writers, *TARGETS), r):
+            for target in rotated(("ceiling", *TARGETS), r):
                 bench.check_alive()
-                if target in writers:
+                if target == "ceiling":
                     payloads = [f.read_bytes() for f in files[lo:hi]]
                     os.sync()  # no writeback of earlier work during the timed run
-                    took = writers[target].write(payloads)
+                    took = writer.write(payloads)
                 else:
                     bodies = stow_bodies(instances[target][lo:hi], f"stow-{target}-{r}")
                     os.sync()
@@ -90,24 +84,20 @@ def figure_stow(bench: Bench) -> None:
                 done.append(f"{target} {(hi - lo) / took:.0f}/s")
             log(f"round {r + 1}/{len(rounds)} ({hi - lo} instances): {', '.join(done)}")
     finally:
-        for writer in writers.values():
-            writer.cleanup()
+        writer.cleanup()
 
     rates = {name: n / seconds[name] for name in TARGETS}
     for name in TARGETS:
         bench.detail("stow", name).update(instances=n, seconds=seconds[name])
-    writer, dropped = writers["ceiling"], writers["ceiling, pages dropped"]
-    for key, w in (("write_ceiling", writer), ("write_ceiling_dropped", dropped)):
-        bench.detail(key).update(
-            files=w.files,
-            seconds=w.seconds,
-            file_size=w.file_size,
-            directory=str(w.directory.parent),
-        )
+    bench.detail("write_ceiling").update(
+        files=writer.files,
+        seconds=writer.seconds,
+        file_size=writer.file_size,
+        directory=str(writer.directory.parent),
+    )
     log(
         f"STOW-RS: orthanc {rates['orthanc']:.1f}, lightbox {rates['lightbox']:.1f} "
-        f"instances/s; ceiling {writer.per_second:.1f} files/s of {writer.file_size} B "
-        f"({dropped.per_second:.1f} with pages dropped)"
+        f"instances/s; ceiling {writer.per_second:.1f} files/s of {writer.file_size} B"
     )
 
     res = bench.results
@@ -120,12 +110,17 @@ def figure_stow(bench: Bench) -> None:
             rates["lightbox"],
         )
     )
-    for key, label, w in (
-        ("write_ceiling_fps", "durable-write ceiling", writer),
-        ("write_ceiling_dropped_fps", "ceiling, pages dropped", dropped),
-    ):
-        res.add(Row(key, label, "files/s", w.per_second, w.per_second,
-                    target="ceiling", ceiling=True))
+    res.add(
+        Row(
+            "write_ceiling_fps",
+            "durable-write ceiling",
+            "files/s",
+            writer.per_second,
+            writer.per_second,
+            target="ceiling",
+            ceiling=True,
+        )
+    )
     frac = {k: v / writer.per_second for k, v in rates.items()}
     res.add(
         Row(
@@ -137,15 +132,5 @@ def figure_stow(bench: Bench) -> None:
             target=f">= {STOW_TARGET:.0%}",
             percent=True,
             passed=frac["lightbox"] >= STOW_TARGET,
-        )
-    )
-    res.add(
-        Row(
-            "stow_vs_ceiling_dropped",
-            "STOW vs ceiling, pages dropped",
-            "% of ceiling",
-            rates["orthanc"] / dropped.per_second,
-            rates["lightbox"] / dropped.per_second,
-            percent=True,
         )
     )

@@ -1,5 +1,5 @@
-"""The filesystem blob store's staging files: empty files made ahead (spares),
-their clean-up, and the page-cache advice given once a blob is stored."""
+"""The filesystem blob store's staging files: empty files made ahead (spares)
+and their clean-up."""
 
 from __future__ import annotations
 
@@ -90,17 +90,3 @@ def test_start_up_sweep_removes_old_spares_only(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     store.clear_staging()
     assert not old.exists() and new.exists()
-
-
-def test_uncache_is_only_advice(tmp_path: Path) -> None:
-    store = FileBlobStore(tmp_path)
-    fd, path = store.new_staging_file()
-    os.write(fd, b"x" * 100_000)
-    os.fsync(fd)
-    os.close(fd)
-    key = store.put_file(path)
-    store.uncache(key)
-    assert store.path(key).read_bytes() == b"x" * 100_000
-    store.delete(key)
-    store.uncache(key)  # gone already: nothing to say
-    store.close()

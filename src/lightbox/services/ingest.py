@@ -259,7 +259,6 @@ def _prepared(
     if record is None:
         blob.delete()
         return Prepared(offer, None, rejection)
-    _pool.submit(archive.blobs.uncache, blob.key)  # durable and read: no need to wait
     return Prepared(offer, record, None, blob)
 
 

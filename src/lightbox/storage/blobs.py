@@ -57,18 +57,6 @@ class BlobStore(Protocol):
         """Open a blob for reading."""
         ...
 
-    def uncache(self, key: str) -> None:
-        """Advise that a blob just stored will not be read soon.
-
-        Ingest calls this once a blob is durable and its header read. An
-        archive receives far more than anyone asks for right away; received
-        blobs kept in the page cache would crowd out the index and the
-        studies being viewed. Their memory also goes straight back to the
-        next blob received, which is cheaper to write into than memory the
-        system has not used yet (markedly so on a virtual machine).
-        """
-        ...
-
     def read_range(self, key: str, start: int, length: int) -> bytes:
         """Read ``length`` bytes at ``start``."""
         ...
@@ -146,15 +134,6 @@ class FileBlobStore:
 
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
-
-    def uncache(self, key: str) -> None:
-        """Let a durable blob's pages leave the page cache (see ``BlobStore``)."""
-        with contextlib.suppress(OSError):  # advice only; the blob may be gone already
-            fd = os.open(self.path(key), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         fd = os.open(self.path(key), os.O_RDONLY)
