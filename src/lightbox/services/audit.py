@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -156,7 +157,9 @@ class Auditor:
         try:
             self._write(pending)
         except Exception:
-            log.exception("could not write %d audit events; kept for the next try", len(pending))
+            actions = Counter(event.action for event, _ in pending)
+            log.exception("could not write %d audit events (%s); kept for the next try",
+                          len(pending), ", ".join(f"{a} x{n}" for a, n in sorted(actions.items())))
             with self._lock:
                 self._pending[:0] = pending
 
