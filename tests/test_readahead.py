@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import pickle
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
 import pytest
 
+from lightbox.archive import Archive
 from lightbox.dicom.instance import InstanceRecord, MissingOrInvalidUID, read_instance
 from lightbox.errors import InvalidInstance
-from lightbox.services import readahead
+from lightbox.services import ingest, readahead
+from lightbox.services.ingest import Offer, Status
 from lightbox.services.readahead import ReadAhead, read_header, serve
 from lightbox.web.multipart import encode_parts
 from tests.conftest import RunningServer
@@ -175,3 +178,26 @@ def test_uploads_are_stored_whether_or_not_the_helper_answers(server: RunningSer
     assert len(second.json()["00081199"]["Value"]) == 5
     found = httpx.get(f"{server.dicomweb}/studies/{ROOT}81.2/instances", headers=server.headers)
     assert len(found.json()) == 5
+
+
+def test_ingest_reads_a_header_that_has_not_come_itself_and_takes_one_that_has(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """A STOW-RS request's last headers may still be in the helper's queue when
+    its body ends: ingest reads those itself (the last first) while the helper
+    finishes the earlier ones, and takes what the helper did read."""
+    datasets = [ct_dataset(instance_number=n) for n in range(1, 4)]
+    paths = [write(ds, tmp_path / f"{n}.dcm") for n, ds in enumerate(datasets)]
+    arrived: Future[ingest.Header] = Future()
+    arrived.set_result(read_instance(paths[0]))
+    refused: Future[ingest.Header] = Future()
+    refused.set_result(InvalidInstance("refused by the helper, for the test's sake"))
+    pending: Future[ingest.Header] = Future()  # never answered
+    offers = [Offer(path, f"part {n}", header=header)
+              for n, (path, header) in enumerate(zip(paths, (arrived, refused, pending),
+                                                     strict=True))]
+    outcomes = ingest.store_instances(archive, offers)
+    assert [o.status for o in outcomes] == [Status.STORED, Status.REJECTED, Status.STORED]
+    assert outcomes[1].reason == "refused by the helper, for the test's sake"
+    assert outcomes[0].sop_instance_uid == datasets[0].SOPInstanceUID
+    assert outcomes[2].sop_instance_uid == datasets[2].SOPInstanceUID

@@ -71,19 +71,30 @@ class Outcome:
     failure: FailureReason | None = None
 
 
+Header = InstanceRecord | InvalidInstance | None
+
+
 @dataclass(frozen=True)
 class Offer:
     """A file offered for storage. ``staged`` files already live in the blob
     store's staging folder and are moved, not copied; ``synced`` says whether
     their bytes were fsynced already (if not, ingest does it). ``header`` is
     the file's header when it was read ahead (see ``readahead``): the record,
-    or why the file is refused; None means ingest reads it."""
+    or why the file is refused; None means ingest reads it. It may still be
+    on its way (a future): ingest then takes it if it has come by the time
+    the file is checked, and reads the header itself if not."""
 
     path: Path
     source: str
     staged: bool = False
     synced: bool = True
-    header: InstanceRecord | InvalidInstance | None = None
+    header: Header | Future[Header] = None
+
+    def header_if_read(self) -> Header:
+        """The header read ahead, if it has come (None: ingest reads it)."""
+        if isinstance(self.header, Future):
+            return self.header.result() if self.header.done() else None
+        return self.header
 
 
 # Headers are parsed while other files' fsyncs are in flight: the waits overlap.
@@ -155,7 +166,7 @@ def prepare(
     until ``commit``.
     """
     # A header read ahead was read from a file with its preamble.
-    offers = [offer if offer.header is not None else _with_preamble(archive, offer)
+    offers = [offer if offer.header_if_read() is not None else _with_preamble(archive, offer)
               for offer in offers]
     adopted = [_adopt(archive, offer) for offer in offers]
     # Staged files whose bytes are synced need only their new names made
@@ -169,10 +180,13 @@ def prepare(
         else _pool.submit(_make_durable, archive, offer, key)
         for offer, (_path, key) in zip(offers, adopted, strict=True)
     ]
-    return [
+    # Last first: headers still being read ahead come in order, so while this
+    # thread reads the last ones itself, the helper finishes the earlier ones.
+    checked = [
         _prepared(archive, offer, path, blob, expected_study)
-        for offer, (path, _key), blob in zip(offers, adopted, durable, strict=True)
+        for offer, (path, _key), blob in reversed(list(zip(offers, adopted, durable, strict=True)))
     ]
+    return checked[::-1]
 
 
 def _sync_names(archive: Archive, keys: list[str]) -> set[str]:
@@ -243,7 +257,7 @@ def _prepared(
     expected_study: str | None,
 ) -> Prepared:
     try:
-        record = _validate(archive, path, expected_study, offer.header)
+        record = _validate(archive, path, expected_study, offer.header_if_read())
     except InvalidInstance as exc:
         record, rejection = None, _rejected(offer, exc)
     try:

@@ -136,15 +136,14 @@ class _Received:
 
     async def finish(self) -> Offer:
         """The offer, marked synced if its fsync succeeded (ingest retries
-        and reports one that did not), with the header read ahead."""
+        and reports one that did not), with its header read ahead or on its
+        way (ingest reads it itself if it has not come when it is needed)."""
         try:
             await self.synced
             synced = True
         except OSError:
             synced = False
-        # The helper's futures always end with a result (None when it had none).
-        header = None if self.header is None else await asyncio.wrap_future(self.header)
-        return replace(self.offer, synced=synced, header=header)
+        return replace(self.offer, synced=synced, header=self.header)
 
 
 def _audit(request: Request, actor: str, outcomes: list[Outcome]) -> None:
