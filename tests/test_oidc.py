@@ -1,12 +1,15 @@
 """Single sign-on with OpenID Connect, against a real provider on loopback.
 
-The provider is oidc-provider-mock (Flask + authlib): the browser's part is
-played by httpx, following each redirect by hand so every hop can be checked.
+The provider is oidc-provider-mock (Flask + authlib), made to enforce PKCE
+(which it does not by itself): the browser's part is played by httpx,
+following each redirect by hand so every hop can be checked.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import threading
 import time
@@ -21,6 +24,7 @@ import oidc_provider_mock  # type: ignore[import-untyped]
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet, OctKey, RSAKey
+from werkzeug.serving import make_server
 
 from lightbox.archive import Archive
 from lightbox.errors import Unauthenticated
@@ -33,10 +37,68 @@ CLIENT_ID = "lightbox-test"
 ORGANISATION = "Northside Radiology"
 
 
+class PkceCheck:
+    """The provider, made to enforce PKCE (RFC 7636), which the mock does not.
+
+    It remembers the ``code_challenge`` of each authorization request, and the
+    code issued for it; a token request for that code must then carry the
+    ``code_verifier`` whose S256 is the challenge, or gets ``invalid_grant``.
+    Every exchange is kept in ``exchanges`` as (code, verified)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.challenges: dict[str, tuple[str, str]] = {}  # code -> challenge, method
+        self.exchanges: list[tuple[str, bool]] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/oauth2/token" and environ.get("REQUEST_METHOD") == "POST":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+            code = form.get("code", "")
+            if code in self.challenges:
+                challenge, method = self.challenges.pop(code)
+                verifier = form.get("code_verifier", "")
+                digest = hashlib.sha256(verifier.encode()).digest()
+                ok = method == "S256" and base64.urlsafe_b64encode(digest).rstrip(b"=").decode() \
+                    == challenge
+                self.exchanges.append((code, ok))
+                if not ok:
+                    start_response("400 Bad Request", [("Content-Type", "application/json")])
+                    return [json.dumps({"error": "invalid_grant",
+                                        "error_description": "PKCE verification failed"}).encode()]
+        if path != "/oauth2/authorize":
+            return self.app(environ, start_response)
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+        def remember(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+            location = dict(headers).get("Location", "")
+            code = parse_qs(urlsplit(location).query).get("code", [""])[0]
+            if code and "code_challenge" in query:
+                self.challenges[code] = (query["code_challenge"],
+                                         query.get("code_challenge_method", "plain"))
+            return start_response(status, headers, *rest)
+
+        return self.app(environ, remember)
+
+
 @pytest.fixture(scope="module")
-def issuer() -> Iterator[str]:
-    with oidc_provider_mock.run_server_in_thread() as provider:
-        yield f"http://localhost:{provider.server_port}"
+def provider() -> Iterator[tuple[str, PkceCheck]]:
+    check = PkceCheck(oidc_provider_mock.app())
+    server = make_server("localhost", 0, check, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_port}", check
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def issuer(provider: tuple[str, PkceCheck]) -> str:
+    return provider[0]
 
 
 def use_sso(archive: Archive, issuer: str, **extra: Any) -> None:
@@ -191,6 +253,41 @@ def test_a_nonce_that_does_not_match_the_id_token_is_refused(
     answer = browser.get(callback)
     assert answer.status_code == 401
     assert "nonce" in answer.text
+
+
+def test_the_code_is_exchanged_with_the_verifier_of_its_challenge(
+    server: RunningServer, provider: tuple[str, PkceCheck]
+) -> None:
+    issuer, check = provider
+    use_sso(server.archive, issuer)
+    provider_user(issuer, "u-5105", preferred_username="fiona")
+    _, answer = sign_in(server, issuer, "u-5105")
+    assert answer.status_code == 303
+    code, verified = check.exchanges[-1]
+    assert code and verified
+
+
+def test_a_code_exchanged_with_another_verifier_is_refused(
+    server: RunningServer, provider: tuple[str, PkceCheck]
+) -> None:
+    # The attempt's verifier is replaced: the provider refuses the code, and
+    # the sign-in fails with the provider's reason, leaving no session.
+    issuer, check = provider
+    use_sso(server.archive, issuer)
+    provider_user(issuer, "u-5205", preferred_username="gwen")
+    browser = httpx.Client(base_url=server.url)
+    callback = authorize(to_provider(browser, issuer), "u-5205")
+    pending = json.loads(base64.urlsafe_b64decode(browser.cookies["lightbox_oidc"]))
+    pending[2] = "another-verifier-" + "v" * 40
+    browser.cookies.set("lightbox_oidc", base64.urlsafe_b64encode(
+        json.dumps(pending).encode()).decode(), path="/login/oidc")
+    answer = browser.get(callback)
+    assert check.exchanges[-1][1] is False
+    assert answer.status_code == 401
+    assert "the identity provider refused the sign-in (invalid_grant)" in answer.text
+    assert 'action="/login"' in answer.text
+    assert browser.cookies.get(SESSION_COOKIE, path="/") is None
+    assert "gwen" not in [u.name for u in auth.list_users(server.archive)]
 
 
 def test_a_declined_sign_in_shows_the_login_page_with_the_reason(
