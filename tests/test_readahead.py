@@ -201,3 +201,26 @@ def test_ingest_reads_a_header_that_has_not_come_itself_and_takes_one_that_has(
     assert outcomes[1].reason == "refused by the helper, for the test's sake"
     assert outcomes[0].sop_instance_uid == datasets[0].SOPInstanceUID
     assert outcomes[2].sop_instance_uid == datasets[2].SOPInstanceUID
+
+
+def test_a_file_moved_away_while_its_header_is_read_is_no_refusal(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ingest may move a part into the blob store while the helper still reads
+    # it, and pydicom opens the file again by name: the helper then has no
+    # answer (ingest reads the moved file itself), rather than a refusal.
+    moved = tmp_path / "moved.dcm"
+
+    def read_then_move(path: Path) -> InstanceRecord:
+        path.rename(moved)
+        raise InvalidInstance("truncated DICOM file: [Errno 2] No such file or directory")
+
+    monkeypatch.setattr(readahead, "read_instance", read_then_move)
+    assert read_header(str(files["good"])) is None
+    # A file still there keeps its reason.
+    def broken(path: Path) -> InstanceRecord:
+        raise InvalidInstance("unreadable DICOM header: broken")
+
+    monkeypatch.setattr(readahead, "read_instance", broken)
+    found = read_header(str(moved))
+    assert isinstance(found, InvalidInstance) and "broken" in found.message

@@ -50,7 +50,10 @@ def read_header(path: str) -> Header | None:
                 return None  # ingest adds the preamble first, then reads it
         return read_instance(Path(path))
     except InvalidInstance as exc:
-        return exc
+        # Ingest may move the file into the blob store while this reads it (it
+        # does not wait for headers still queued here), and pydicom opens the
+        # file again by name: a file gone is no reason to refuse it.
+        return exc if os.path.exists(path) else None
     except OSError:
         return None
 
