@@ -132,6 +132,15 @@ def authorize(location: str, sub: str) -> str:
     return answer.headers["location"]
 
 
+def tamper_attempt(browser: httpx.Client, item: int, value: str) -> None:
+    """Replace one item of the sign-in attempt's cookie (state, nonce,
+    verifier, next URL), as a browser's owner could."""
+    pending = json.loads(base64.urlsafe_b64decode(browser.cookies["lightbox_oidc"]))
+    pending[item] = value
+    browser.cookies.set("lightbox_oidc", base64.urlsafe_b64encode(
+        json.dumps(pending).encode()).decode(), path="/login/oidc")
+
+
 def sign_in(server: RunningServer, issuer: str, sub: str,
             next_url: str = "/browse") -> tuple[httpx.Client, httpx.Response]:
     browser = httpx.Client(base_url=server.url)
@@ -246,10 +255,7 @@ def test_a_nonce_that_does_not_match_the_id_token_is_refused(
     provider_user(issuer, "u-5005", preferred_username="erin")
     browser = httpx.Client(base_url=server.url)
     callback = authorize(to_provider(browser, issuer), "u-5005")
-    pending = json.loads(base64.urlsafe_b64decode(browser.cookies["lightbox_oidc"]))
-    pending[1] = "another-nonce"
-    browser.cookies.set("lightbox_oidc", base64.urlsafe_b64encode(
-        json.dumps(pending).encode()).decode(), path="/login/oidc")
+    tamper_attempt(browser, 1, "another-nonce")
     answer = browser.get(callback)
     assert answer.status_code == 401
     assert "nonce" in answer.text
@@ -277,10 +283,7 @@ def test_a_code_exchanged_with_another_verifier_is_refused(
     provider_user(issuer, "u-5205", preferred_username="gwen")
     browser = httpx.Client(base_url=server.url)
     callback = authorize(to_provider(browser, issuer), "u-5205")
-    pending = json.loads(base64.urlsafe_b64decode(browser.cookies["lightbox_oidc"]))
-    pending[2] = "another-verifier-" + "v" * 40
-    browser.cookies.set("lightbox_oidc", base64.urlsafe_b64encode(
-        json.dumps(pending).encode()).decode(), path="/login/oidc")
+    tamper_attempt(browser, 2, "another-verifier-" + "v" * 40)
     answer = browser.get(callback)
     assert check.exchanges[-1][1] is False
     assert answer.status_code == 401

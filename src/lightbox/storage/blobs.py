@@ -170,7 +170,7 @@ class SpareFiles:
     allocation of its inode), and a file is created for every instance
     received, in the thread that receives it: the event loop for STOW-RS, the
     association's thread for C-STORE. Taking a file made ahead costs only its
-    move (a rename) from ``spares`` into ``staging``. The first take starts
+    move (a rename) from ``folder`` into ``staging``. The first take starts
     the thread, so a process that never receives never makes any; what it made
     and did not use is removed when it exits. A spare waits at most
     ``MAX_AGE`` seconds, well inside the age at which start-up sweeps leftovers.
@@ -179,8 +179,8 @@ class SpareFiles:
     KEEP = 16  # files made ahead
     MAX_AGE = 600.0
 
-    def __init__(self, spares: Path, staging: Path) -> None:
-        self._spares = spares
+    def __init__(self, folder: Path, staging: Path) -> None:
+        self._folder = folder
         self._staging = staging
         self._lock = threading.Lock()
         self._ready: deque[tuple[int, str, float]] = deque()
@@ -202,11 +202,11 @@ class SpareFiles:
             fd, name, made = spare
             if time.monotonic() - made < self.MAX_AGE:
                 try:
-                    os.rename(self._spares / name, self._staging / name)
+                    os.rename(self._folder / name, self._staging / name)
                     return fd, self._staging / name
                 except OSError:
                     pass  # swept away meanwhile: make one here
-            self._remove(deque([spare]))
+            self._remove([spare])
         fd, name, _made = self._make(self._staging)
         return fd, self._staging / name
 
@@ -225,19 +225,19 @@ class SpareFiles:
             with self._lock:
                 if self._closed:
                     return
-                stale = deque(s for s in self._ready if now - s[2] >= self.MAX_AGE)
+                stale = [s for s in self._ready if now - s[2] >= self.MAX_AGE]
                 for spare in stale:
                     self._ready.remove(spare)
                 missing = self.KEEP - len(self._ready)
             self._remove(stale)
             for _ in range(missing):
                 try:
-                    spare = self._make(self._spares)
+                    spare = self._make(self._folder)
                 except OSError:
                     break  # the folder is gone or full: takes make their own and report it
                 with self._lock:
                     if self._closed:
-                        self._remove(deque([spare]))
+                        self._remove([spare])
                         return
                     self._ready.append(spare)
 
@@ -252,8 +252,7 @@ class SpareFiles:
         self._wanted.set()
         self._remove(spares)
 
-    def _remove(self, spares: deque[tuple[int, str, float]]) -> None:
-        while spares:
-            fd, name, _made = spares.popleft()
+    def _remove(self, spares: Iterable[tuple[int, str, float]]) -> None:
+        for fd, name, _made in spares:
             os.close(fd)
-            (self._spares / name).unlink(missing_ok=True)
+            (self._folder / name).unlink(missing_ok=True)
