@@ -1,20 +1,23 @@
-"""Reading a header: the values read straight from an element's bytes (UIDs,
-image dimensions) are the ones pydicom decodes, on every file of pydicom's
-test data, whether the file is accepted or refused and why."""
+"""Reading a header: what is read straight from the bytes (the whole header
+of a plain file, or the UIDs and image dimensions of any other) is what
+pydicom decodes, on every file of pydicom's test data and on the synthetic
+corpus, whether the file is accepted or refused and why."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
-from lightbox.dicom import instance
+from lightbox.dicom import instance, uids
 from lightbox.dicom.instance import InstanceRecord, read_instance
 from lightbox.errors import InvalidInstance
 from tests.corpus_report import corpus_files, name_of
+from tests.dimse_peers import make_corpus
 from tests.factories import ct_dataset, write
 
 
@@ -27,18 +30,79 @@ def _outcome(path: Path) -> InstanceRecord | str:
             return f"{type(exc).__name__}: {exc.message}"
 
 
+def _through_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_raw(_ds: Dataset, _keyword: str) -> Any:
+        return None
+
+    def no_direct(_fp: BinaryIO, _size: int) -> None:
+        return None
+
+    monkeypatch.setattr(instance, "_raw", no_raw)
+    monkeypatch.setattr(instance, "_read_directly", no_direct)
+
+
+def _read_directly(path: Path) -> bool:
+    with open(path, "rb") as fp:
+        return instance._read_directly(fp, path.stat().st_size) is not None
+
+
 def test_direct_reads_match_pydicom_on_every_test_file(monkeypatch: pytest.MonkeyPatch) -> None:
     files = corpus_files()
     direct = {name_of(path): _outcome(path) for path in files}
-
-    def through_pydicom(_ds: Dataset, _keyword: str) -> Any:
-        return None
-
-    monkeypatch.setattr(instance, "_raw", through_pydicom)
+    read_directly = [name_of(path) for path in files if _read_directly(path)]
+    _through_pydicom(monkeypatch)
     decoded = {name_of(path): _outcome(path) for path in files}
     assert direct == decoded
     stored = [name for name, outcome in direct.items() if isinstance(outcome, InstanceRecord)]
     assert len(stored) > 50 and len(stored) < len(direct)  # both kinds were compared
+    # Both readings of the header were compared on many files.
+    assert 20 < len(read_directly) < len(stored), read_directly
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "rle", "jpegls"])
+def test_whole_header_read_directly_matches_pydicom_on_the_corpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, syntax: str
+) -> None:
+    files = make_corpus(tmp_path, "--slices", "2", "--size", "32", "--mr", "--syntax", syntax)
+    assert len(files) == 3 and all(_read_directly(path) for path in files)  # CT 2 + MR 1
+    direct = [_outcome(path) for path in files]
+    _through_pydicom(monkeypatch)
+    assert direct == [_outcome(path) for path in files]
+
+
+def _with_sequences(tmp_path: Path, *, implicit: bool, undefined: bool) -> Path:
+    ds = ct_dataset(size=16)
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D3000", "SRT", "Chest"
+    ds.AnatomicRegionSequence = Sequence([code])
+    ds.ReferencedImageSequence = Sequence([])
+    if not implicit:  # implicit VR Pixel Data is "OB or OW": pydicom decides
+        icon = Dataset()
+        icon.Rows, icon.Columns, icon.BitsAllocated, icon.SamplesPerPixel = 2, 2, 8, 1
+        icon.PixelData = bytes(4)
+        ds.IconImageSequence = Sequence([icon])
+    ds.ProcedureCodeSequence = Sequence([code, code])
+    path = tmp_path / f"sequences-{implicit}-{undefined}.dcm"
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = uids.IMPLICIT_VR_LITTLE_ENDIAN
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = undefined
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_sequences_read_directly_match_pydicom(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, implicit: bool, undefined: bool
+) -> None:
+    path = _with_sequences(tmp_path, implicit=implicit, undefined=undefined)
+    assert _read_directly(path)
+    direct = _outcome(path)
+    assert isinstance(direct, InstanceRecord) and b'"00082218"' in direct.metadata
+    _through_pydicom(monkeypatch)
+    assert direct == _outcome(path)
 
 
 def test_uid_with_padding_and_odd_values(tmp_path: Path) -> None:

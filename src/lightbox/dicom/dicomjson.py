@@ -87,14 +87,17 @@ def first_value(obj: dict[str, Any], tag: int) -> str | int | float | None:
 
 def _text_encoding(ds: Dataset) -> str | None:
     raw = ds.get_item(0x00080005)
-    if raw is None:
-        return "latin-1"
-    value = raw.value
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    if not isinstance(value, str):
+    return "latin-1" if raw is None else simple_encoding(raw.value)
+
+
+def simple_encoding(charset: object) -> str | None:
+    """The codec of a Specific Character Set value (its bytes, or as pydicom
+    decoded it) when it is ASCII, Latin-1 or UTF-8; None for any other."""
+    if isinstance(charset, bytes):
+        charset = charset.decode("latin-1")
+    if not isinstance(charset, str):
         return None  # multi-valued (code extensions): let pydicom decode
-    return _SIMPLE_CHARSETS.get(value.strip())
+    return _SIMPLE_CHARSETS.get(charset.strip())
 
 
 def _dataset(ds: Dataset, bulk_root: str, path: str, encoding: str | None) -> dict[str, Any]:
@@ -131,7 +134,17 @@ def _raw(item: RawDataElement, encoding: str | None, bulk_uri: str) -> dict[str,
         except KeyError:
             return None
     value = item.value
-    if value is None or not isinstance(value, bytes) or vr in _DELEGATED or len(vr) != 2:
+    if value is None or not isinstance(value, bytes):
+        return None
+    return encode_raw(item.tag, vr, value, encoding, bulk_uri)
+
+
+def encode_raw(
+    tag: int, vr: str, value: bytes, encoding: str | None, bulk_uri: str
+) -> dict[str, Any] | None:
+    """Encode a public element of VR ``vr`` from its little endian bytes, or
+    None when pydicom must decode it."""
+    if tag >> 16 & 1 or vr in _DELEGATED or len(vr) != 2:
         return None
     if not value:
         return {"vr": vr}

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from lightbox.dicom import dicomjson, uids
+from lightbox.dicom import dicomjson, fastheader, uids
 from lightbox.dicom.attributes import ATTRIBUTES, Attribute, Kind
 from lightbox.dicom.frames import ImageGeometry, PixelLayout, read_pixel_layout
 from lightbox.errors import InvalidInstance
@@ -33,6 +33,7 @@ _READ_DIRECTLY = (*_REQUIRED_UIDS, "Rows", "Columns", "SamplesPerPixel", "BitsAl
                   "NumberOfFrames")
 _TAGS = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in _READ_DIRECTLY}
 _VR = {keyword: dictionary_VR(_TAGS[keyword]) for keyword in _READ_DIRECTLY}
+_PHOTOMETRIC = 0x00280004
 
 
 class MissingOrInvalidUID(InvalidInstance):
@@ -102,6 +103,10 @@ def read_instance(path: Path) -> InstanceRecord:
     """
     size = os.path.getsize(path)
     with open(path, "rb") as fp:
+        record = _read_directly(fp, size)
+        if record is not None:
+            return record
+        fp.seek(0)
         ds = _read_header(fp, size)
         syntax = _transfer_syntax(ds)
         if getattr(ds.file_meta, "MediaStorageSOPClassUID", None) == MEDIA_DIRECTORY:
@@ -115,6 +120,14 @@ def read_instance(path: Path) -> InstanceRecord:
         obj = dicomjson.to_dict(ds, uri_prefix=_INSTANCE, pixel_vr=pixel_vr)
     except _PARSE_ERRORS as exc:
         raise InvalidInstance(f"unreadable DICOM value: {exc}") from exc
+    return _record(obj, syntax, (sop_class, sop, study, series), layout, size)
+
+
+def _record(
+    obj: dict[str, Any], syntax: str, required: tuple[str, str, str, str],
+    layout: PixelLayout | None, size: int,
+) -> InstanceRecord:
+    sop_class, sop, study, series = required
     prefix = dicomjson.instance_path(study, series, sop).encode()
     metadata = dicomjson.dumps(obj).replace(_INSTANCE.encode(), prefix)
     values = extract_values(obj)
@@ -130,6 +143,69 @@ def read_instance(path: Path) -> InstanceRecord:
         metadata=metadata,
         size=size,
     )
+
+
+def _read_directly(fp: BinaryIO, size: int) -> InstanceRecord | None:
+    """The record of a file whose header needs no pydicom (see ``fastheader``);
+    None for pydicom to read it, and to give the reason when it is refused."""
+    header = fastheader.read(fp, size)
+    if header is None or header.media_storage_sop_class == MEDIA_DIRECTORY:
+        return None
+    try:
+        required = (
+            _uid_directly(header, _TAGS["SOPClassUID"]),
+            _uid_directly(header, _TAGS["SOPInstanceUID"]),
+            _uid_directly(header, _TAGS["StudyInstanceUID"]),
+            _uid_directly(header, _TAGS["SeriesInstanceUID"]),
+        )
+        layout, pixel_vr = _pixel_layout_directly(fp, header, size)
+    except (fastheader.GiveUp, InvalidInstance):
+        return None
+    obj = fastheader.to_dict(header, uri_prefix=_INSTANCE)
+    if obj is None:
+        return None
+    if pixel_vr:
+        obj["7FE00010"] = {"vr": pixel_vr, "BulkDataURI": f"{_INSTANCE}/bulkdata/7FE00010"}
+    return _record(obj, header.syntax, required, layout, size)
+
+
+def _uid_directly(header: fastheader.Header, tag: int) -> str:
+    """As ``_check_uid`` reads a well-formed UID from its bytes."""
+    found = header.value(tag)
+    if found is None:
+        raise fastheader.GiveUp
+    text = found[1].decode("latin-1").rstrip("\x00 ")
+    if "\\" in text or not uids.is_valid_uid(text):
+        raise fastheader.GiveUp
+    return text
+
+
+def _pixel_layout_directly(
+    fp: BinaryIO, header: fastheader.Header, size: int
+) -> tuple[PixelLayout | None, str | None]:
+    """As ``_pixel_layout``, from the header's bytes."""
+    if header.pixel_offset is None:
+        return None, None
+    fp.seek(header.pixel_offset)
+    group, elem = struct.unpack("<HH", fp.read(4))
+    native = header.syntax in uids.NATIVE_SYNTAXES
+    wide = native and header.number(_TAGS["BitsAllocated"], 8) > 8
+    vr = "OW" if wide else "OB"
+    if (group << 16 | elem) != 0x7FE00010:
+        return None, None  # float pixel data: kept, served whole, no frame table
+    samples = header.number(_TAGS["SamplesPerPixel"], 1)
+    if header.text(_PHOTOMETRIC) == "YBR_FULL_422":
+        samples = 2  # as in ``_pixel_layout``
+    geometry = ImageGeometry(
+        rows=header.number(_TAGS["Rows"], 0),
+        columns=header.number(_TAGS["Columns"], 0),
+        samples_per_pixel=samples,
+        bits_allocated=header.number(_TAGS["BitsAllocated"], 0),
+        number_of_frames=max(header.number(_TAGS["NumberOfFrames"], 1), 1),
+    )
+    fp.seek(header.pixel_offset)
+    implicit = header.syntax == uids.IMPLICIT_VR_LITTLE_ENDIAN
+    return read_pixel_layout(fp, implicit_vr=implicit, geometry=geometry, file_size=size), vr
 
 
 def _read_header(fp: BinaryIO, size: int) -> Dataset:
