@@ -2,8 +2,10 @@
 
 Reading (STOW-RS): :func:`iter_parts` streams each body part of an async byte
 stream into its own file in ``spool_dir`` and yields a :class:`Part` once the
-file is fsynced and closed, ready to be renamed into a blob store on the same
-filesystem. Memory use is one chunk plus the header limit, whatever the size.
+file is fsynced and closed (or, on request, while its last bytes are still
+being written), ready to be renamed into a blob store on the same filesystem.
+Memory use is a chunk, the header limit and at most a megabyte or so waiting
+to be written, whatever the size.
 
 Writing (WADO-RS): a message is, for every part in order,
 ``part_header(boundary, content_type) + body + b"\\r\\n"``, then one
@@ -16,13 +18,13 @@ whole message for small responses; large ones stream the same pieces.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import re
 import secrets
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -50,18 +52,28 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _MAX_PADDING = 256
 
 
+def _done() -> Future[None]:
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
+
+
 @dataclass
 class Part:
     """One body part of a multipart message, its body spooled to a file.
 
     ``headers`` maps lower-cased header names to values (stripped; repeated
-    headers joined with ", "). ``path`` is a closed, fsynced file of ``size``
-    bytes that the caller owns and must move or delete.
+    headers joined with ", "). ``path`` is a file of ``size`` bytes that the
+    caller owns and must move or delete: closed and fsynced, unless the parts
+    were read with ``sync=False``; then ``written`` is done (or raises the
+    OSError of a failed write) once the whole body is in the file and it is
+    closed.
     """
 
     headers: dict[str, str]
     path: Path
     size: int
+    written: Future[None] = field(default_factory=_done)
 
     @property
     def content_type(self) -> str:
@@ -155,6 +167,68 @@ def _parse_header_block(block: bytes) -> dict[str, str]:
     return headers
 
 
+# Body bytes go to the page cache on this thread, in the order they came, while
+# the event loop goes on parsing: on some machines copying into new page-cache
+# pages costs as much processor time as everything else done per byte.
+_writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-write")
+# Bytes of one part handed to the writer and not yet written, beyond which
+# reading the request waits for it: what memory an upload may hold.
+_BACKLOG = 1024 * 1024
+# Bytes gathered before they are handed to the writer: fewer, larger writes
+# cost the threads fewer hand-overs.
+_MIN_WRITE = 256 * 1024
+
+
+class _BodyFile:
+    """A part's file, written on the writer thread in the order of ``write``."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+        self._error: OSError | None = None
+        self._handed = 0  # bytes given to ``write`` (event loop only)
+        self._written = 0  # bytes written or dropped (writer thread only)
+        self._last: Future[None] = _done()
+
+    def write(self, data: bytearray) -> None:
+        """Append ``data`` (which now belongs to the writer)."""
+        self._handed += len(data)
+        self._last = _writes.submit(self._write, data)
+
+    def backlog(self) -> Future[None] | None:
+        """The write to wait for when too much waits to be written, else None."""
+        return self._last if self._handed - self._written > _BACKLOG else None
+
+    def close(self, *, sync: bool) -> Future[None]:
+        """Close the file once written (fsynced first if ``sync``); the future
+        raises the OSError of a write (or of the fsync) that failed."""
+        return _writes.submit(self._close, sync)
+
+    def discard(self) -> None:
+        """Delete the file now; it is closed once what is queued for it is done."""
+        self._path.unlink(missing_ok=True)
+        _writes.submit(os.close, self._fd)
+
+    def _write(self, data: bytearray) -> None:
+        try:
+            view = memoryview(data)
+            while view and self._error is None:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self._error = exc
+        finally:
+            self._written += len(data)
+
+    def _close(self, sync: bool) -> None:
+        try:
+            if self._error is None and sync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+
+
 class _Parser:
     """Push parser: ``feed`` chunks, then call ``next_part`` until it returns None.
 
@@ -176,7 +250,7 @@ class _Parser:
         self._scan = 0
         self._state = _State.PREAMBLE
         self._count = 0  # parts started so far, including the one in progress
-        self._file: io.BufferedWriter | None = None
+        self._file: _BodyFile | None = None
         self._part = Part({}, Path(), 0)
 
     def feed(self, data: bytes) -> None:
@@ -184,11 +258,11 @@ class _Parser:
         if self._state is not _State.DONE:
             self._buf += data
 
-    def next_part(self) -> tuple[io.BufferedWriter, Part] | None:
+    def next_part(self) -> tuple[_BodyFile, Part] | None:
         """Advance over buffered bytes; return a finished part or None for more data.
 
-        The returned file holds the whole body but is not yet fsynced or closed;
-        it and the part's path now belong to the caller.
+        The returned file has been given the whole body but is not yet written,
+        fsynced or closed; it and the part's path now belong to the caller.
         """
         while self._state is not _State.DONE:
             if self._state is _State.BODY:
@@ -205,12 +279,15 @@ class _Parser:
         if self._state is not _State.DONE:
             raise BadRequest("multipart body ended before the closing boundary")
 
+    def backlog(self) -> Future[None] | None:
+        """What to wait for before reading on (see ``_BodyFile.backlog``)."""
+        return None if self._file is None else self._file.backlog()
+
     def abort(self) -> None:
         """Close and delete the file of a part in progress, if any."""
         if self._file is not None:
-            self._file.close()
+            self._file.discard()
             self._file = None
-            self._part.path.unlink(missing_ok=True)
 
     def _start_part(self, verdict: _Verdict, end: int) -> None:
         """Enter HEADERS (keeping the boundary line's LF) or DONE after a boundary."""
@@ -269,24 +346,20 @@ class _Parser:
         self._scan = 0
         fd, path = self._new_file()
         self._part = Part(headers, path, 0)
-        try:
-            self._file = os.fdopen(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            self._part.path.unlink()
-            raise
+        self._file = _BodyFile(fd, path)
         self._state = _State.BODY
         return True
 
-    def _read_body(self) -> tuple[io.BufferedWriter, Part] | None:
+    def _read_body(self) -> tuple[_BodyFile, Part] | None:
         """Stream body bytes to the part file; return the part once its delimiter is seen."""
         buf, length = self._buf, len(self._delim)
         while True:
             idx = buf.find(self._delim, self._scan)
             if idx < 0:
                 # Why: hold back a possible partial delimiter and the CR before it.
-                self._write(len(buf) - length)
-                self._scan = max(0, len(buf) - length + 1)
+                if len(buf) - length >= _MIN_WRITE:
+                    self._write(len(buf) - length)
+                self._scan = max(0, len(self._buf) - length + 1)  # may be a new buffer
                 return None
             verdict = _classify(buf, idx + length)
             if verdict is None:
@@ -312,9 +385,15 @@ class _Parser:
             raise TooLarge(
                 f"multipart part {self._count} exceeds the limit of {self._max_part_size} bytes"
             )
-        # Why memoryview: writes without copying the chunk; the view is freed before the del.
-        self._file.write(memoryview(self._buf)[:count])
-        del self._buf[:count]
+        buf = self._buf
+        if count * 2 > len(buf):
+            # Most of the buffer: hand it over and keep a copy of the short rest.
+            self._buf = bytearray(memoryview(buf)[count:])
+            del buf[count:]
+            self._file.write(buf)
+        else:
+            self._file.write(buf[:count])
+            del buf[:count]
         return count
 
 
@@ -323,24 +402,17 @@ def _spool_file(folder: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def _fsync_and_close(file: io.BufferedWriter) -> None:
-    """Make the file's contents durable, then close it (even on failure)."""
+async def _seal(file: _BodyFile, part: Part, sync: bool) -> Part:
+    """Close a finished part once written, and fsync it first unless ``sync``
+    is False; then it is handed over at once, its ``written`` still under way.
+    Deleted if writing it failed."""
+    written = file.close(sync=sync)
+    if not sync:
+        part.written = written
+        return part
     try:
-        file.flush()
-        os.fsync(file.fileno())
-    finally:
-        file.close()
-
-
-async def _seal(file: io.BufferedWriter, part: Part, sync: bool) -> Part:
-    """Fsync (unless ``sync`` is False) and close a finished part off the event
-    loop; delete it on failure."""
-    try:
-        if not sync:
-            file.close()
-            return part
         # Why a thread: fsync can take milliseconds and would stall every other request.
-        await asyncio.to_thread(_fsync_and_close, file)
+        await asyncio.wrap_future(written)
     except BaseException:
         part.path.unlink(missing_ok=True)
         raise
@@ -365,7 +437,8 @@ async def iter_parts(
     the caller must cap the total request size). Delimiter lines may end in
     CRLF or a bare LF. Each part body goes to a new ``part-*`` file in
     ``spool_dir`` (or made by ``new_file``, which returns an open descriptor and
-    the path of an empty file), fsynced and closed before the part is yielded; the caller
+    the path of an empty file), fsynced and closed before the part is yielded
+    (unless ``sync`` is False); the caller
     then owns that file. On any error or cancellation the file of the part in
     progress is deleted; files of parts already yielded are left to the caller.
 
@@ -373,8 +446,9 @@ async def iter_parts(
     a body that ends before the close delimiter, or a header block that is
     malformed or larger than ``max_header_bytes``. Raises TooLarge when a part
     body exceeds ``max_part_size`` bytes or there are more than ``max_parts``.
-    Body writes happen on the event loop: they go to the page cache and are
-    far cheaper than a thread hop per chunk.
+    Body bytes are written on a thread of their own, in order, while the
+    next ones are parsed; with ``sync=False`` a part is yielded before its
+    last bytes are written (see ``Part.written``).
     """
     limits = (max_part_size, max_parts, max_header_bytes)
     if new_file is None:
@@ -385,6 +459,8 @@ async def iter_parts(
             parser.feed(chunk)
             while (finished := parser.next_part()) is not None:
                 yield await _seal(*finished, sync)
+            if (behind := parser.backlog()) is not None:
+                await asyncio.wrap_future(behind)
         parser.finish()
     finally:
         parser.abort()

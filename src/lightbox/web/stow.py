@@ -115,12 +115,13 @@ _syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="part-sync")
 
 @dataclass
 class _Received:
-    """A part on disk, with its fsync (on a thread) and its header read (in
-    the helper process) under way."""
+    """A part on disk (or still being written), with its fsync (on a thread)
+    and its header read (in the helper process) to follow the last write."""
 
     offer: Offer
+    written: asyncio.Future[None]
     synced: asyncio.Future[None]
-    header: Future[readahead.Header | None] | None
+    header: Future[readahead.Header | None]
 
     @classmethod
     def start(cls, part: Part, number: int) -> _Received:
@@ -128,22 +129,48 @@ class _Received:
         if part.content_type not in ("", *DICOM_TYPES):
             # Still offered: the ingest path rejects what is not DICOM, with a reason.
             source += f" ({part.content_type})"
-        synced = asyncio.get_running_loop().run_in_executor(_syncs, fsync_file, part.path)
-        # Retrieved here too, so a request that breaks off leaves no unread error.
-        synced.add_done_callback(lambda done: done.cancelled() or done.exception())
+        written = asyncio.wrap_future(part.written)
+        synced = asyncio.get_running_loop().run_in_executor(_syncs, _sync_when_written, part)
+        for future in (written, synced):
+            # Retrieved here too, so a request that breaks off leaves no unread error.
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
         offer = Offer(part.path, source, staged=True, synced=False)
-        return cls(offer, synced, readahead.helper.submit(part.path))
+        return cls(offer, written, synced, _header_when_written(part))
 
     async def finish(self) -> Offer:
         """The offer, marked synced if its fsync succeeded (ingest retries
         and reports one that did not), with its header read ahead or on its
-        way (ingest reads it itself if it has not come when it is needed)."""
+        way (ingest reads it itself if it has not come when it is needed).
+        A part that could not be written fails the request."""
+        await self.written
         try:
             await self.synced
             synced = True
         except OSError:
             synced = False
         return replace(self.offer, synced=synced, header=self.header)
+
+
+def _sync_when_written(part: Part) -> None:
+    part.written.result()
+    fsync_file(part.path)
+
+
+def _header_when_written(part: Part) -> Future[readahead.Header | None]:
+    """The part's header from the helper, asked for once the part is written
+    (None: ingest reads it)."""
+    header: Future[readahead.Header | None] = Future()
+
+    def ask(written: Future[None]) -> None:
+        failed = written.cancelled() or written.exception() is not None
+        asked = None if failed else readahead.helper.submit(part.path)
+        if asked is None:
+            header.set_result(None)
+        else:
+            asked.add_done_callback(lambda answer: header.set_result(answer.result()))
+
+    part.written.add_done_callback(ask)
+    return header
 
 
 def _audit(request: Request, actor: str, outcomes: list[Outcome]) -> None:
