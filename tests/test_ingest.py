@@ -7,6 +7,7 @@ import io
 import shutil
 import struct
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -661,3 +662,69 @@ def test_layout_encoding_round_trips() -> None:
     for layout in (uniform, explicit, encapsulated):
         assert PixelLayout.from_bytes(layout.to_bytes()) == layout
     assert len(uniform.to_bytes()) < len(explicit.to_bytes())
+
+
+def _unsynced(archive: Archive, ds: pydicom.Dataset) -> Offer:
+    """A staged offer whose bytes ingest must still fsync (as C-STORE hands them over)."""
+    return dataclasses.replace(staged(archive, to_bytes(ds)), synced=False)
+
+
+def test_index_work_overlaps_the_fsync_and_commits_after_it(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index transaction does its work while the blob is fsynced, and
+    commits only once the blob is durable: readers do not see the instance
+    before that."""
+    ds = ct_dataset()
+    events: list[str] = []
+    real_fsync, real_insert = ingest.fsync_file, index.insert_instances
+
+    def slow_fsync(path: Path) -> None:
+        time.sleep(0.3)
+        real_fsync(path)
+        with archive.db.read() as conn:
+            seen = conn.execute(select(instances.c.pk).where(
+                instances.c.sop_instance_uid == ds.SOPInstanceUID)).first()
+        events.append("fsync, indexed" if seen else "fsync, not indexed yet")
+
+    def recording_insert(conn: Any, rows: Any) -> None:
+        events.append("index work")
+        real_insert(conn, rows)
+
+    monkeypatch.setattr(ingest, "fsync_file", slow_fsync)
+    monkeypatch.setattr(index, "insert_instances", recording_insert)
+    assert single(store_instances(archive, [_unsynced(archive, ds)])).status is Status.STORED
+    assert events == ["index work", "fsync, not indexed yet"]
+    assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
+
+
+def test_a_blob_that_cannot_be_made_durable_is_refused_alone(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing, kept = ct_dataset(), ct_dataset()
+    real_fsync = ingest.fsync_file
+
+    def fsync(path: Path) -> None:
+        time.sleep(0.2)  # still under way when the index transaction starts
+        if failing.SOPInstanceUID.encode() in Path(path).read_bytes():
+            raise OSError(5, "Input/output error")
+        real_fsync(path)
+
+    undone: list[set[int]] = []
+    real_without = ingest._without
+
+    def without(archive: Archive, items: Any, failed: set[int]) -> list[Outcome]:
+        undone.append(failed)  # the transaction was undone for the failed fsync
+        return real_without(archive, items, failed)
+
+    monkeypatch.setattr(ingest, "fsync_file", fsync)
+    monkeypatch.setattr(ingest, "_without", without)
+    outcomes = store_instances(archive, [_unsynced(archive, ds) for ds in (failing, kept)])
+    assert undone == [{0}]
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (Status.REJECTED, "storage is not writable"), (Status.STORED, None)]
+    with archive.db.read() as conn:
+        indexed = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+    assert indexed == {kept.SOPInstanceUID}
+    assert list(blob_files(archive).values()) == [to_bytes(kept)]
+    assert staging_files(archive) == []

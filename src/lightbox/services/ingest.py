@@ -1,10 +1,10 @@
 """The one ingest path: every source (STOW-RS, C-STORE, import, upload) ends here.
 
 Per batch: move each file under a fresh key and make it durable (fsync of
-data, then of the directory) while its header is parsed and validated, then
-one index transaction (see ``_transaction``). If indexing fails, the blob is
-removed. An outcome of STORED means both the bytes and the index row
-are durable.
+data, then of the directory) while its header is parsed and validated and
+the index transaction does its work (see ``_transaction``), which commits
+only once the blobs are durable. If indexing fails, the blob is removed. An
+outcome of STORED means both the bytes and the index row are durable.
 
 The index transactions of callers that arrive while another one is being
 written (parallel C-STORE associations, STOW requests) are merged into the
@@ -114,13 +114,16 @@ class Blob:
 
 @dataclass(frozen=True)
 class Prepared:
-    """An offer checked and made durable, waiting for ``commit``: ``record``
-    (and its ``blob``) when it is to be stored, ``rejected`` when it was refused."""
+    """An offer checked, waiting for ``commit``: ``record`` (and its ``blob``)
+    when it is to be stored, ``rejected`` when it was refused. ``durable`` is
+    the blob's fsync when it may still be under way: the index transaction
+    does its work meanwhile and commits only once it has succeeded."""
 
     offer: Offer
     record: InstanceRecord | None
     rejected: Outcome | None
     blob: Blob | None = None
+    durable: Future[str] | None = None
 
 
 def store_instances(
@@ -183,8 +186,8 @@ def prepare(
     # Last first: headers still being read ahead come in order, so while this
     # thread reads the last ones itself, the helper finishes the earlier ones.
     checked = [
-        _prepared(archive, offer, path, blob, expected_study)
-        for offer, (path, _key), blob in reversed(list(zip(offers, adopted, durable, strict=True)))
+        _prepared(archive, offer, path, (key, blob), expected_study)
+        for offer, (path, key), blob in reversed(list(zip(offers, adopted, durable, strict=True)))
     ]
     return checked[::-1]
 
@@ -253,13 +256,17 @@ def _copy_to_staging(archive: Archive, offer: Offer) -> Path:
 
 
 def _prepared(
-    archive: Archive, offer: Offer, path: Path, durable: Future[str],
+    archive: Archive, offer: Offer, path: Path, blob_of: tuple[str | None, Future[str]],
     expected_study: str | None,
 ) -> Prepared:
+    key, durable = blob_of
     try:
         record = _validate(archive, path, expected_study, offer.header_if_read())
     except InvalidInstance as exc:
         record, rejection = None, _rejected(offer, exc)
+    if record is not None and key is not None and not durable.done():
+        # Its key is known: the index transaction waits for its fsync.
+        return Prepared(offer, record, None, Blob(archive.blobs, key), durable)
     try:
         blob = Blob(archive.blobs, durable.result())
     except OSError as exc:
@@ -384,6 +391,8 @@ def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
             # Another writer stored one of these instances (or removed a series)
             # after the look-up: again, looking up inside the transaction.
             outcomes, unreferenced = _transaction(archive, items)
+        except _NotDurable as exc:
+            return _without(archive, items, exc.failed)
     except SQLAlchemyError as exc:
         log.error("index transaction failed: %s", exc)
         for item in items:
@@ -396,6 +405,44 @@ def _index(archive: Archive, items: Sequence[Prepared]) -> list[Outcome]:
         ]
     for key in unreferenced:
         archive.blobs.delete(key)
+    return outcomes
+
+
+class _NotDurable(Exception):
+    """Blobs whose fsync failed: the transaction that would index them is undone."""
+
+    def __init__(self, failed: set[int]) -> None:
+        super().__init__(f"{len(failed)} blob(s) could not be made durable")
+        self.failed = failed
+
+
+def _wait_durable(items: Sequence[Prepared]) -> None:
+    """Wait for the fsyncs still under way; _NotDurable names those that failed."""
+    failed = set()
+    for i, item in enumerate(items):
+        if item.durable is not None:
+            try:
+                item.durable.result()
+            except OSError as exc:
+                log.error("cannot store %s: %s", item.offer.source, exc)
+                failed.add(i)
+    if failed:
+        raise _NotDurable(failed)
+
+
+def _without(archive: Archive, items: Sequence[Prepared], failed: set[int]) -> list[Outcome]:
+    """Index the items whose blobs are durable; the others are refused."""
+    rest = [item for i, item in enumerate(items) if i not in failed]
+    indexed = iter(_index(archive, rest) if rest else [])
+    outcomes = []
+    for i, item in enumerate(items):
+        if i in failed:
+            assert item.blob is not None and item.record is not None
+            item.blob.delete()
+            outcomes.append(_outcome(Status.REJECTED, item.offer, item.record,
+                                     "storage is not writable", FailureReason.OUT_OF_RESOURCES))
+        else:
+            outcomes.append(next(indexed))
     return outcomes
 
 
@@ -497,6 +544,7 @@ def _transaction(
             results[i] = _outcome(status, item.offer, record)
         index.insert_instances(conn, rows)
         index.refresh_studies(conn, refresh, added)
+        _wait_durable(items)  # nothing is committed before its blob is durable
     return [r for r in results if r is not None], unreferenced
 
 
