@@ -7,6 +7,7 @@ import email
 import hashlib
 import os
 import random
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from lightbox.errors import BadRequest, TooLarge
+from lightbox.web import multipart
 from lightbox.web.multipart import (
     Part,
     closing,
@@ -301,6 +303,45 @@ def test_source_failure_and_early_exit_clean_up(tmp_path: Path) -> None:
 
     first = asyncio.run(first_only())
     assert list(tmp_path.iterdir()) == [first.path] and first.path.read_bytes() == b"one"
+
+
+def test_many_parts_ahead_of_a_slow_disk_stay_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts handed over before their last bytes are written (``sync=False``)
+    still count against what an upload may hold in memory: reading waits for
+    the writer, whatever part its queued bytes belong to."""
+    body = os.urandom(256 * 1024)
+    real_write = os.write
+
+    def slow_write(fd: int, data: Any) -> int:
+        time.sleep(0.002)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(multipart.os, "write", slow_write)
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(100):  # 25 MB in all
+            yield part_header(B, DICOM) + body + b"\r\n"
+        yield closing(B)
+
+    async def run() -> list[Part]:
+        parts = []
+        async for part in iter_parts(upload(), B, spool_dir=tmp_path, max_part_size=1 << 20,
+                                     max_parts=100, sync=False):
+            parts.append(part)
+        for part in parts:
+            await asyncio.wrap_future(part.written)
+        return parts
+
+    tracemalloc.start()
+    try:
+        parts = asyncio.run(run())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak traced memory {peak} bytes"
+    assert len(parts) == 100 and all(part.path.read_bytes() == body for part in parts)
 
 
 def test_fifty_megabyte_part_streams_in_bounded_memory(tmp_path: Path) -> None:

@@ -179,25 +179,33 @@ _BACKLOG = 1024 * 1024
 _MIN_WRITE = 256 * 1024
 
 
+class _Backlog:
+    """Bytes of one message handed to the writer and not yet written, over
+    all its parts (a part that ends does not take its queued writes along)."""
+
+    def __init__(self) -> None:
+        self.handed = 0  # event loop only
+        self.written = 0  # writer thread only
+        self.last: Future[None] = _done()  # the latest write, of any part
+
+    def behind(self) -> Future[None] | None:
+        """The write to wait for when too much waits to be written, else None."""
+        return self.last if self.handed - self.written > _BACKLOG else None
+
+
 class _BodyFile:
     """A part's file, written on the writer thread in the order of ``write``."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, backlog: _Backlog) -> None:
         self._fd = fd
         self._path = path
+        self._backlog = backlog
         self._error: OSError | None = None
-        self._handed = 0  # bytes given to ``write`` (event loop only)
-        self._written = 0  # bytes written or dropped (writer thread only)
-        self._last: Future[None] = _done()
 
     def write(self, data: bytearray) -> None:
         """Append ``data`` (which now belongs to the writer)."""
-        self._handed += len(data)
-        self._last = _writes.submit(self._write, data)
-
-    def backlog(self) -> Future[None] | None:
-        """The write to wait for when too much waits to be written, else None."""
-        return self._last if self._handed - self._written > _BACKLOG else None
+        self._backlog.handed += len(data)
+        self._backlog.last = _writes.submit(self._write, data)
 
     def close(self, *, sync: bool) -> Future[None]:
         """Close the file once written (fsynced first if ``sync``); the future
@@ -217,7 +225,7 @@ class _BodyFile:
         except OSError as exc:
             self._error = exc
         finally:
-            self._written += len(data)
+            self._backlog.written += len(data)
 
     def _close(self, sync: bool) -> None:
         try:
@@ -251,6 +259,7 @@ class _Parser:
         self._state = _State.PREAMBLE
         self._count = 0  # parts started so far, including the one in progress
         self._file: _BodyFile | None = None
+        self._backlog = _Backlog()
         self._part = Part({}, Path(), 0)
 
     def feed(self, data: bytes) -> None:
@@ -280,8 +289,8 @@ class _Parser:
             raise BadRequest("multipart body ended before the closing boundary")
 
     def backlog(self) -> Future[None] | None:
-        """What to wait for before reading on (see ``_BodyFile.backlog``)."""
-        return None if self._file is None else self._file.backlog()
+        """What to wait for before reading on (see ``_Backlog.behind``)."""
+        return self._backlog.behind()
 
     def abort(self) -> None:
         """Close and delete the file of a part in progress, if any."""
@@ -346,7 +355,7 @@ class _Parser:
         self._scan = 0
         fd, path = self._new_file()
         self._part = Part(headers, path, 0)
-        self._file = _BodyFile(fd, path)
+        self._file = _BodyFile(fd, path, self._backlog)
         self._state = _State.BODY
         return True
 
