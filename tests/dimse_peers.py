@@ -24,9 +24,13 @@ PEER_TIMEOUT = 60  # seconds any one DCMTK command may take
 
 
 def with_settings(archive: Archive, **changes: Any) -> Archive:
-    """The same index and blobs under changed settings."""
-    return Archive(settings=replace(archive.settings, **changes), db=archive.db,
-                   blobs=archive.blobs)
+    """The same index, blobs and audit trail under changed settings."""
+    changed = Archive(settings=replace(archive.settings, **changes), db=archive.db,
+                      blobs=archive.blobs)
+    # One flusher, closed with the archive: a second one would outlive the
+    # test and retry its last events against a database dropped meanwhile.
+    changed.audit = archive.audit
+    return changed
 
 
 @contextmanager

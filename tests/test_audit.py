@@ -212,3 +212,14 @@ def test_study_pages_and_their_thumbnails_are_views() -> None:
         "view", study, series)
     assert classify("POST", f"/browse/studies/{study}/delete", "") is None
     assert classify("GET", "/browse", "") is None
+
+
+def test_counts_after_close_are_written_not_dropped(archive: Archive) -> None:
+    """A request that finishes while its archive closes still leaves its trace."""
+    sending = Archive.open(archive.settings, migrate=False)
+    sending.close()
+    sending.audit.count("upload", "dicom:LATE", "1.2.3", n=2)
+    with archive.db.read() as conn:
+        rows = conn.execute(select(audit_events.c.actor, audit_events.c.detail)
+                            .where(audit_events.c.action == "upload")).all()
+    assert [(actor, json.loads(detail)["count"]) for actor, detail in rows] == [("dicom:LATE", 2)]

@@ -132,7 +132,10 @@ class Auditor:
             self._counts[key] = self._counts.get(key, 0) + n
             if self._counts_since is None:
                 self._counts_since = datetime.now(UTC)
-        self._ensure_thread()
+        if self._closed:
+            self.flush()  # no flusher any more: written now, not dropped
+        else:
+            self._ensure_thread()
 
     def patient_of(self, study_uid: str) -> str | None:
         """The study's Patient ID now (for events about studies about to go)."""
