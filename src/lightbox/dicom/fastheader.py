@@ -335,8 +335,8 @@ def _implicit_vr(tag: int) -> str:
         try:
             vr = dictionary_VR(tag)
         except KeyError:
-            vr = "UN"
+            return "UN"  # not remembered: a file could bring any number of them
         if vr not in _VRS:
             vr = "UN"  # "US or SS" and the like: pydicom decides
-        _implicit_vrs[tag] = vr
+        _implicit_vrs[tag] = vr  # at most one entry per tag of the dictionary
     return vr
