@@ -5,6 +5,7 @@ corpus, whether the file is accepted or refused and why."""
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,7 +19,7 @@ from lightbox.dicom.instance import InstanceRecord, read_instance
 from lightbox.errors import InvalidInstance
 from tests.corpus_report import corpus_files, name_of
 from tests.dimse_peers import make_corpus
-from tests.factories import ct_dataset, write
+from tests.factories import ct_dataset, to_bytes, write
 
 
 def _outcome(path: Path) -> InstanceRecord | str:
@@ -115,3 +116,26 @@ def test_uid_with_padding_and_odd_values(tmp_path: Path) -> None:
     write(two, tmp_path / "two.dcm")
     with pytest.raises(InvalidInstance, match="SeriesInstanceUID is not a valid UID"):
         read_instance(tmp_path / "two.dcm")
+
+
+def _nested(tmp_path: Path, depth: int) -> Path:
+    """A CT whose Content Sequence nests ``depth`` levels deep (undefined lengths)."""
+    base = to_bytes(ct_dataset(size=16))
+    pixels = base.index(b"\xe0\x7f\x10\x00OW")
+    body = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
+    for _ in range(depth):
+        body = (struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+                + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + body
+                + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    path = tmp_path / f"nested-{depth}.dcm"
+    path.write_bytes(base[:pixels] + body + base[pixels:])
+    return path
+
+
+def test_deeply_nested_sequences_are_refused_with_a_reason(tmp_path: Path) -> None:
+    assert isinstance(_outcome(_nested(tmp_path, 8)), InstanceRecord)
+    assert _read_directly(_nested(tmp_path, 8))
+    assert isinstance(_outcome(_nested(tmp_path, 40)), InstanceRecord)  # read by pydicom
+    assert not _read_directly(_nested(tmp_path, 40))
+    outcome = _outcome(_nested(tmp_path, 2000))
+    assert isinstance(outcome, str) and outcome.startswith("InvalidInstance: unreadable DICOM")

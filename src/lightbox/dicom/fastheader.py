@@ -27,6 +27,7 @@ from lightbox.dicom import dicomjson, uids
 
 _FIRST_READ = 16 * 1024  # enough for most headers: the rest is pixel data
 _MAX_HEADER = 4 * 1024 * 1024  # longer headers are left to pydicom
+_MAX_DEPTH = 32  # sequences nested deeper are left to pydicom
 
 _VRS = frozenset({
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
@@ -210,6 +211,7 @@ class _Reader:
         self.data = data
         self.size = size
         self.implicit = implicit
+        self.depth = 0  # sequences entered
 
     def top_level(self, position: int) -> tuple[list[Element], int | None]:
         """The data set's elements up to Pixel Data, and Pixel Data's position."""
@@ -277,6 +279,15 @@ class _Reader:
         return self.data[start:end], end
 
     def _sequence(self, start: int, length: int) -> tuple[list[list[Element]], int]:
+        self.depth += 1
+        try:
+            if self.depth > _MAX_DEPTH:
+                raise GiveUp  # pydicom gives the reason
+            return self._items(start, length)
+        finally:
+            self.depth -= 1
+
+    def _items(self, start: int, length: int) -> tuple[list[list[Element]], int]:
         end = None if length == _UNDEFINED else start + length
         if end is not None and end > self.size:
             raise GiveUp

@@ -60,7 +60,7 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # What pydicom (or our own decoding) raises on malformed bytes.
 _PARSE_ERRORS = (
     ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError,
-    struct.error, OSError, IndexError,
+    struct.error, OSError, IndexError, RecursionError,
 )
 
 
