@@ -287,6 +287,17 @@ def encapsulated_without_delimiter() -> bytes:
     return data[:-8]
 
 
+def sequences_nested_2000_deep() -> bytes:
+    """A Content Sequence nesting 2,000 levels (undefined lengths), before Pixel Data."""
+    base = to_bytes(ct_dataset())
+    pixels = base.index(b"\xe0\x7f\x10\x00OW")
+    body = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
+    opening = (struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+               + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF))
+    ending = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return base[:pixels] + opening * 2000 + body + ending * 2000 + base[pixels:]
+
+
 PNG = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
     b"\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00"
@@ -323,6 +334,7 @@ BAD_INSTANCES: dict[str, Callable[[], bytes]] = {
     "encapsulated fragment length 0x7FFFFFF0": bogus_fragment_length,
     "encapsulated fragment length misaligned": misaligned_fragment_length,
     "encapsulated without sequence delimiter": encapsulated_without_delimiter,
+    "sequences nested 2,000 deep": sequences_nested_2000_deep,
 }
 
 
