@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightbox.storage.blobs import FileBlobStore, SpareFiles
+from lightbox.storage.blobs import FileBlobStore, SpareFiles, new_key
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -90,3 +90,14 @@ def test_start_up_sweep_removes_old_spares_only(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     store.clear_staging()
     assert not old.exists() and new.exists()
+
+
+def test_file_name_is_the_path(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    try:
+        key = new_key()
+        assert store.file_name(key) == str(store.path(key))
+        with pytest.raises(ValueError, match="not a blob key"):
+            store.file_name("../" + key[3:])
+    finally:
+        store.close()

@@ -90,6 +90,7 @@ class FileBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = os.fspath(root) + os.sep
         self._staging = root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
         (root / ".spare").mkdir(exist_ok=True)
@@ -106,6 +107,13 @@ class FileBlobStore:
         if not _is_key(key):
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key[:6] / key
+
+    def file_name(self, key: str) -> str:
+        """``path(key)`` as a string, made without pathlib (frames are served
+        by the thousand a second, and building a Path is a fair part of one)."""
+        if not _is_key(key):
+            raise ValueError(f"not a blob key: {key!r}")
+        return f"{self._prefix}{key[:6]}{os.sep}{key}"
 
     def put_file(self, source: Path, *, sync_dir: bool = True) -> str:
         key = new_key()
