@@ -85,6 +85,11 @@ def first_value(obj: dict[str, Any], tag: int) -> str | int | float | None:
     return "\\".join(parts)
 
 
+def belongs_in_json(tag: int) -> bool:
+    """File meta elements and group lengths do not belong in DICOM JSON."""
+    return tag >> 16 != 0x0002 and tag & 0xFFFF != 0
+
+
 def _text_encoding(ds: Dataset) -> str | None:
     raw = ds.get_item(0x00080005)
     return "latin-1" if raw is None else simple_encoding(raw.value)
@@ -103,8 +108,8 @@ def simple_encoding(charset: object) -> str | None:
 def _dataset(ds: Dataset, bulk_root: str, path: str, encoding: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every element
-        if tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
-            continue  # file meta and group lengths do not belong in DICOM JSON
+        if not belongs_in_json(tag):
+            continue
         key = f"{int(tag):08X}"
         item = ds.get_item(tag)
         encoded = None

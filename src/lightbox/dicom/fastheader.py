@@ -138,8 +138,8 @@ def to_dict(header: Header, *, uri_prefix: str) -> dict[str, Any] | None:
 def _encode(elements: list[Element], bulk_root: str, path: str, encoding: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag, vr, value in elements:
-        if tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
-            continue  # file meta and group lengths do not belong in DICOM JSON
+        if not dicomjson.belongs_in_json(tag):
+            continue
         key = f"{tag:08X}"
         if isinstance(value, list):
             items = [_encode(item, bulk_root, f"{path}{key}/{i + 1}/", encoding)
@@ -215,19 +215,8 @@ class _Reader:
 
     def top_level(self, position: int) -> tuple[list[Element], int | None]:
         """The data set's elements up to Pixel Data, and Pixel Data's position."""
-        self._check_first(position)
-        elements: list[Element] = []
-        last = -1
-        while position < self.size:
-            tag, vr, length, start = self._element_header(position)
-            if tag in _PIXEL_TAGS:
-                return elements, position
-            if tag <= last or tag >> 16 in (0x0002, 0xFFFE):
-                raise GiveUp
-            last = tag
-            value, position = self._value(tag, vr, length, start)
-            elements.append((tag, vr, value))
-        return elements, None
+        elements, end = self._elements(position, self.size, top=True)
+        return elements, (end if end < self.size else None)
 
     def _check_first(self, position: int) -> None:
         """pydicom reads a data set whose first VR contradicts the transfer
@@ -302,7 +291,7 @@ class _Reader:
             item_end = None if item_length == _UNDEFINED else value + item_length
             if item_end is not None and end is not None and item_end > end:
                 raise GiveUp
-            elements, position = self._item(value, item_end)
+            elements, position = self._elements(value, item_end)
             items.append(elements)
         if position != end:
             raise GiveUp
@@ -314,14 +303,19 @@ class _Reader:
         group, element, length = _TAG_LENGTH.unpack_from(self.data, position)
         return group << 16 | element, "", length, position + 8
 
-    def _item(self, position: int, end: int | None) -> tuple[list[Element], int]:
-        """An item's elements, up to ``end`` or its delimiter."""
+    def _elements(
+        self, position: int, end: int | None, *, top: bool = False
+    ) -> tuple[list[Element], int]:
+        """A data set's elements, up to ``end`` or its item delimiter (None),
+        and where they end; at the top level, also where Pixel Data starts."""
         if position != end:
             self._check_first(position)
         elements: list[Element] = []
         last = -1
         while end is None or position < end:
             tag, vr, length, start = self._element_header(position)
+            if top and tag in _PIXEL_TAGS:
+                return elements, position
             if tag == _ITEM_END and end is None:
                 return elements, start
             if tag <= last or tag >> 16 in (0x0002, 0xFFFE):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -170,14 +171,11 @@ def _read_directly(fp: BinaryIO, size: int) -> InstanceRecord | None:
 
 
 def _uid_directly(header: fastheader.Header, tag: int) -> str:
-    """As ``_check_uid`` reads a well-formed UID from its bytes."""
     found = header.value(tag)
-    if found is None:
+    uid = None if found is None else _uid_from_bytes(found[1])
+    if uid is None:
         raise fastheader.GiveUp
-    text = found[1].decode("latin-1").rstrip("\x00 ")
-    if "\\" in text or not uids.is_valid_uid(text):
-        raise fastheader.GiveUp
-    return text
+    return uid
 
 
 def _pixel_layout_directly(
@@ -188,24 +186,12 @@ def _pixel_layout_directly(
         return None, None
     fp.seek(header.pixel_offset)
     group, elem = struct.unpack("<HH", fp.read(4))
-    native = header.syntax in uids.NATIVE_SYNTAXES
-    wide = native and header.number(_TAGS["BitsAllocated"], 8) > 8
-    vr = "OW" if wide else "OB"
-    if (group << 16 | elem) != 0x7FE00010:
-        return None, None  # float pixel data: kept, served whole, no frame table
-    samples = header.number(_TAGS["SamplesPerPixel"], 1)
-    if header.text(_PHOTOMETRIC) == "YBR_FULL_422":
-        samples = 2  # as in ``_pixel_layout``
-    geometry = ImageGeometry(
-        rows=header.number(_TAGS["Rows"], 0),
-        columns=header.number(_TAGS["Columns"], 0),
-        samples_per_pixel=samples,
-        bits_allocated=header.number(_TAGS["BitsAllocated"], 0),
-        number_of_frames=max(header.number(_TAGS["NumberOfFrames"], 1), 1),
-    )
     fp.seek(header.pixel_offset)
-    implicit = header.syntax == uids.IMPLICIT_VR_LITTLE_ENDIAN
-    return read_pixel_layout(fp, implicit_vr=implicit, geometry=geometry, file_size=size), vr
+    return _frame_layout(
+        fp, group << 16 | elem, header.syntax, size,
+        number=lambda keyword, default: header.number(_TAGS[keyword], default),
+        photometric=lambda: header.text(_PHOTOMETRIC) or "",
+    )
 
 
 def _read_header(fp: BinaryIO, size: int) -> Dataset:
@@ -248,10 +234,9 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
     them (Latin-1, trailing NULs and spaces removed, one value); anything
     else goes through pydicom for the reason."""
     raw = _raw(ds, keyword)
-    if raw is not None:
-        text = raw[1].decode("latin-1").rstrip("\x00 ")
-        if "\\" not in text and uids.is_valid_uid(text):
-            return text
+    uid = None if raw is None else _uid_from_bytes(raw[1])
+    if uid is not None:
+        return uid
     try:
         value = ds.get(keyword)
     except Exception as exc:
@@ -262,6 +247,13 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
         shown = str(value)[:80].encode("ascii", "backslashreplace").decode()
         raise MissingOrInvalidUID(f"{keyword} is not a valid UID: {shown!r}")
     return str(value)
+
+
+def _uid_from_bytes(raw: bytes) -> str | None:
+    """A well-formed UID from its element's bytes as pydicom decodes them
+    (Latin-1, trailing NULs and spaces removed, one value); None otherwise."""
+    text = raw.decode("latin-1").rstrip("\x00 ")
+    return text if "\\" not in text and uids.is_valid_uid(text) else None
 
 
 def _raw(ds: Dataset, keyword: str) -> tuple[str | None, bytes] | None:
@@ -301,26 +293,39 @@ def _pixel_layout(
     group, elem = struct.unpack_from("<HH", head)
     if (group << 16 | elem) not in _PIXEL_TAGS:
         return None, None
-    implicit = syntax == uids.IMPLICIT_VR_LITTLE_ENDIAN
-    wide = syntax in uids.NATIVE_SYNTAXES and _int(ds, "BitsAllocated", 8) > 8
+    fp.seek(here)
+    return _frame_layout(
+        fp, group << 16 | elem, syntax, size,
+        number=lambda keyword, default: _int(ds, keyword, default),
+        photometric=lambda: str(ds.get("PhotometricInterpretation", "")).strip(),
+    )
+
+
+def _frame_layout(
+    fp: BinaryIO, tag: int, syntax: str, size: int, *,
+    number: Callable[[str, int], int], photometric: Callable[[], str],
+) -> tuple[PixelLayout | None, str | None]:
+    """The frame table of the pixel element ``tag`` at ``fp``'s position, from
+    the header's values (``number``: an integer attribute, or its default)."""
+    wide = syntax in uids.NATIVE_SYNTAXES and number("BitsAllocated", 8) > 8
     vr = "OW" if wide else "OB"
     if syntax in (uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN):
         return None, vr  # byte positions in the file do not map to frames
-    if (group << 16 | elem) != 0x7FE00010:
+    if tag != 0x7FE00010:
         return None, None  # float pixel data: kept, served whole, no frame table
-    samples = _int(ds, "SamplesPerPixel", 1)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+    samples = number("SamplesPerPixel", 1)
+    if photometric() == "YBR_FULL_422":
         # Native YBR_FULL_422 stores Y Y Cb Cr per two pixels (PS3.3 C.7.6.3.1.2):
         # two samples per pixel on average, not three.
         samples = 2
     geometry = ImageGeometry(
-        rows=_int(ds, "Rows", 0),
-        columns=_int(ds, "Columns", 0),
+        rows=number("Rows", 0),
+        columns=number("Columns", 0),
         samples_per_pixel=samples,
-        bits_allocated=_int(ds, "BitsAllocated", 0),
-        number_of_frames=max(_int(ds, "NumberOfFrames", 1), 1),
+        bits_allocated=number("BitsAllocated", 0),
+        number_of_frames=max(number("NumberOfFrames", 1), 1),
     )
-    fp.seek(here)
+    implicit = syntax == uids.IMPLICIT_VR_LITTLE_ENDIAN
     return read_pixel_layout(fp, implicit_vr=implicit, geometry=geometry, file_size=size), vr
 
 
