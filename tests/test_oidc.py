@@ -141,11 +141,15 @@ def tamper_attempt(browser: httpx.Client, item: int, value: str) -> None:
         json.dumps(pending).encode()).decode(), path="/login/oidc")
 
 
-def sign_in(server: RunningServer, issuer: str, sub: str,
-            next_url: str = "/browse") -> tuple[httpx.Client, httpx.Response]:
+def sign_in(server: RunningServer, issuer: str, sub: str, next_url: str = "/browse", *,
+            tamper: tuple[int, str] | None = None) -> tuple[httpx.Client, httpx.Response]:
+    """A sign-in through the provider; ``tamper`` replaces an item of the
+    attempt's cookie (see ``tamper_attempt``) before the callback."""
     browser = httpx.Client(base_url=server.url)
     callback = authorize(to_provider(browser, issuer, next_url), sub)
     assert callback.startswith(server.url + "/login/oidc/callback?")
+    if tamper is not None:
+        tamper_attempt(browser, *tamper)
     return browser, browser.get(callback)
 
 
@@ -253,10 +257,7 @@ def test_a_nonce_that_does_not_match_the_id_token_is_refused(
 ) -> None:
     use_sso(server.archive, issuer)
     provider_user(issuer, "u-5005", preferred_username="erin")
-    browser = httpx.Client(base_url=server.url)
-    callback = authorize(to_provider(browser, issuer), "u-5005")
-    tamper_attempt(browser, 1, "another-nonce")
-    answer = browser.get(callback)
+    _, answer = sign_in(server, issuer, "u-5005", tamper=(1, "another-nonce"))
     assert answer.status_code == 401
     assert "nonce" in answer.text
 
@@ -281,10 +282,7 @@ def test_a_code_exchanged_with_another_verifier_is_refused(
     issuer, check = provider
     use_sso(server.archive, issuer)
     provider_user(issuer, "u-5205", preferred_username="gwen")
-    browser = httpx.Client(base_url=server.url)
-    callback = authorize(to_provider(browser, issuer), "u-5205")
-    tamper_attempt(browser, 2, "another-verifier-" + "v" * 40)
-    answer = browser.get(callback)
+    browser, answer = sign_in(server, issuer, "u-5205", tamper=(2, "another-verifier-" + "v" * 40))
     assert check.exchanges[-1][1] is False
     assert answer.status_code == 401
     assert "the identity provider refused the sign-in (invalid_grant)" in answer.text
