@@ -33,6 +33,7 @@ import argparse
 import atexit
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -52,6 +53,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from ceiling import DurableWriter
+from servers import cpu_ticks, wait_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_CORPUS = REPO.parent / "shared/corpus/make_corpus.py"
@@ -153,6 +155,7 @@ def start_orthanc(work: Path, tuned: bool = True) -> Peer:
     proc = _spawn(["Orthanc", str(work / "orthanc.json")], log, work, env)
     url = f"http://{HOST}:{http_port}"
     _wait(_http_ok(url + "/system"), proc, "Orthanc", log)
+    wait_quiet(proc.pid)
 
     def count() -> int:
         with urllib.request.urlopen(url + "/statistics", timeout=10) as resp:
@@ -190,6 +193,7 @@ def start_lightbox(work: Path, command: str, database: str | None, studies: int 
                    "--dicom-port", str(dicom_port), "--aet", "LIGHTBOX"], log, work, env)
     _wait(_http_ok(f"http://{HOST}:{http_port}/healthz"), proc, "Lightbox", log)
     _wait(_listening(dicom_port), proc, "Lightbox SCP", log)
+    wait_quiet(proc.pid)  # worker and helper processes started, not starting
     return Peer("lightbox", "LIGHTBOX", dicom_port, proc, count)
 
 
@@ -212,23 +216,40 @@ def split_corpus(files: list[Path], parts: int, out: Path) -> list[Path]:
     return folders
 
 
-def measure_store_parallel(peer: Peer, folders: list[Path], files: list[Path]) -> dict[str, float]:
-    """One storescu per folder, all at once; wall time until the last one ends."""
-    before = peer.count()
+def _storescu(peer: Peer, folders: list[Path]) -> dict[str, float]:
+    """One storescu per folder, all at once: the wall time until the last one
+    ends, and the CPU time the SCP's processes and the storescu processes took
+    meanwhile (seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    server_before = cpu_ticks(peer.proc.pid)
+    clients_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aec", peer.aet, "+sd", "+r", HOST, str(peer.port),
                                str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for folder in folders]
     outputs = [proc.communicate(timeout=1800)[0] for proc in procs]
     seconds = time.perf_counter() - started
+    clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = (cpu_ticks(peer.proc.pid) - server_before) / tick
     for proc, out in zip(procs, outputs, strict=True):
         if proc.returncode != 0:
-            raise SystemExit(f"parallel storescu to {peer.label} failed:\n{out.decode()[-2000:]}")
+            raise SystemExit(f"storescu to {peer.label} failed:\n{out.decode()[-2000:]}")
+    client_cpu = (clients.ru_utime - clients_before.ru_utime
+                  + clients.ru_stime - clients_before.ru_stime)
+    return {"seconds": seconds, "server_cpu_s": server_cpu, "storescu_cpu_s": client_cpu}
+
+
+def measure_store(peer: Peer, folders: list[Path], files: list[Path]) -> dict[str, float]:
+    """storescu of ``files`` over one association per folder, all at once."""
+    before = peer.count()
+    run = _storescu(peer, folders)
     if peer.count() - before < len(files):
         raise SystemExit(f"{peer.label} stored {peer.count() - before} of {len(files)}")
+    seconds = run["seconds"]
     size = sum(f.stat().st_size for f in files)
-    return {"seconds": seconds, "per_second": len(files) / seconds,
-            "mb_per_second": size / seconds / 1e6}
+    return {**run, "per_second": len(files) / seconds, "mb_per_second": size / seconds / 1e6,
+            "server_cpu_ms": 1000 * run["server_cpu_s"] / len(files),
+            "cores_busy": (run["server_cpu_s"] + run["storescu_cpu_s"]) / seconds}
 
 
 def measure_ceiling(directory: Path, files: list[Path]) -> dict[str, float]:
@@ -255,22 +276,6 @@ def fill_studies(work: Path, database: str | None, studies: int) -> None:
         fill(archive, (studies + STUDIES_PER_PATIENT - 1) // STUDIES_PER_PATIENT * 12)
     finally:
         archive.close()
-
-
-def measure_store(peer: Peer, corpus: Path, files: list[Path]) -> dict[str, float]:
-    """storescu of the whole corpus over one association; wall time."""
-    started = time.perf_counter()
-    done = subprocess.run(["storescu", "-aec", peer.aet, "+sd", "+r", HOST, str(peer.port),
-                           str(corpus)], capture_output=True, text=True, timeout=1800)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"storescu to {peer.label} failed:\n{done.stdout}\n{done.stderr}")
-    stored = peer.count()
-    if stored < len(files):
-        raise SystemExit(f"{peer.label} holds {stored} of {len(files)} instances")
-    size = sum(f.stat().st_size for f in files)
-    return {"seconds": seconds, "per_second": len(files) / seconds,
-            "mb_per_second": size / seconds / 1e6}
 
 
 def _identifier(patient_id: str) -> Dataset:
@@ -373,13 +378,13 @@ def main(argv: list[str]) -> int:
         lightbox = start_lightbox(run / "lightbox", args.lightbox_cmd, args.database,
                                   args.find_studies)
         peers = [orthanc, lightbox]
-        results["store"] = {p.label: measure_store(p, corpus, files) for p in peers}
+        results["store"] = {p.label: measure_store(p, [corpus], files) for p in peers}
         if args.parallel:
             other = make_corpus(args.work / f"dimse-corpus-{args.slices}x{args.size}-b",
                                 args.slices, args.size, seed=7)
             split = args.work / f"dimse-split-{args.slices}x{args.size}-{args.parallel}"
             folders = split_corpus(other, args.parallel, split)
-            results["parallel"] = {p.label: measure_store_parallel(p, folders, other)
+            results["parallel"] = {p.label: measure_store(p, folders, other)
                                    for p in peers}
             results["ceiling"] = measure_ceiling(run / "write-ceiling", other)
         results["find"] = measure_find(peers, args.finds)
@@ -396,6 +401,10 @@ def main(argv: list[str]) -> int:
                store["orthanc"]["per_second"]))
     print(_row("C-STORE ingest (MB/s)", store["lightbox"]["mb_per_second"],
                store["orthanc"]["mb_per_second"]))
+    print(_row("  SCP CPU per instance (ms)", store["lightbox"]["server_cpu_ms"],
+               store["orthanc"]["server_cpu_ms"]))
+    print(_row(f"  cores busy (SCP + storescu, of {os.cpu_count()})",
+               store["lightbox"]["cores_busy"], store["orthanc"]["cores_busy"]))
     if "parallel" in results:
         par, ceiling = results["parallel"], results["ceiling"]["per_second"]
         print(_row(f"C-STORE, {args.parallel} associations (inst/s)",
@@ -403,6 +412,10 @@ def main(argv: list[str]) -> int:
         print(_row(f"  {args.parallel} associations / 1 (x)",
                    par["lightbox"]["per_second"] / store["lightbox"]["per_second"],
                    par["orthanc"]["per_second"] / store["orthanc"]["per_second"]))
+        print(_row("  SCP CPU per instance (ms)", par["lightbox"]["server_cpu_ms"],
+                   par["orthanc"]["server_cpu_ms"]))
+        print(_row(f"  cores busy (SCP + storescu, of {os.cpu_count()})",
+                   par["lightbox"]["cores_busy"], par["orthanc"]["cores_busy"]))
         print(_row(f"  {args.parallel} associations, % of ceiling",
                    100 * par["lightbox"]["per_second"] / ceiling,
                    100 * par["orthanc"]["per_second"] / ceiling))

@@ -116,6 +116,7 @@ def _wait_ready(
         if proc.poll() is not None:
             raise ServerError(f"{what} exited with {proc.returncode}:\n{_log_tail(log_path)}")
         if _probe(port, path) == 200:
+            wait_quiet(proc.pid)
             return
         time.sleep(0.2)
     _stop_process(proc)
@@ -398,6 +399,34 @@ def rss_kb(pid: int) -> int:
 def hwm_kb(pid: int) -> int:
     """Peak resident set size (VmHWM) of ``pid`` and its descendants, in KiB."""
     return sum(_status_kb(p, "VmHWM") for p in process_tree(pid))
+
+
+def cpu_ticks(pid: int) -> int:
+    """CPU time (user + system, in clock ticks) of ``pid`` and its descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def wait_quiet(pid: int, window_s: float = 0.5, busy: float = 0.05,
+               timeout_s: float = 30.0) -> bool:
+    """Wait until ``pid``'s process tree is idle: under ``busy`` of one core over
+    ``window_s``. A server answering its readiness probe may still be starting
+    worker or helper processes; timing must not start before they are done.
+    False if it was still busy after ``timeout_s``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = cpu_ticks(pid)
+        time.sleep(window_s)
+        if (cpu_ticks(pid) - before) / tick < busy * window_s:
+            return True
+    return False
 
 
 def reset_hwm(pid: int) -> bool:
