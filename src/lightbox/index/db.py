@@ -10,8 +10,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -73,6 +71,11 @@ class Database:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision."""
+        # Imported here: only the process that migrates needs alembic (about
+        # 11 MB resident), not every worker and helper.
+        from alembic import command
+        from alembic.config import Config
+
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with self.write() as conn:

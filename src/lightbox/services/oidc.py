@@ -18,16 +18,13 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from authlib.common.security import is_secure_transport
 from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from joserfc import jwt
-from joserfc.errors import ExpiredTokenError, InvalidKeyIdError, JoseError, MissingClaimError
-from joserfc.jwk import KeySet
 
 from lightbox.archive import Archive
 from lightbox.errors import BadRequest, Conflict, NotFound, Unauthenticated, Unavailable
@@ -35,6 +32,10 @@ from lightbox.index import accounts
 from lightbox.index import folders as folder_index
 from lightbox.services import auth
 from lightbox.settings import Settings
+
+if TYPE_CHECKING:
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
 
 DISCOVERY_SECONDS = 3600.0  # how long the discovery document and keys are kept
 KEYS_REFRESH_SECONDS = 60.0  # an unknown key id refetches the keys at most this often
@@ -259,7 +260,14 @@ def _exchange(settings: Settings, provider: Provider, *, code: str, redirect_uri
     return id_token
 
 
+# joserfc (with cryptography, about 11 MB resident) is imported by the functions
+# that verify a sign-in, not by every server process at start.
+
+
 def _key_set(provider: Provider, *, refresh: bool = False) -> KeySet:
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
+
     keys = _cache.keys(provider.jwks_uri, KEYS_REFRESH_SECONDS if refresh else DISCOVERY_SECONDS)
     if keys is not None:
         return keys
@@ -274,6 +282,9 @@ def _key_set(provider: Provider, *, refresh: bool = False) -> KeySet:
 
 def _decode(provider: Provider, id_token: str) -> jwt.Token:
     """The ID token with a verified signature."""
+    from joserfc import jwt
+    from joserfc.errors import InvalidKeyIdError, JoseError
+
     try:
         try:
             return jwt.decode(id_token, _key_set(provider), algorithms=provider.algorithms)
@@ -289,6 +300,9 @@ def _decode(provider: Provider, id_token: str) -> jwt.Token:
 def verify_id_token(settings: Settings, provider: Provider, id_token: str,
                     nonce: str) -> dict[str, Any]:
     """The claims of ``id_token``, once signature and claims are checked."""
+    from joserfc import jwt
+    from joserfc.errors import ExpiredTokenError, JoseError, MissingClaimError
+
     claims = _decode(provider, id_token).claims
     registry = jwt.JWTClaimsRegistry(
         leeway=CLOCK_SKEW_SECONDS,
