@@ -23,6 +23,7 @@ class RssSampler:
     def __init__(self, pid: int, interval_s: float = 0.05, limit_s: float = 3600.0) -> None:
         self.pid, self.interval_s, self.limit_s = pid, interval_s, limit_s
         self.samples: list[int] = []
+        self.pss_samples: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.hwm_reset = False
@@ -33,6 +34,7 @@ class RssSampler:
         end = time.monotonic() + self.limit_s
         while not self._stop.is_set() and time.monotonic() < end:
             self.samples.append(servers.rss_kb(self.pid))
+            self.pss_samples.append(servers.pss_kb(self.pid))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssSampler:
@@ -50,6 +52,10 @@ class RssSampler:
     def peak_mb(self) -> float:
         return max([self.hwm_kb, *self.samples, self.start_kb]) / 1024
 
+    @property
+    def peak_pss_mb(self) -> float:
+        return max(self.pss_samples, default=0) / 1024
+
     def summary(self) -> dict[str, Any]:
         return {
             "start_mb": self.start_kb / 1024,
@@ -58,6 +64,7 @@ class RssSampler:
             "sampled_peak_mb": max(self.samples, default=0) / 1024,
             "median_sample_mb": statistics.median(self.samples) / 1024 if self.samples else None,
             "samples": len(self.samples),
+            "sampled_peak_pss_mb": self.peak_pss_mb,
         }
 
 
@@ -116,6 +123,8 @@ def _memory_one(bench: Bench, name: str) -> dict[str, float]:
     out.update(
         stow_mb=stow_rss.peak_mb,
         get_mb=get_rss.peak_mb,
+        stow_pss_mb=stow_rss.peak_pss_mb,
+        get_pss_mb=get_rss.peak_pss_mb,
         stow_mbps=study.content_length / stow_s / 1e6,
         get_mbps=nbytes / get_s / 1e6,
     )
@@ -164,6 +173,17 @@ def figure_memory(bench: Bench) -> None:
             passed=lb["get_mb"] < RSS_TARGET_MB,
         )
     )
+    for key, what in (("stow", "streamed STOW"), ("get", "study retrieve")):
+        res.add(
+            Row(
+                f"pss_{key}_mb",
+                f"  the same, PSS (shared pages once), {what}",
+                "MB",
+                o[f"{key}_pss_mb"],
+                lb[f"{key}_pss_mb"],
+                better="lower",
+            )
+        )
     res.add(
         Row("large_stow_mbps", "large STOW throughput", "MB/s", o["stow_mbps"], lb["stow_mbps"])
     )

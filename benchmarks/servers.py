@@ -396,6 +396,21 @@ def rss_kb(pid: int) -> int:
     return sum(_status_kb(p, "VmRSS") for p in process_tree(pid))
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants, in KiB: a page shared
+    by n processes (a library, say) counts 1/n in each, so the sum counts it once."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def hwm_kb(pid: int) -> int:
     """Peak resident set size (VmHWM) of ``pid`` and its descendants, in KiB."""
     return sum(_status_kb(p, "VmHWM") for p in process_tree(pid))
