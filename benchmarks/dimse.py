@@ -155,7 +155,8 @@ def start_orthanc(work: Path, tuned: bool = True) -> Peer:
     proc = _spawn(["Orthanc", str(work / "orthanc.json")], log, work, env)
     url = f"http://{HOST}:{http_port}"
     _wait(_http_ok(url + "/system"), proc, "Orthanc", log)
-    wait_quiet(proc.pid)
+    if not wait_quiet(proc.pid):
+        print("note: Orthanc was still busy 30 s after it became ready", flush=True)
 
     def count() -> int:
         with urllib.request.urlopen(url + "/statistics", timeout=10) as resp:
@@ -193,7 +194,8 @@ def start_lightbox(work: Path, command: str, database: str | None, studies: int 
                    "--dicom-port", str(dicom_port), "--aet", "LIGHTBOX"], log, work, env)
     _wait(_http_ok(f"http://{HOST}:{http_port}/healthz"), proc, "Lightbox", log)
     _wait(_listening(dicom_port), proc, "Lightbox SCP", log)
-    wait_quiet(proc.pid)  # worker and helper processes started, not starting
+    if not wait_quiet(proc.pid):  # worker and helper processes started, not starting
+        print("note: Lightbox was still busy 30 s after it became ready", flush=True)
     return Peer("lightbox", "LIGHTBOX", dicom_port, proc, count)
 
 

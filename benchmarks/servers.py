@@ -116,7 +116,8 @@ def _wait_ready(
         if proc.poll() is not None:
             raise ServerError(f"{what} exited with {proc.returncode}:\n{_log_tail(log_path)}")
         if _probe(port, path) == 200:
-            wait_quiet(proc.pid)
+            if not wait_quiet(proc.pid):
+                print(f"note: {what} was still busy 30 s after it became ready", flush=True)
             return
         time.sleep(0.2)
     _stop_process(proc)
