@@ -155,8 +155,7 @@ def start_orthanc(work: Path, tuned: bool = True) -> Peer:
     proc = _spawn(["Orthanc", str(work / "orthanc.json")], log, work, env)
     url = f"http://{HOST}:{http_port}"
     _wait(_http_ok(url + "/system"), proc, "Orthanc", log)
-    if not wait_quiet(proc.pid):
-        print("note: Orthanc was still busy 30 s after it became ready", flush=True)
+    wait_quiet(proc.pid, "Orthanc")
 
     def count() -> int:
         with urllib.request.urlopen(url + "/statistics", timeout=10) as resp:
@@ -194,8 +193,7 @@ def start_lightbox(work: Path, command: str, database: str | None, studies: int 
                    "--dicom-port", str(dicom_port), "--aet", "LIGHTBOX"], log, work, env)
     _wait(_http_ok(f"http://{HOST}:{http_port}/healthz"), proc, "Lightbox", log)
     _wait(_listening(dicom_port), proc, "Lightbox SCP", log)
-    if not wait_quiet(proc.pid):  # worker and helper processes started, not starting
-        print("note: Lightbox was still busy 30 s after it became ready", flush=True)
+    wait_quiet(proc.pid, "Lightbox")  # worker and helper processes started, not starting
     return Peer("lightbox", "LIGHTBOX", dicom_port, proc, count)
 
 

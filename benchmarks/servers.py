@@ -116,8 +116,7 @@ def _wait_ready(
         if proc.poll() is not None:
             raise ServerError(f"{what} exited with {proc.returncode}:\n{_log_tail(log_path)}")
         if _probe(port, path) == 200:
-            if not wait_quiet(proc.pid):
-                print(f"note: {what} was still busy 30 s after it became ready", flush=True)
+            wait_quiet(proc.pid, what)
             return
         time.sleep(0.2)
     _stop_process(proc)
@@ -382,9 +381,10 @@ def process_tree(pid: int, limit: int = 256) -> list[int]:
     return seen
 
 
-def _status_kb(pid: int, key: str) -> int:
+def _status_kb(pid: int, key: str, table: str = "status") -> int:
+    """The ``key: N kB`` line of ``/proc/<pid>/<table>``, in KiB (0 if absent)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{table}").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -400,16 +400,7 @@ def rss_kb(pid: int) -> int:
 def pss_kb(pid: int) -> int:
     """Proportional set size of ``pid`` and its descendants, in KiB: a page shared
     by n processes (a library, say) counts 1/n in each, so the sum counts it once."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
+    return sum(_status_kb(p, "Pss", "smaps_rollup") for p in process_tree(pid))
 
 
 def hwm_kb(pid: int) -> int:
@@ -429,12 +420,13 @@ def cpu_ticks(pid: int) -> int:
     return total
 
 
-def wait_quiet(pid: int, window_s: float = 0.5, busy: float = 0.05,
+def wait_quiet(pid: int, what: str, window_s: float = 0.5, busy: float = 0.05,
                timeout_s: float = 30.0) -> bool:
     """Wait until ``pid``'s process tree is idle: under ``busy`` of one core over
     ``window_s``. A server answering its readiness probe may still be starting
     worker or helper processes; timing must not start before they are done.
-    False if it was still busy after ``timeout_s``."""
+    False, said on the console, if ``what`` was still busy after ``timeout_s``
+    (timing then starts anyway)."""
     tick = os.sysconf("SC_CLK_TCK")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -442,6 +434,7 @@ def wait_quiet(pid: int, window_s: float = 0.5, busy: float = 0.05,
         time.sleep(window_s)
         if (cpu_ticks(pid) - before) / tick < busy * window_s:
             return True
+    print(f"note: {what} was still busy {timeout_s:.0f} s after it became ready", flush=True)
     return False
 
 

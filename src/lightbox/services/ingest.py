@@ -186,7 +186,7 @@ def prepare(
     # Last first: headers still being read ahead come in order, so while this
     # thread reads the last ones itself, the helper finishes the earlier ones.
     checked = [
-        _prepared(archive, offer, path, (key, blob), expected_study)
+        _prepared(archive, offer, path, key, blob, expected_study)
         for offer, (path, key), blob in reversed(list(zip(offers, adopted, durable, strict=True)))
     ]
     return checked[::-1]
@@ -256,10 +256,9 @@ def _copy_to_staging(archive: Archive, offer: Offer) -> Path:
 
 
 def _prepared(
-    archive: Archive, offer: Offer, path: Path, blob_of: tuple[str | None, Future[str]],
+    archive: Archive, offer: Offer, path: Path, key: str | None, durable: Future[str],
     expected_study: str | None,
 ) -> Prepared:
-    key, durable = blob_of
     try:
         record = _validate(archive, path, expected_study, offer.header_if_read())
     except InvalidInstance as exc:
