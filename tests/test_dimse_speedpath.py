@@ -1,12 +1,11 @@
 """The fast C-STORE path: datasets streamed from the socket into staging, merged
-index transactions, and several SCP processes sharing one listening socket."""
+index transactions, and several processes writing to one index."""
 
 from __future__ import annotations
 
 import copy
 import multiprocessing
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,14 +25,12 @@ from sqlalchemy import func, select
 
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, store, streaming
-from lightbox.dimse.scp import DicomServer
 from lightbox.dimse.status import Store, status_dataset
 from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest
 from lightbox.services.ingest import Offer, Status, store_instances
-from tests.conftest import free_port
-from tests.dimse_peers import dcmtk, scp, with_settings
+from tests.dimse_peers import scp, with_settings
 from tests.factories import ROOT, ct_dataset, write
 
 
@@ -231,35 +228,6 @@ def test_writers_in_several_processes_wait_for_each_other(archive: Archive) -> N
         writer.join(timeout=120)
     assert [w.exitcode for w in writers] == [0, 0, 0]
     assert errors.empty()
-
-
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_two_processes_serve_one_port(archive: Archive, tmp_path: Path) -> None:
-    server = DicomServer(archive, host="127.0.0.1", port=free_port(), processes=2)
-    server.start()
-    try:
-        child = server._children[0]
-        assert child.is_alive()
-        # Each storescu keeps its association open while it sends, so that with four
-        # at once both processes have work; every instance must land either way.
-        folders = []
-        for n in range(4):
-            folder = tmp_path / f"part{n}"
-            folder.mkdir()
-            for i in range(5):
-                write(ct_dataset(instance_number=i + 1), folder / f"{i}.dcm")
-            folders.append(folder)
-        time.sleep(3)  # the second process imports and opens the archive
-        procs = [subprocess.Popen(["storescu", "-aec", "LIGHTBOX", "+sd", "127.0.0.1",
-                                   str(server.port), str(folder)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for folder in folders]
-        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
-        dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
-    finally:
-        server.stop()
-    assert not child.is_alive()
-    assert _count(archive) == 20
 
 
 def test_port_probe_releases_its_slot_at_once(archive: Archive) -> None:

@@ -10,23 +10,39 @@ import signal
 from lightbox import allocator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_NAME = 15
 
 
-def start_child() -> None:
-    """End with the parent, and keep large buffers in the heap (see allocator)."""
-    die_with_parent()
+def start_child(name: str = "", parent: int | None = None) -> None:
+    """End with the parent, keep large buffers in the heap (see allocator),
+    and show ``name`` as the process's name in ``ps`` and ``top``."""
+    die_with_parent(parent)
     allocator.keep_buffers()
+    if name:
+        name_process(name)
 
 
-def die_with_parent() -> None:
-    """Ask Linux for SIGTERM when the parent dies (even by kill -9), so no
-    orphan keeps serving an archive that nobody supervises."""
+def _prctl(option: int, value: int | bytes) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        return int(libc.prctl(option, value, 0, 0, 0)) == 0
     except (OSError, AttributeError):
-        pass  # not Linux: the parent's own shutdown still stops its children
-    parent = multiprocessing.parent_process()
-    orphaned = os.getppid() != parent.pid if parent is not None else os.getppid() == 1
+        return False  # not Linux
+
+
+def name_process(name: str) -> None:
+    """The name ``ps -o comm`` and ``top`` show (Linux keeps 15 bytes of it)."""
+    _prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask Linux for SIGTERM when the parent dies (even by kill -9), so no
+    orphan keeps serving an archive that nobody supervises. ``parent`` is the
+    pid of the process that forked this one (a multiprocessing child knows it)."""
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if parent is None:
+        known = multiprocessing.parent_process()
+        parent = known.pid if known is not None else None
+    orphaned = os.getppid() != parent if parent is not None else os.getppid() == 1
     if orphaned:
         os._exit(0)  # the parent died before the request took effect

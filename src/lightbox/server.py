@@ -2,44 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
 import os
+import socket
 import ssl
-from dataclasses import fields
 from typing import Any
 
 import uvicorn
-from starlette.types import ASGIApp
 
 from lightbox import allocator
 from lightbox.archive import Archive
 from lightbox.child import start_child
-from lightbox.dimse.scp import DicomServer
+from lightbox.dimse.scp import DicomServer, serve_process
 from lightbox.errors import BadRequest
 from lightbox.services import readahead
-from lightbox.settings import ENV_PREFIX, Settings, load
+from lightbox.settings import Settings
+from lightbox.supervisor import Child, Supervisor
 from lightbox.web.app import create_asgi
 
 # HTTPS: forward-secret AEAD suites only (TLS 1.3 suites are configured apart).
 # uvicorn would otherwise ask for "TLSv1", which admits CBC and SHA-1 suites.
 HTTPS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS"
-
-
-def export_settings(settings: Settings) -> None:
-    """Put every setting into LIGHTBOX_* variables, for worker processes."""
-    for field in fields(settings):
-        value = getattr(settings, field.name)
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        os.environ[ENV_PREFIX + field.name.upper()] = str(value)
-
-
-def worker_app() -> ASGIApp:
-    """The application of one HTTP worker process (settings from the environment)."""
-    start_child()
-    archive = Archive.open(load(), migrate=False)
-    readahead.helper.start()  # ready before the first upload, not started by it
-    return create_asgi(archive)
 
 
 def https_options(settings: Settings) -> dict[str, Any]:
@@ -77,7 +62,13 @@ def https_options(settings: Settings) -> dict[str, Any]:
 
 
 def serve(settings: Settings) -> None:
-    """Open the archive and serve HTTP (and DIMSE unless dicom_port is 0) until interrupted."""
+    """Open the archive and serve HTTP (and DIMSE unless dicom_port is 0) until interrupted.
+
+    With one worker, this process serves both. With more, it migrates the index,
+    binds both ports and forks the workers: ``http_workers`` HTTP processes and
+    as many DIMSE processes (one core each for parallel associations), which
+    share its imported modules' memory (see supervisor).
+    """
     # force: the CLI has configured WARNING already, and the server logs at log_level.
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
     # pynetdicom logs every PDU at INFO; our association log says what happened.
@@ -87,34 +78,90 @@ def serve(settings: Settings) -> None:
     allocator.keep_buffers()
     archive = Archive.open(settings)
     archive.blobs.clear_staging()
-    app = create_asgi(archive)
-    # As many DIMSE processes as HTTP workers: one core each for parallel associations.
-    dicom = (DicomServer(archive, processes=settings.http_workers)
-             if settings.dicom_port != 0 else None)
+    if settings.http_workers > 1:
+        archive.close()  # each worker opens its own: no connection crosses a fork
+        serve_forked(settings, tls)
+        return
+    # The helper first: it is forked, and this process starts threads below.
+    readahead.helper.fork()
+    dicom = DicomServer(archive) if settings.dicom_port != 0 else None
     try:
         if dicom is not None:
             dicom.start()
-        if settings.http_workers > 1:
-            # Worker processes build their own app from the same settings,
-            # handed over through the environment.
-            export_settings(settings)
-            app = "lightbox.server:worker_app"  # type: ignore[assignment]
-        else:
-            readahead.helper.start()
-        uvicorn.run(
-            app,
-            factory=settings.http_workers > 1,
-            workers=settings.http_workers if settings.http_workers > 1 else None,
-            host=settings.host,
-            port=settings.http_port,
-            log_level="warning",
-            access_log=False,
-            http="httptools",
-            loop="uvloop",
-            timeout_keep_alive=30,
-            **tls,
-        )
+        uvicorn.run(create_asgi(archive), **uvicorn_options(settings, tls))
     finally:
         if dicom is not None:
             dicom.stop()
+        readahead.helper.stop()
         archive.close()
+
+
+def uvicorn_options(settings: Settings, tls: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "host": settings.host,
+        "port": settings.http_port,
+        "log_level": "warning",
+        "access_log": False,
+        "http": "httptools",
+        "loop": "uvloop",
+        "timeout_keep_alive": 30,
+        **tls,
+    }
+
+
+def serve_forked(settings: Settings, tls: dict[str, Any]) -> None:
+    """Bind both ports here, then fork the HTTP and DIMSE workers that serve them."""
+    options = uvicorn_options(settings, tls)
+    http_socket = uvicorn.Config("lightbox.server:serve", **options).bind_socket()
+    dicom_socket = listen(settings.host, settings.dicom_port) if settings.dicom_port else None
+    parent = os.getpid()
+    children = []
+    for n in range(settings.http_workers):
+        children.append(Child(f"HTTP worker {n + 1}", functools.partial(
+            http_worker, settings, options, http_socket, dicom_socket, n + 1, parent)))
+    if dicom_socket is not None:
+        # Every DIMSE process polls the socket; the one that accepts serves.
+        dicom_socket.setblocking(False)
+        loads = multiprocessing.get_context("fork").Array("i", settings.http_workers,
+                                                          lock=False)
+        for n in range(settings.http_workers):
+            children.append(Child(f"DIMSE process {n + 1}", functools.partial(
+                dicom_worker, settings, dicom_socket, http_socket, loads, n, parent)))
+    try:
+        Supervisor(children).run()
+    finally:
+        http_socket.close()
+        if dicom_socket is not None:
+            dicom_socket.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The DICOM port's listening socket, or a clear error when it cannot be had."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise BadRequest(f"dicom_port: cannot listen on {host}:{port}: "
+                         f"{exc.strerror or exc}") from exc
+
+
+def http_worker(settings: Settings, options: dict[str, Any], sock: socket.socket,
+                other: socket.socket | None, number: int, parent: int) -> None:
+    """One HTTP worker (a forked child): its header helper, its archive, uvicorn."""
+    if other is not None:
+        other.close()  # the DIMSE port is the DIMSE processes'
+    start_child(f"lightbox-http{number}", parent)
+    readahead.helper.fork()  # before uvicorn starts any thread
+    archive = Archive.open(settings, migrate=False)
+    try:
+        config = uvicorn.Config(create_asgi(archive), **options)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        readahead.helper.stop()
+        archive.close()
+
+
+def dicom_worker(settings: Settings, sock: socket.socket, other: socket.socket, loads: Any,
+                 slot: int, parent: int) -> None:
+    """One DIMSE process (a forked child) serving the shared listening socket."""
+    other.close()  # the HTTP port is the HTTP workers'
+    serve_process(settings, sock, loads, slot, parent)

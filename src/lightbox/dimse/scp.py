@@ -5,19 +5,19 @@ requested, logged when it ends, and served by handlers that never let an
 exception escape: pynetdicom would turn it into a generic failure, and a bug
 in one request must not end the association or the server.
 
-With ``processes`` above one, more processes accept associations from the
-same listening socket (whichever is free takes the next one): one Python
-process runs one thread at a time, and receiving, parsing and indexing
-instances is CPU work, so parallel associations need more than one process
-to use more than one core. Each process opens the archive itself; their
-index writes queue on the database's write lock.
+``lightbox serve`` with several workers runs one SCP in each of several
+processes, all accepting associations from one listening socket (whichever is
+free takes the next one, see ``serve_process``): one Python process runs one
+thread at a time, and receiving, parsing and indexing instances is CPU work,
+so parallel associations need more than one process to use more than one
+core. Each process opens the archive itself; their index writes queue on the
+database's write lock.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
 import signal
 import socket
 import threading
@@ -59,22 +59,18 @@ class DicomServer:
     """The SCP for one archive. ``start`` binds and serves in a background thread."""
 
     def __init__(self, archive: Archive, *, host: str | None = None,
-                 port: int | None = None, processes: int = 1,
+                 port: int | None = None,
                  listener: socket.socket | None = None, loads: Any = None,
                  slot: int = 0) -> None:
         self.archive = archive
         self.host = host or archive.settings.host
         self.port = archive.settings.dicom_port if port is None else port
-        self.processes = processes
-        self.listener = listener  # another process's listening socket, to serve too
+        self.listener = listener  # a listening socket shared with other processes
         # Connections each process serves (a shared Array), and this one's index.
         self.loads = loads
         self.slot = slot
-        if processes > 1 and loads is None:
-            self.loads = multiprocessing.get_context("spawn").Array("i", processes, lock=False)
         self._ae: AE | None = None
         self._server: AssociationServer | None = None
-        self._children: list[multiprocessing.process.BaseProcess] = []
         self._sessions: weakref.WeakKeyDictionary[Association, Session] = (
             weakref.WeakKeyDictionary()
         )
@@ -104,10 +100,6 @@ class DicomServer:
             server.pdu_limit = max(settings.dicom_max_pdu, MIN_PDU_LIMIT)
         else:
             server.pdu_limit = 2**32
-        if self.processes > 1 and server.socket is not None:
-            # Every process polls the socket and tries to accept: the one that gets
-            # the connection serves it, the others find nothing and poll again.
-            server.socket.setblocking(False)
         server.loads, server.slot = self.loads, self.slot
         # pynetdicom's shutdown() removes the server from this list.
         ae._servers.append(server)
@@ -116,18 +108,6 @@ class DicomServer:
         self._ae, self._server = ae, server
         log.info("DICOM SCP %s listening on %s:%d (%s)", settings.aet, self.host, self.port,
                  tls.describe(settings))
-        self._start_children()
-
-    def _start_children(self) -> None:
-        if self.processes < 2 or self._server is None or self._server.socket is None:
-            return
-        listener = self._server.socket
-        spawn = multiprocessing.get_context("spawn")  # no fork of a process with threads
-        for n in range(1, self.processes):
-            child = spawn.Process(target=serve_process, name=f"dicom-scp-{n}", daemon=True,
-                                  args=(self.archive.settings, listener, self.loads, n))
-            child.start()
-            self._children.append(child)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, then abort the associations still open (waiting at most
@@ -136,9 +116,6 @@ class DicomServer:
         self._ae = self._server = None
         if ae is None or server is None:
             return
-        children, self._children = self._children, []
-        for child in children:
-            child.terminate()  # SIGTERM: the child stops its own server the same way
         server.shutdown()
         aborting = [threading.Thread(target=a.abort, daemon=True) for a in ae.active_associations]
         for thread in aborting:
@@ -146,10 +123,6 @@ class DicomServer:
         deadline = time.monotonic() + timeout
         for thread in aborting:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for child in children:
-            child.join(max(0.0, deadline - time.monotonic()))
-            if child.is_alive():
-                child.kill()
 
     def _handlers(self) -> list[Any]:
         return [
@@ -272,10 +245,14 @@ class DicomServer:
         return bound
 
 
-def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot: int) -> None:
-    """One more process serving the first one's listening socket, until SIGTERM
-    or until the process that started it dies."""
-    start_child()
+def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot: int,
+                  parent: int | None = None) -> None:
+    """One of the processes serving a shared listening socket (non-blocking:
+    every process polls it and tries to accept; the one that gets the connection
+    serves it, the others find nothing and poll again), until SIGTERM or until
+    the process that started it dies. ``loads`` is a shared array of the
+    associations each process serves; ``slot`` is this one's index in it."""
+    start_child(f"lightbox-dicom{slot + 1}", parent)
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     stop = threading.Event()

@@ -11,14 +11,18 @@ the reason a file is refused. Whenever the helper cannot answer (one core,
 the helper died, the file has no preamble yet) ingest reads the header
 itself, as it does for every other source.
 
-The helper is ``python -m lightbox.services.readahead``: it reads one path a
-line on its standard input and answers each, in order, with a length-prefixed
-pickle on its standard output. It imports only what reading a header needs,
-and it ends when its parent does (its standard input closes).
+The helper reads one path a line on its input pipe and answers each, in
+order, with a length-prefixed pickle on its output pipe; it ends when its
+parent does (its input closes). ``lightbox serve`` forks it from each server
+process before that process starts any thread, so that it shares the
+process's memory; anywhere else, and to replace a helper that died, it is a
+new interpreter, ``python -m lightbox.services.readahead``, which imports only
+what reading a header needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -29,7 +33,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol
 
 from lightbox.dicom.instance import InstanceRecord, read_instance
 from lightbox.errors import InvalidInstance
@@ -58,6 +62,65 @@ def read_header(path: str) -> Header | None:
         return None
 
 
+class Process(Protocol):
+    """What is used of the helper's process: a ``subprocess.Popen`` or a ``Forked``."""
+
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+    returncode: Any
+
+    def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Forked:
+    """A helper forked from this process, with pipes for its input and output.
+    Only for a process running no other thread."""
+
+    def __init__(self) -> None:
+        from lightbox.supervisor import fork  # not in the new-interpreter helper
+
+        requests_in, requests_out = os.pipe()
+        answers_in, answers_out = os.pipe()
+        parent = os.getpid()
+
+        def run() -> None:
+            os.close(requests_out)
+            os.close(answers_in)
+            from lightbox.child import start_child
+            start_child("lightbox-header", parent)
+            _ignore_stop_signals()
+            with open(requests_in, "rb") as requests, open(answers_out, "wb") as answers:
+                serve(requests, answers)
+
+        self.pid = fork(run)
+        os.close(requests_in)
+        os.close(answers_out)
+        self.stdin: IO[bytes] | None = open(requests_out, "wb")  # noqa: SIM115
+        self.stdout: IO[bytes] | None = open(answers_in, "rb")  # noqa: SIM115
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _ignore_stop_signals() -> None:
+    # Ctrl-C at the terminal, or a service manager stopping the server, signals
+    # the whole group; the helper ends when its server process does (its input
+    # closes), after any answer it is writing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     """The helper's loop: a path a line in, a length-prefixed pickle out.
     An empty answer first says the helper is ready (its imports are done)."""
@@ -77,7 +140,7 @@ class ReadAhead:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Process | None = None
         self._ready = threading.Event()
         self._waiting: deque[Future[Header | None]] = deque()
         self._failures = 0
@@ -87,6 +150,21 @@ class ReadAhead:
         """Start the helper if it is not running."""
         with self._lock:
             self._ensure()
+
+    def fork(self) -> None:
+        """Start the helper as a fork of this process, which must run no other
+        thread yet (a new interpreter if it does)."""
+        with self._lock:
+            if self._off or self._proc is not None:
+                return
+            if threading.active_count() > 1:
+                self._ensure()
+                return
+            try:
+                self._adopt(Forked())
+            except OSError as exc:
+                log.warning("header read-ahead: cannot fork a helper (%s); starting one", exc)
+                self._ensure()
 
     def ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the helper to be ready."""
@@ -110,29 +188,29 @@ class ReadAhead:
             self._waiting.append(future)
             return future
 
-    def _ensure(self) -> subprocess.Popen[bytes] | None:
+    def _ensure(self) -> Process | None:
         if self._off:
             return None
         if self._proc is None:
             try:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                )
-                assert self._proc.stdin is not None
-                os.set_blocking(self._proc.stdin.fileno(), False)
+                self._adopt(subprocess.Popen([sys.executable, "-m", __name__],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             except OSError as exc:
                 log.warning("header read-ahead is off: %s", exc)
                 self._off = True
                 return None
-            self._waiting = deque()  # this helper's own queue of requests
-            threading.Thread(target=self._answers, args=(self._proc, self._waiting),
-                             name="readahead", daemon=True).start()
         return self._proc
 
-    def _answers(
-        self, proc: subprocess.Popen[bytes], waiting: deque[Future[Header | None]]
-    ) -> None:
+    def _adopt(self, proc: Process) -> None:
+        """Make ``proc`` this process's helper (the lock is held)."""
+        assert proc.stdin is not None
+        os.set_blocking(proc.stdin.fileno(), False)
+        self._proc = proc
+        self._waiting = deque()  # this helper's own queue of requests
+        threading.Thread(target=self._answers, args=(proc, self._waiting),
+                         name="readahead", daemon=True).start()
+
+    def _answers(self, proc: Process, waiting: deque[Future[Header | None]]) -> None:
         """Hand each answer to the oldest waiting request; when the helper ends,
         every waiting request gets None (ingest reads the header itself)."""
         assert proc.stdout is not None
@@ -182,9 +260,5 @@ helper = ReadAhead()
 
 
 if __name__ == "__main__":
-    # Ctrl-C at the terminal, or a service manager stopping the server, signals
-    # the whole group; the helper ends when its worker does (its input closes),
-    # after any answer it is writing.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ignore_stop_signals()
     serve(sys.stdin.buffer, sys.stdout.buffer)
