@@ -408,6 +408,12 @@ def hwm_kb(pid: int) -> int:
     return sum(_status_kb(p, "VmHWM") for p in process_tree(pid))
 
 
+def largest_kb(pid: int, key: str = "VmRSS") -> int:
+    """The largest ``key`` (VmRSS, VmHWM) of one process among ``pid`` and its
+    descendants, in KiB."""
+    return max((_status_kb(p, key) for p in process_tree(pid)), default=0)
+
+
 def cpu_ticks(pid: int) -> int:
     """CPU time (user + system, in clock ticks) of ``pid`` and its descendants."""
     total = 0
