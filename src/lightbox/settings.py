@@ -87,6 +87,17 @@ class Settings:
         return self.data / "blobs"
 
 
+def environment(settings: Settings) -> dict[str, str]:
+    """Every setting as a LIGHTBOX_* variable, as ``load`` reads them back."""
+    out = {}
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        out[ENV_PREFIX + item.name.upper()] = str(value)
+    return out
+
+
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     try:
         if kind in (int, "int"):

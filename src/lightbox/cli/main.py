@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -118,7 +119,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightbox.cli.importer import import_paths
     from lightbox.samples import write_samples
-    from lightbox.server import serve
 
     archive = _open(args)
     if _count_instances(archive) == 0:
@@ -129,10 +129,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     token = auth.create_token(archive, expires=auth.parse_duration("30d"), label="demo")
     name, password = auth.demo_login(archive)
     print(f"DICOMweb token (30 days): {token}")
-    print(f"Sign in to the browser pages as {name} / {password}")
+    print(f"Sign in to the browser pages as {name} / {password}", flush=True)
     archive.close()
-    serve(archive.settings)
-    return 0
+    # `lightbox serve` with the same settings, in this process (same pid) but a
+    # new interpreter: serve forks its workers from a process without threads
+    # (loading started some) and without the loading's memory to pass on.
+    os.execve(sys.executable, [sys.executable, "-m", "lightbox", "serve"],
+              {**os.environ, **settings_module.environment(archive.settings)})
 
 
 def cmd_import(args: argparse.Namespace) -> int:
