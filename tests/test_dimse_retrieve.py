@@ -222,25 +222,31 @@ def test_storage_commitment_reports_on_the_same_association(
     archive, _study_uid, files = study
     info, expected = _commitment_request(files)
     reports: list[tuple[int, Dataset]] = []
-    arrived = threading.Event()
+    answered = threading.Event()
 
     def on_report(event: Event) -> tuple[int, None]:
         reports.append((int(event.event_type or 0), event.event_information))
-        arrived.set()
         return 0, None
+
+    def on_sent(event: Event) -> None:
+        # Released only once the answer to the report is sent: a release
+        # requested before that would make pynetdicom refuse to send it.
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered.set()
 
     ae = AE(ae_title="COMMITSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(contexts.STORAGE_COMMITMENT)
     with scp(archive) as server:
         assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX",
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report),
+                                           (evt.EVT_DIMSE_SENT, on_sent)])
         assert assoc.is_established
         try:
             status, _reply = assoc.send_n_action(
                 info, 1, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)
             assert status.Status == 0
-            assert arrived.wait(10)
+            assert answered.wait(10)
         finally:
             assoc.release()
     [(event_type, report)] = reports
