@@ -103,7 +103,7 @@ def snapshot(archive: Archive) -> Snapshot:
 
 
 def staging_left(archive: Archive) -> list[str]:
-    return [p.name for p in archive.blobs.staging_dir().iterdir()]
+    return [p.name for p in archive.blobs.staged()]
 
 
 def assert_unchanged(server: RunningServer, before: Snapshot) -> None:

@@ -139,7 +139,7 @@ def test_dataset_in_many_small_pdus_is_stored_as_sent(archive: Archive) -> None:
     assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert stored.SOPInstanceUID == sent.SOPInstanceUID
     assert stored.PixelData == sent.PixelData
-    assert not any(archive.blobs.staging_dir().iterdir())
+    assert not archive.blobs.staged()
 
 
 def test_parallel_associations_store_everything_with_consistent_counts(

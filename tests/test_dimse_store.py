@@ -68,7 +68,7 @@ def _count(archive: Archive) -> int:
 
 
 def _staging_is_empty(archive: Archive) -> bool:
-    return not any(archive.blobs.staging_dir().iterdir())
+    return not archive.blobs.staged()
 
 
 def _retrieved(archive: Archive, studies: set[str]) -> dict[str, Dataset]:

@@ -47,7 +47,7 @@ def staged(archive: Archive, data: bytes) -> Offer:
 
 
 def staging_files(archive: Archive) -> list[Path]:
-    return list(archive.blobs.staging_dir().iterdir())
+    return archive.blobs.staged()
 
 
 def stored(archive: Archive, sop: str) -> index.StoredInstance:

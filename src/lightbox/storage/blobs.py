@@ -86,15 +86,14 @@ def fsync_dir(path: Path) -> None:
 
 class FileBlobStore:
     """Blobs as files under ``root/<minute>/<key>``, staged in ``root/.staging``
-    (where empty files made ahead wait in ``root/.spare``)."""
+    (where empty files made ahead wait too: see SpareFiles)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._prefix = os.fspath(root) + os.sep
         self._staging = root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
-        (root / ".spare").mkdir(exist_ok=True)
-        self._spares = SpareFiles(root / ".spare", self._staging)
+        self._spares = SpareFiles(self._staging)
 
     def staging_dir(self) -> Path:
         return self._staging
@@ -102,6 +101,13 @@ class FileBlobStore:
     def new_staging_file(self) -> tuple[int, Path]:
         """An empty staging file: an open descriptor (for writing) and its path."""
         return self._spares.take()
+
+    def staged(self) -> list[Path]:
+        """The files in staging other than the spares made ahead: uploads under
+        way, or what an interrupted one left behind."""
+        listed = list(self._staging.iterdir())
+        waiting = self._spares.waiting()  # after: a spare is named here before it is made
+        return [p for p in listed if p.name not in waiting]
 
     def path(self, key: str) -> Path:
         if not _is_key(key):
@@ -164,7 +170,10 @@ class FileBlobStore:
         Only old files go: another process sharing the store may be mid-upload.
         """
         limit = time.time() - older_than
+        # .spare: where spares waited in earlier versions.
         for folder in (self._staging, self.root / ".spare"):
+            if not folder.is_dir():
+                continue
             for entry in folder.iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < limit:
@@ -177,21 +186,24 @@ class SpareFiles:
     Creating a file costs a few hundred microseconds on some filesystems (the
     allocation of its inode), and a file is created for every instance
     received, in the thread that receives it: the event loop for STOW-RS, the
-    association's thread for C-STORE. Taking a file made ahead costs only its
-    move (a rename) from ``folder`` into ``staging``. The first take starts
-    the thread, so a process that never receives never makes any; what it made
-    and did not use is removed when it exits. A spare waits at most
-    ``MAX_AGE`` seconds, well inside the age at which start-up sweeps leftovers.
+    association's thread for C-STORE. The spares are made in the staging
+    folder itself, so taking one costs nothing on the filesystem (moving it
+    there from a folder of its own cost as much as making it: a rename from
+    one folder to another takes the filesystem-wide rename lock). The first
+    take starts the thread, so a process that never receives never makes any;
+    what it made and did not use is removed when it exits. A spare waits at
+    most ``MAX_AGE`` seconds, well inside the age at which start-up sweeps
+    leftovers.
     """
 
     KEEP = 16  # files made ahead
     MAX_AGE = 600.0
 
-    def __init__(self, folder: Path, staging: Path) -> None:
-        self._folder = folder
+    def __init__(self, staging: Path) -> None:
         self._staging = staging
         self._lock = threading.Lock()
         self._ready: deque[tuple[int, str, float]] = deque()
+        self._making: set[str] = set()  # names of spares being made
         self._wanted = threading.Event()
         self._pid = 0  # the process whose thread fills ``_ready``
         self._closed = False
@@ -208,22 +220,26 @@ class SpareFiles:
         self._wanted.set()
         if spare is not None:
             fd, name, made = spare
-            if time.monotonic() - made < self.MAX_AGE:
-                try:
-                    os.rename(self._folder / name, self._staging / name)
-                    return fd, self._staging / name
-                except OSError:
-                    pass  # swept away meanwhile: make one here
+            # st_nlink 0: removed meanwhile (by hand, say), though still open.
+            if time.monotonic() - made < self.MAX_AGE and os.fstat(fd).st_nlink > 0:
+                return fd, self._staging / name
             self._remove([spare])
-        fd, name, _made = self._make(self._staging)
+        fd, name = self._make()
         return fd, self._staging / name
 
+    def waiting(self) -> set[str]:
+        """The names of the spares not taken (or still being made)."""
+        with self._lock:
+            return {name for _fd, name, _made in self._ready} | self._making
+
+    def _make(self, name: str = "") -> tuple[int, str]:
+        # 128 random bits: the name is unique in the folder.
+        name = name or self.new_name()
+        return os.open(self._staging / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), name
+
     @staticmethod
-    def _make(folder: Path) -> tuple[int, str, float]:
-        # 128 random bits: the name is still unique where the file is moved to.
-        name = f"in-{secrets.token_hex(16)}"
-        fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        return fd, name, time.monotonic()
+    def new_name() -> str:
+        return f"in-{secrets.token_hex(16)}"
 
     def _fill(self) -> None:
         while True:
@@ -239,15 +255,22 @@ class SpareFiles:
                 missing = self.KEEP - len(self._ready)
             self._remove(stale)
             for _ in range(missing):
+                name = self.new_name()
+                with self._lock:
+                    self._making.add(name)
                 try:
-                    spare = self._make(self._folder)
+                    fd, _name = self._make(name)
                 except OSError:
+                    with self._lock:
+                        self._making.discard(name)
                     break  # the folder is gone or full: takes make their own and report it
                 with self._lock:
-                    if self._closed:
-                        self._remove([spare])
-                        return
-                    self._ready.append(spare)
+                    self._making.discard(name)
+                    if not self._closed:
+                        self._ready.append((fd, name, time.monotonic()))
+                        continue
+                self._remove([(fd, name, 0.0)])
+                return
 
     def close(self) -> None:
         """Stop making spares and remove those made (by this process, not by
@@ -263,4 +286,4 @@ class SpareFiles:
     def _remove(self, spares: Iterable[tuple[int, str, float]]) -> None:
         for fd, name, _made in spares:
             os.close(fd)
-            (self._folder / name).unlink(missing_ok=True)
+            (self._staging / name).unlink(missing_ok=True)
