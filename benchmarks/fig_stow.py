@@ -22,8 +22,8 @@ def _rounds(n: int, rounds: int) -> list[tuple[int, int]]:
 
 def _warm_up(bench: Bench, files: list[Path]) -> None:
     """One untimed request per server, of instances labelled apart from the
-    timed ones: what a server does once after it starts (Lightbox starts its
-    header helper with its first upload) is not counted as ingest."""
+    timed ones: what a server does once, on its first upload (Lightbox's
+    worker starts making spare staging files, say), is not counted as ingest."""
     for name in TARGETS:
         warm = corpus.relabelled(files, f"warm-{name}-{bench.run_id}",
                                  patient_prefix=f"W{bench.run_id}")
