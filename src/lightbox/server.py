@@ -112,6 +112,9 @@ def uvicorn_options(settings: Settings, tls: dict[str, Any]) -> dict[str, Any]:
 def serve_forked(settings: Settings, tls: dict[str, Any]) -> None:
     """Bind both ports here, then fork the HTTP and DIMSE workers that serve them."""
     options = uvicorn_options(settings, tls)
+    # uvicorn binds the HTTP socket as it would for its own workers (IPv4 or
+    # IPv6 from the host, address reuse); the app named here is never loaded:
+    # each worker builds its own.
     http_socket = uvicorn.Config("lightbox.server:serve", **options).bind_socket()
     dicom_socket = listen(settings.host, settings.dicom_port) if settings.dicom_port else None
     parent = os.getpid()

@@ -224,22 +224,20 @@ class SpareFiles:
             if time.monotonic() - made < self.MAX_AGE and os.fstat(fd).st_nlink > 0:
                 return fd, self._staging / name
             self._remove([spare])
-        fd, name = self._make()
-        return fd, self._staging / name
+        name = self._new_name()
+        return self._create(name), self._staging / name
 
     def waiting(self) -> set[str]:
         """The names of the spares not taken (or still being made)."""
         with self._lock:
             return {name for _fd, name, _made in self._ready} | self._making
 
-    def _make(self, name: str = "") -> tuple[int, str]:
-        # 128 random bits: the name is unique in the folder.
-        name = name or self.new_name()
-        return os.open(self._staging / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), name
-
     @staticmethod
-    def new_name() -> str:
-        return f"in-{secrets.token_hex(16)}"
+    def _new_name() -> str:
+        return f"in-{secrets.token_hex(16)}"  # 128 random bits: unique in the folder
+
+    def _create(self, name: str) -> int:
+        return os.open(self._staging / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
     def _fill(self) -> None:
         while True:
@@ -255,11 +253,11 @@ class SpareFiles:
                 missing = self.KEEP - len(self._ready)
             self._remove(stale)
             for _ in range(missing):
-                name = self.new_name()
+                name = self._new_name()
                 with self._lock:
                     self._making.add(name)
                 try:
-                    fd, _name = self._make(name)
+                    fd = self._create(name)
                 except OSError:
                     with self._lock:
                         self._making.discard(name)
