@@ -294,3 +294,25 @@ def test_duplicate_is_success_and_keeps_one_copy(archive: Archive, tmp_path: Pat
         for _ in range(2):
             dcmtk("storescu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port), str(path))
     assert _count(archive) == 1
+
+
+def test_p_data_longer_than_the_negotiated_maximum_is_aborted(archive: Archive) -> None:
+    # An established association announces a P-DATA-TF PDU of 16 MiB, over the
+    # 1 MiB maximum the SCP negotiated: the SCP drops the association without
+    # reading (or storing) it, and goes on serving others.
+    with scp(archive) as server:
+        assoc = _associate(server, CTImageStorage)
+        wire = assoc.dul.socket.socket if assoc.dul.socket else None
+        assert wire is not None
+        raw = wire.dup()  # the same connection, out of pynetdicom's hands
+        try:
+            assoc.dul.socket.socket = None  # type: ignore[union-attr]
+            raw.sendall(b"\x04\x00" + (16 * 1024 * 1024).to_bytes(4, "big") + b"\x00" * 4096)
+            assert _closed_within(raw, 10)
+        finally:
+            assoc.kill()  # pynetdicom's side of it, reading from nothing now
+            raw.close()
+            wire.close()
+        dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
+    assert _count(archive) == 0
+    assert _staging_is_empty(archive)
