@@ -296,23 +296,43 @@ def test_duplicate_is_success_and_keeps_one_copy(archive: Archive, tmp_path: Pat
     assert _count(archive) == 1
 
 
+def _association_request(called: str, syntax: str) -> bytes:
+    """The A-ASSOCIATE-RQ PDU pynetdicom sends for ``syntax``, caught by a socket
+    that then hangs up (the association attempt fails; its bytes are what we want)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    caught: list[bytes] = []
+
+    def catch() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = conn.recv(6, socket.MSG_WAITALL)
+            body = conn.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
+            caught.append(head + body)
+
+    catcher = threading.Thread(target=catch)
+    catcher.start()
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.associate("127.0.0.1", listener.getsockname()[1],
+                 contexts=[build_context(syntax, [ExplicitVRLittleEndian])], ae_title=called)
+    catcher.join(10)
+    listener.close()
+    return caught[0]
+
+
 def test_p_data_longer_than_the_negotiated_maximum_is_aborted(archive: Archive) -> None:
     # An established association announces a P-DATA-TF PDU of 16 MiB, over the
     # 1 MiB maximum the SCP negotiated: the SCP drops the association without
     # reading (or storing) it, and goes on serving others.
-    with scp(archive) as server:
-        assoc = _associate(server, CTImageStorage)
-        wire = assoc.dul.socket.socket if assoc.dul.socket else None
-        assert wire is not None
-        raw = wire.dup()  # the same connection, out of pynetdicom's hands
-        try:
-            assoc.dul.socket.socket = None  # type: ignore[union-attr]
-            raw.sendall(b"\x04\x00" + (16 * 1024 * 1024).to_bytes(4, "big") + b"\x00" * 4096)
-            assert _closed_within(raw, 10)
-        finally:
-            assoc.kill()  # pynetdicom's side of it, reading from nothing now
-            raw.close()
-            wire.close()
+    request = _association_request("LIGHTBOX", CTImageStorage)
+    with scp(archive) as server, socket.create_connection(("127.0.0.1", server.port),
+                                                           timeout=10) as raw:
+        raw.sendall(request)
+        head = raw.recv(6, socket.MSG_WAITALL)
+        assert head[0] == 0x02  # A-ASSOCIATE-AC
+        raw.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
+        raw.sendall(b"\x04\x00" + (16 * 1024 * 1024).to_bytes(4, "big") + b"\x00" * 4096)
+        assert _closed_within(raw, 10)
         dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
     assert _count(archive) == 0
     assert _staging_is_empty(archive)
