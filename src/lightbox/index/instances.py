@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, delete, func, select, update
 
 from lightbox.dicom.attributes import Kind, QueryLevel, at_level
 from lightbox.dicom.frames import PixelLayout
 from lightbox.dicom.instance import InstanceRecord
 from lightbox.errors import Conflict, NotFound
 from lightbox.index.db import Database
+from lightbox.index.lean import Lean, LeanIn
 from lightbox.index.schema import instances, patients, series, studies
 
 
@@ -64,30 +65,34 @@ def name_words(name: str | None) -> str | None:
 
 
 _INSTANCE_ATTRIBUTES = tuple(a for a in at_level(QueryLevel.INSTANCE) if a.kind is not Kind.COUNT)
-_FIND_OLD = select(instances.c.pk, instances.c.blob_key, instances.c.study_pk).where(
+# The statements run for every instance stored go to the driver directly (see lean).
+_FIND_OLD = Lean(select(instances.c.pk, instances.c.blob_key, instances.c.study_pk).where(
     instances.c.sop_instance_uid == bindparam("sop")
-)
-_INSERT_INSTANCE = instances.insert()
-_BUMP_SERIES = (
-    update(series)
-    .where(series.c.pk == bindparam("series"))
-    .values(number_of_instances=series.c.number_of_instances + 1)
-)
-_ADD_TO_SERIES = (
+))
+_INSERT_INSTANCE = Lean(instances.insert())
+_ADD_TO_SERIES = Lean(
     update(series)
     .where(series.c.pk == bindparam("series"))
     .values(number_of_instances=series.c.number_of_instances + bindparam("added"))
 )
 _IN_CHUNK = 500  # values per IN list: well inside SQLite's and PostgreSQL's limits
-# Built once: a statement made per call costs more to build and look up than to run.
-_STORED_SOPS = select(instances.c.sop_instance_uid).where(
-    instances.c.sop_instance_uid.in_(bindparam("sops", expanding=True))
+
+
+def _values(n: int) -> list[BindParameter[Any]]:
+    return [bindparam(f"v{i}") for i in range(n)]
+
+
+_STORED_SOPS = LeanIn(
+    lambda n: select(instances.c.sop_instance_uid).where(
+        instances.c.sop_instance_uid.in_(_values(n))),
+    _IN_CHUNK,
 )
-_FILED_SERIES = (
-    select(series.c.series_instance_uid, series.c.pk, series.c.study_pk,
-           studies.c.study_instance_uid)
+_FILED_SERIES = LeanIn(
+    lambda n: select(series.c.series_instance_uid, series.c.pk, series.c.study_pk,
+                     studies.c.study_instance_uid)
     .join(studies, studies.c.pk == series.c.study_pk)
-    .where(series.c.series_instance_uid.in_(bindparam("uids", expanding=True)))
+    .where(series.c.series_instance_uid.in_(_values(n))),
+    _IN_CHUNK,
 )
 
 
@@ -113,11 +118,13 @@ def store(
     Raises Conflict when the series is already filed under another study.
     """
     now = datetime.now(UTC)
-    old = conn.execute(_FIND_OLD, {"sop": record.sop_instance_uid}).first()
+    found = _FIND_OLD.rows(conn, {"sop": record.sop_instance_uid})
+    old = found[0] if found else None
     if old is not None and not overwrite:
         return Stored.DUPLICATE, blob_key, None
     if old is not None:
-        _delete_instance_rows(conn, [old.pk])
+        old_pk, old_key, old_study = old
+        _delete_instance_rows(conn, [old_pk])
     filed = (record.study_instance_uid, record.series_instance_uid)
     cached = known.get(filed) if known is not None else None
     if cached is not None and not overwrite:
@@ -127,13 +134,11 @@ def store(
         series_pk = _series(db, conn, record, study_pk)
         if known is not None:
             known[filed] = (series_pk, study_pk)
-    # The same two statements every time: compiled once, not per instance.
-    conn.execute(_INSERT_INSTANCE, instance_row(record, blob_key, series_pk, study_pk, now))
-    conn.execute(_BUMP_SERIES, {"series": series_pk})
+    _insert(conn, [instance_row(record, blob_key, series_pk, study_pk, now)])
     if old is not None:
         # The replaced copy may have been the last of another series or study.
-        _prune(conn, {old.study_pk}, now)
-        return Stored.REPLACED, old.blob_key, study_pk
+        _prune(conn, {old_study}, now)
+        return Stored.REPLACED, old_key, study_pk
     return Stored.STORED, None, study_pk
 
 
@@ -156,36 +161,30 @@ def instance_row(
 
 def stored_sops(conn: Connection, sops: Sequence[str]) -> set[str]:
     """Which of ``sops`` (SOP Instance UIDs) are indexed already."""
-    found: set[str] = set()
-    for start in range(0, len(sops), _IN_CHUNK):
-        chunk = list(sops[start : start + _IN_CHUNK])
-        found.update(conn.execute(_STORED_SOPS, {"sops": chunk}).scalars())
-    return found
+    return {sop for (sop,) in _STORED_SOPS.rows(conn, sops)}
 
 
 def insert_instances(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert instance rows of series that exist (one statement for all), and
     count them in their series."""
-    if not rows:
-        return
-    conn.execute(_INSERT_INSTANCE, list(rows))
+    if rows:
+        _insert(conn, rows)
+
+
+def _insert(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    _INSERT_INSTANCE.run(conn, rows)
     added = Counter(row["series_pk"] for row in rows)
-    conn.execute(_ADD_TO_SERIES, [{"series": pk, "added": n} for pk, n in added.items()])
+    _ADD_TO_SERIES.run(conn, [{"series": pk, "added": n} for pk, n in added.items()])
 
 
 def filed_series(conn: Connection, series_uids: Sequence[str]) -> dict[str, tuple[int, int, str]]:
     """The series among ``series_uids`` that are indexed already: series UID ->
     (series pk, study pk, Study Instance UID)."""
-    found: dict[str, tuple[int, int, str]] = {}
-    unique = sorted(set(series_uids))
-    for start in range(0, len(unique), _IN_CHUNK):
-        chunk = unique[start : start + _IN_CHUNK]
-        for row in conn.execute(_FILED_SERIES, {"uids": chunk}):
-            found[row.series_instance_uid] = (row.pk, row.study_pk, row.study_instance_uid)
-    return found
+    rows = _FILED_SERIES.rows(conn, sorted(set(series_uids)))
+    return {uid: (series_pk, study_pk, study) for uid, series_pk, study_pk, study in rows}
 
 
-_ADD_TO_STUDY = (
+_ADD_TO_STUDY = Lean(
     update(studies)
     .where(studies.c.pk == bindparam("study"))
     .values(number_of_instances=studies.c.number_of_instances + bindparam("added"),
@@ -208,7 +207,7 @@ def refresh_studies(
         if study_pk in study_pks:
             _refresh_study(conn, study_pk, now)
         else:
-            conn.execute(_ADD_TO_STUDY, {"study": study_pk, "added": added[study_pk], "now": now})
+            _ADD_TO_STUDY.run(conn, [{"study": study_pk, "added": added[study_pk], "now": now}])
 
 
 def series_elsewhere(series_uid: str) -> Conflict:
