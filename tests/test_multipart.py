@@ -157,6 +157,37 @@ def test_every_split_position_and_single_bytes(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_large_chunks_split_anywhere(tmp_path: Path) -> None:
+    """Chunks of hundreds of bytes and more (body bytes are written from the
+    buffer in runs): delimiters (CRLF or bare LF, with padding),
+    almost-delimiters and CRs that are body data, wherever the chunks split them."""
+    bodies = [
+        b"a" * 700 + b"\r\n--" + BB + b"XYZ" + b"b" * 700,
+        b"\r" * 600,
+        bytes(range(256)) * 4,
+        b"",
+        b"\n--" + BB[:-1] + b"c" * 900 + b"\r",
+    ]
+    message = (
+        b"--" + BB + b"\r\n\r\n" + bodies[0]
+        + b"\r\n--" + BB + b" \t\r\nContent-Type: a/b\r\n\r\n" + bodies[1]
+        + b"\r\n--" + BB + b"\n\n" + bodies[2]
+        + b"\n--" + BB + b"\r\n\r\n" + bodies[3]
+        + b"\r\n--" + BB + b"\r\n\r\n" + bodies[4]
+        + b"\r\n--" + BB + b"--\r\n"
+    )
+
+    async def run_all() -> None:
+        for i in range(0, len(message) + 1, 7):
+            assert bodies_of(await _collect([message[:i], message[i:]], tmp_path)) == bodies, i
+        for size in (333, 400, 512, 1000, 1500, 4099):
+            chunks = [message[i : i + size] for i in range(0, len(message), size)]
+            assert bodies_of(await _collect(chunks, tmp_path)) == bodies, size
+
+    asyncio.run(run_all())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_preamble_epilogue_and_padding(tmp_path: Path) -> None:
     message = (
         b"This is a preamble.\r\nIt mentions --" + BB + b" mid-line and --" + BB + b"X.\r\n"
