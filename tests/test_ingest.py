@@ -698,6 +698,71 @@ def test_index_work_overlaps_the_fsync_and_commits_after_it(
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
 
 
+def test_synced_parts_share_one_directory_sync_that_the_commit_waits_for(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts whose bytes are fsynced already (STOW-RS) need their new names
+    made durable: one directory sync for the batch, under way while the
+    headers are checked and the index transaction does its work, and done
+    before the transaction commits."""
+    batch = [ct_dataset(), ct_dataset()]
+    events: list[str] = []
+    real_sync, real_insert = archive.blobs.sync, index.insert_instances
+
+    def slow_sync(keys: Any) -> None:
+        time.sleep(0.3)
+        real_sync(keys)
+        with archive.db.read() as conn:
+            seen = conn.execute(select(instances.c.pk)).first()
+        events.append(f"{len(list(keys))} synced, " + ("indexed" if seen else "not indexed yet"))
+
+    def recording_insert(conn: Any, rows: Any) -> None:
+        events.append("index work")
+        real_insert(conn, rows)
+
+    monkeypatch.setattr(archive.blobs, "sync", slow_sync)
+    monkeypatch.setattr(index, "insert_instances", recording_insert)
+    outcomes = store_instances(archive, [staged(archive, to_bytes(ds)) for ds in batch])
+    assert [o.status for o in outcomes] == [Status.STORED, Status.STORED]
+    assert events == ["index work", "2 synced, not indexed yet"]
+
+
+def test_when_the_shared_directory_sync_fails_each_blob_is_tried_alone(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing, kept = ct_dataset(), ct_dataset()
+    real_sync = archive.blobs.sync
+    keys: dict[str, str] = {}
+
+    def sync(asked: Any) -> None:
+        asked = list(asked)
+        time.sleep(0.2)  # still under way when the headers are checked
+        if len(asked) > 1:
+            raise OSError(5, "Input/output error")  # the batch's sync
+        if keys.get(asked[0]) == failing.SOPInstanceUID:
+            raise OSError(5, "Input/output error")  # and this blob's own try
+        real_sync(asked)
+
+    real_put = archive.blobs.put_file
+
+    def put_file(source: Path, *, sync_dir: bool = True) -> str:
+        content = source.read_bytes()
+        key = real_put(source, sync_dir=sync_dir)
+        keys[key] = failing.SOPInstanceUID if failing.SOPInstanceUID.encode() in content else ""
+        return key
+
+    monkeypatch.setattr(archive.blobs, "sync", sync)
+    monkeypatch.setattr(archive.blobs, "put_file", put_file)
+    outcomes = store_instances(archive, [staged(archive, to_bytes(ds)) for ds in (failing, kept)])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (Status.REJECTED, "storage is not writable"), (Status.STORED, None)]
+    with archive.db.read() as conn:
+        indexed = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+    assert indexed == {kept.SOPInstanceUID}
+    assert list(blob_files(archive).values()) == [to_bytes(kept)]
+    assert staging_files(archive) == []
+
+
 def test_a_blob_that_cannot_be_made_durable_is_refused_alone(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:

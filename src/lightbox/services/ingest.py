@@ -173,13 +173,13 @@ def prepare(
               for offer in offers]
     adopted = [_adopt(archive, offer) for offer in offers]
     # Staged files whose bytes are synced need only their new names made
-    # durable: one directory sync for all of them, here.
-    named = _sync_names(archive, [
-        key for offer, (_path, key) in zip(offers, adopted, strict=True)
-        if key is not None and offer.synced
-    ])
+    # durable: one directory sync for all of them, on the pool too, while
+    # this thread checks the headers and the index transaction does its work.
+    synced = {key for offer, (_path, key) in zip(offers, adopted, strict=True)
+              if key is not None and offer.synced}
+    named = _pool.submit(_sync_names, archive, sorted(synced)) if synced else None
     durable = [
-        _durable(key) if key is not None and key in named
+        _named(named, archive, offer, key) if named is not None and key in synced
         else _pool.submit(_make_durable, archive, offer, key)
         for offer, (_path, key) in zip(offers, adopted, strict=True)
     ]
@@ -204,10 +204,28 @@ def _sync_names(archive: Archive, keys: list[str]) -> set[str]:
     return set(keys)
 
 
-def _durable(key: str) -> Future[str]:
-    """A blob already durable, in the form of the pool's results."""
+def _named(named: Future[set[str]], archive: Archive, offer: Offer, key: str) -> Future[str]:
+    """The blob ``key``, durable once the shared directory sync (``named``)
+    is done; if that failed, once its own try (``_make_durable``) is."""
     done: Future[str] = Future()
-    done.set_result(key)
+
+    def settle(result: Future[Any]) -> None:
+        try:
+            done.set_result(result.result())
+        except BaseException as exc:
+            done.set_exception(exc)  # raised to whoever waits for the blob
+
+    def after_sync(sync: Future[set[str]]) -> None:
+        try:
+            if key in sync.result():
+                done.set_result(key)
+                return
+            _pool.submit(_make_durable, archive, offer, key).add_done_callback(settle)
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+
+    named.add_done_callback(after_sync)
     return done
 
 
