@@ -8,6 +8,7 @@ import multiprocessing
 import socket
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
@@ -92,6 +93,51 @@ def test_store_response_is_what_pynetdicom_encodes(
     message._set_command_group_length()
     expected = encode(message.command_set, True, True)
     assert streaming.store_response(request, status_dataset(status, comment)) == expected
+
+
+_PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                     "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
+
+
+@pytest.mark.parametrize(("sop", "mover"), [
+    ("1.2.3.4", None),  # even length
+    ("1.2.3.45", ("MOVER", 12)),  # odd length: padded with a NUL
+    ("1.2.826.0.1.3680043.8.498." + "1" * 37, ("PACS AE ", 65535)),
+])
+def test_store_request_read_by_hand_is_what_pynetdicom_decodes(
+    sop: str, mover: tuple[str, int] | None
+) -> None:
+    request = C_STORE()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop
+    request.Priority = 1
+    if mover is not None:
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = mover
+    request.DataSet = BytesIO(b"\x00")  # a C-STORE-RQ announces a dataset
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    message._set_command_group_length()
+    encoded = encode(message.command_set, True, True)
+    received = C_STORE_RQ()  # what pynetdicom makes of the bytes
+    received.command_set = decode(BytesIO(encoded), True, True)
+    expected = received.message_to_primitive()
+    command = streaming._Command.read(encoded)
+    assert command is not None and command.number(0x0100) == streaming.C_STORE_RQ_FIELD
+    assert command.number(0x0800) != streaming.NO_DATA_SET
+    found = command.request(3)
+    assert {f: getattr(found, f) for f in _PRIMITIVE_FIELDS} == {
+        f: getattr(expected, f) for f in _PRIMITIVE_FIELDS}
+    assert found._context_id == 3
+
+
+@pytest.mark.parametrize("encoded", [
+    b"\x00\x00\x00\x01\x04\x00\x00\x00\x00\x00",  # an element outside group 0000
+    b"\x00\x00\x02\x00\x40\x00\x00\x00" + b"1.2",  # a length past the end
+    b"\x00\x00\x02\x00",  # a header cut short
+])
+def test_unusual_command_sets_are_left_to_pydicom(encoded: bytes) -> None:
+    assert streaming._Command.read(encoded) is None
 
 
 def test_status_with_more_than_a_comment_is_left_to_pynetdicom() -> None:
