@@ -69,7 +69,7 @@ _INSTANCE_ATTRIBUTES = tuple(a for a in at_level(QueryLevel.INSTANCE) if a.kind 
 _FIND_OLD = Lean(select(instances.c.pk, instances.c.blob_key, instances.c.study_pk).where(
     instances.c.sop_instance_uid == bindparam("sop")
 ))
-_INSERT_INSTANCE = Lean(instances.insert())
+_INSERT_INSTANCE = Lean(instances.insert().inline())  # inline: no RETURNING of the new pk
 _ADD_TO_SERIES = Lean(
     update(series)
     .where(series.c.pk == bindparam("series"))
