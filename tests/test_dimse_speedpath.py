@@ -31,7 +31,7 @@ from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest
 from lightbox.services.ingest import Offer, Status, store_instances
-from tests.dimse_peers import scp, with_settings
+from tests.dimse_peers import dcmtk, scp, with_settings
 from tests.factories import ROOT, ct_dataset, write
 
 
@@ -129,6 +129,25 @@ def test_store_request_read_by_hand_is_what_pynetdicom_decodes(
     assert {f: getattr(found, f) for f in _PRIMITIVE_FIELDS} == {
         f: getattr(expected, f) for f in _PRIMITIVE_FIELDS}
     assert found._context_id == 3
+    # Valid as a request: one left to pynetdicom's own handling is served, not ignored.
+    assert found.is_valid_request and expected.is_valid_request
+
+
+def test_requests_left_to_pynetdicom_are_stored_and_answered(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed C-STORE that the receiving thread does not answer (the
+    association not yet marked established, say) goes to pynetdicom's own
+    handling, with the request primitive read by hand."""
+    monkeypatch.setattr(streaming.StreamingDIMSE, "_answer", lambda *_args: False)
+    datasets = [ct_dataset() for _ in range(3)]
+    for i, ds in enumerate(datasets):
+        write(ds, tmp_path / f"{i}.dcm")
+    with scp(archive) as server:
+        done = dcmtk("storescu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port),
+                     *(str(tmp_path / f"{i}.dcm") for i in range(3)))
+    assert done.returncode == 0
+    assert _count(archive) == 3
 
 
 @pytest.mark.parametrize("encoded", [

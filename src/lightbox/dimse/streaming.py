@@ -177,6 +177,7 @@ class _Command:
             request.MoveOriginatorApplicationEntityTitle = self.text(0x1030)
         if 0x1031 in self.values:
             request.MoveOriginatorMessageID = self.number(0x1031)
+        request.DataSet = BytesIO()  # as pynetdicom's message leaves it: the dataset is staged
         request._context_id = context_id
         return request
 
