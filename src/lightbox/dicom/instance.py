@@ -97,12 +97,14 @@ MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (DIC
 _INSTANCE = "@@LIGHTBOX_INSTANCE@@"
 
 
-def read_instance(path: Path) -> InstanceRecord:
-    """Parse and validate the header of the Part 10 file at ``path``.
+def read_instance(path: Path, size: int | None = None) -> InstanceRecord:
+    """Parse and validate the header of the Part 10 file at ``path`` (of
+    ``size`` bytes, when the caller has just looked).
 
     Raises InvalidInstance with a reason a person can act on.
     """
-    size = os.path.getsize(path)
+    if size is None:
+        size = os.path.getsize(path)
     with open(path, "rb") as fp:
         record = _read_directly(fp, size)
         if record is not None:

@@ -17,6 +17,7 @@ import enum
 import logging
 import os
 import shutil
+import stat
 import threading
 import weakref
 from collections import Counter
@@ -328,14 +329,15 @@ def _validate(
     header: InstanceRecord | InvalidInstance | None = None,
 ) -> InstanceRecord:
     try:
-        if not path.is_file():
+        found = os.stat(path)
+        if not stat.S_ISREG(found.st_mode):
             raise InvalidInstance("not a regular file")
-        size = os.path.getsize(path)
+        size = found.st_size
         if size > archive.settings.max_instance_bytes:
             raise InvalidInstance(f"object of {size} bytes exceeds the limit")
         if isinstance(header, InvalidInstance):
             raise header
-        record = read_instance(path) if header is None else header
+        record = read_instance(path, size) if header is None else header
     except OSError as exc:
         # One unreadable offer (gone, no permission) must not sink the batch.
         raise InvalidInstance(f"cannot read the file: {exc.strerror or exc}") from exc
