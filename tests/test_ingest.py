@@ -698,6 +698,18 @@ def test_index_work_overlaps_the_fsync_and_commits_after_it(
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
 
 
+def _assert_refused_alone(archive: Archive, outcomes: list[Outcome], kept: pydicom.Dataset) -> None:
+    """The first of two offers was refused for storage, the second stored, and
+    nothing of the first is left in the index, the blobs or staging."""
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (Status.REJECTED, "storage is not writable"), (Status.STORED, None)]
+    with archive.db.read() as conn:
+        indexed = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+    assert indexed == {kept.SOPInstanceUID}
+    assert list(blob_files(archive).values()) == [to_bytes(kept)]
+    assert staging_files(archive) == []
+
+
 def test_synced_parts_share_one_directory_sync_that_the_commit_waits_for(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -754,13 +766,7 @@ def test_when_the_shared_directory_sync_fails_each_blob_is_tried_alone(
     monkeypatch.setattr(archive.blobs, "sync", sync)
     monkeypatch.setattr(archive.blobs, "put_file", put_file)
     outcomes = store_instances(archive, [staged(archive, to_bytes(ds)) for ds in (failing, kept)])
-    assert [(o.status, o.reason) for o in outcomes] == [
-        (Status.REJECTED, "storage is not writable"), (Status.STORED, None)]
-    with archive.db.read() as conn:
-        indexed = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
-    assert indexed == {kept.SOPInstanceUID}
-    assert list(blob_files(archive).values()) == [to_bytes(kept)]
-    assert staging_files(archive) == []
+    _assert_refused_alone(archive, outcomes, kept)
 
 
 def test_a_blob_that_cannot_be_made_durable_is_refused_alone(
@@ -786,10 +792,4 @@ def test_a_blob_that_cannot_be_made_durable_is_refused_alone(
     monkeypatch.setattr(ingest, "_without", without)
     outcomes = store_instances(archive, [_unsynced(archive, ds) for ds in (failing, kept)])
     assert undone == [{0}]
-    assert [(o.status, o.reason) for o in outcomes] == [
-        (Status.REJECTED, "storage is not writable"), (Status.STORED, None)]
-    with archive.db.read() as conn:
-        indexed = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
-    assert indexed == {kept.SOPInstanceUID}
-    assert list(blob_files(archive).values()) == [to_bytes(kept)]
-    assert staging_files(archive) == []
+    _assert_refused_alone(archive, outcomes, kept)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,9 +53,9 @@ def _named(pid: int, name: str) -> list[int]:
     return sorted(p for p, n in _children(pid).items() if n.startswith(name))
 
 
-def _wait_for(what: str, check: object, timeout: float = 30.0) -> None:
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
         time.sleep(0.1)
 
