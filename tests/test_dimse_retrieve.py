@@ -334,3 +334,44 @@ def test_move_counts_a_lost_object_as_a_failed_suboperation(
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 1)
     assert failed is not None and failed.FailedSOPInstanceUIDList == lost
     assert len(list((tmp_path / "received").iterdir())) == 2
+
+
+def test_each_moved_instance_names_the_move_requester_as_its_originator(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    """PS3.7 9.3.1.1: the C-STOREs of a C-MOVE carry the AE title of the AE that
+    asked for the move, and the C-MOVE's Message ID, so that the destination can
+    tell which move they belong to."""
+    archive, study_uid, files = study
+    seen: list[tuple[str, int]] = []
+
+    def on_store(event: Event) -> int:
+        request = event.request
+        seen.append((str(request.MoveOriginatorApplicationEntityTitle).strip(),
+                     int(request.MoveOriginatorMessageID)))
+        return 0x0000
+
+    destination = AE(ae_title="DEST")
+    for context in contexts.storage_proposals([(str(pydicom.dcmread(files[0]).SOPClassUID),
+                                                "1.2.840.10008.1.2.4.90")]):
+        destination.add_supported_context(context.abstract_syntax, context.transfer_syntax)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        nodes.add_node(archive, name="dest", ae_title="DEST", host="127.0.0.1", port=port)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_uid
+        with scp(archive) as lightbox:
+            ae = AE(ae_title="MOVESCU")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
+            assoc = ae.associate("127.0.0.1", lightbox.port, ae_title="LIGHTBOX")
+            statuses = [s for s, _ in assoc.send_c_move(identifier, "DEST",
+                                                         contexts.STUDY_ROOT_MOVE, msg_id=7)]
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert int(statuses[-1].Status) == Retrieve.SUCCESS
+    assert seen == [("MOVESCU", 7)] * len(files)

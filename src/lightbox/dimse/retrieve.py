@@ -138,14 +138,25 @@ def _resolve(
 
 class _SubAssociation:
     """Captures the association pynetdicom opens to the move destination, to see
-    which presentation contexts it accepted."""
+    which presentation contexts it accepted, and names the C-MOVE's requester as
+    the Move Originator of each C-STORE on it (PS3.7 9.3.1.1: the AE that
+    invoked the C-MOVE; pynetdicom would send our own AE title)."""
 
-    def __init__(self) -> None:
+    def __init__(self, originator: str) -> None:
         self.accepted: list[PresentationContext] = []
+        self.originator = originator
 
     def established(self, event: Event) -> None:
         assoc: Association = event.assoc
         self.accepted = list(assoc.accepted_contexts)
+        send = assoc.send_c_store
+
+        def send_c_store(dataset: Dataset, msg_id: int = 1, priority: int = 2,
+                         originator_aet: str | None = None,
+                         originator_id: int | None = None) -> Dataset:
+            return send(dataset, msg_id, priority, self.originator, originator_id)
+
+        assoc.send_c_store = send_c_store  # type: ignore[method-assign]
 
 
 def move(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterator[Any]:
@@ -160,7 +171,7 @@ def move(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterat
         yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
         return
     found, failure = _resolve(archive, peer, event)
-    link = _SubAssociation()
+    link = _SubAssociation(peer.ae_title)
     proposals = contexts.storage_proposals(
         (i.sop_class_uid, i.transfer_syntax_uid) for i in found
     ) or [build_context(contexts.VERIFICATION)]
