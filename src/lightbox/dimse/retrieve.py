@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -151,7 +152,7 @@ class _SubAssociation:
         self.accepted = list(assoc.accepted_contexts)
         send = assoc.send_c_store
 
-        def send_c_store(dataset: Dataset, msg_id: int = 1, priority: int = 2,
+        def send_c_store(dataset: str | Path | Dataset, msg_id: int = 1, priority: int = 2,
                          originator_aet: str | None = None,
                          originator_id: int | None = None) -> Dataset:
             return send(dataset, msg_id, priority, self.originator, originator_id)
