@@ -358,7 +358,7 @@ class _UnpolledDUL(DULServiceProvider):
         assoc = self.assoc
         if (self.state_machine.current_state == "Sta1" and assoc.requestor.primitive is None
                 and self.to_user_queue.empty()):
-            self.to_user_queue.put(None)
+            cast(Any, self.to_user_queue).put(None)  # wakes the acceptor: nothing came
 
     def _wait(self) -> None:
         """Until the socket is readable, a primitive is queued, or _IDLE_WAIT passed."""
