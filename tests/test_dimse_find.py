@@ -16,7 +16,7 @@ from lightbox.dimse import contexts
 from lightbox.dimse.status import Find
 from lightbox.services import nodes
 from lightbox.services.ingest import Offer, Status, store_instances
-from tests.dimse_peers import dcmtk, scp
+from tests.dimse_peers import dcmtk, scp, with_settings
 from tests.factories import ROOT, ct_dataset, write
 
 STUDIES = {  # study UID suffix: (patient, name, date, modality, instances)
@@ -143,3 +143,42 @@ def test_bad_identifiers_get_a_failure_status_with_a_reason(loaded: Archive) -> 
         assert comment
     assert "PATIENT" in answers[0][0][1]
     assert "StudyDate" in answers[1][0][1]
+
+
+def test_a_key_nothing_matches_on_makes_every_match_a_warning(loaded: Archive) -> None:
+    """PS3.4 C.4.1.1.4: FF01 when optional keys were not supported for matching
+    (InstitutionName is not indexed; Modality is a series key, not a study key).
+    Return keys without a value, and universal matches, are supported."""
+    def identifier(**keys: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.PatientID = "P1"
+        for keyword, value in keys.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    with scp(loaded) as server:
+        unmatched = _find(server.port, contexts.STUDY_ROOT_FIND,
+                          identifier(InstitutionName="NOWHERE"))
+        elsewhere = _find(server.port, contexts.STUDY_ROOT_FIND, identifier(Modality="CT"))
+        returned = _find(server.port, contexts.STUDY_ROOT_FIND,
+                         identifier(InstitutionName="", StudyDescription="*"))
+    for answer in (unmatched, elsewhere):
+        assert [s for s, _ in answer] == [Find.PENDING_WARNING] * 2 + [Find.SUCCESS]
+    assert [s for s, _ in returned] == [Find.PENDING] * 2 + [Find.SUCCESS]
+
+
+def test_more_matches_than_the_cap_end_in_a_refusal_not_success(loaded: Archive) -> None:
+    """Success says every match was sent: when dicom_find_max_results cuts the
+    answer short, the final status is Out of Resources, with the reason."""
+    every_instance = Dataset()
+    every_instance.QueryRetrieveLevel = "IMAGE"
+    every_instance.StudyInstanceUID = _study_uid("1")
+    every_instance.SOPInstanceUID = ""
+    with scp(with_settings(loaded, dicom_find_max_results=2, qido_max_results=1)) as server:
+        cut = _find(server.port, contexts.STUDY_ROOT_FIND, every_instance)
+    with scp(with_settings(loaded, dicom_find_max_results=3, qido_max_results=1)) as server:
+        exact = _find(server.port, contexts.STUDY_ROOT_FIND, every_instance)
+    assert [s for s, _ in cut] == [Find.PENDING] * 2 + [Find.OUT_OF_RESOURCES]
+    assert "narrow the query" in cut[-1][1]
+    assert [s for s, _ in exact] == [Find.PENDING] * 3 + [Find.SUCCESS]

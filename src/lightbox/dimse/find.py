@@ -17,6 +17,7 @@ from lightbox.dimse.status import Find, find_failure, status_dataset
 from lightbox.errors import LightboxError
 from lightbox.services import search
 from lightbox.services.audit import Event as AuditEvent
+from lightbox.services.auth import Principal
 
 log = logging.getLogger("lightbox.dimse")
 
@@ -45,8 +46,9 @@ def find(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterat
         "query", f"dicom:{peer.ae_title}", source=peer.address,
         detail={"service": "C-FIND", "identifier": _keys(event.identifier)},
     ))
-    if request.query.unsupported:
-        log.debug("C-FIND keys matched by nothing: %s", ", ".join(request.query.unsupported))
+    if request.unmatched:
+        log.info("C-FIND from %s: keys not supported for matching: %s", peer,
+                 ", ".join(request.unmatched))
     yield from _matches(archive, peer, session, event, request)
 
 
@@ -65,6 +67,7 @@ def _matches(
     settings = archive.settings
     principal = principal_for(archive, peer)
     page = max(1, settings.qido_max_results)
+    pending = Find.PENDING_WARNING if request.unmatched else Find.PENDING
     sent = 0
     while sent < settings.dicom_find_max_results:
         request.query.limit = min(page, settings.dicom_find_max_results - sent)
@@ -83,9 +86,19 @@ def _matches(
             if event.is_cancelled:
                 yield Find.CANCEL, None
                 return
-            yield Find.PENDING, ds
+            yield pending, ds
         sent += len(responses)
         session.note("C-FIND matches", len(responses))
         if len(responses) < request.query.limit:
             return
-    log.warning("C-FIND from %s stopped at %d matches (dicom_find_max_results)", peer, sent)
+    if _more_than(archive, principal, request, sent):
+        # Success would say every match was sent (PS3.4 C.4.1.3.1.1): refuse the rest.
+        log.warning("C-FIND from %s stopped at %d matches (dicom_find_max_results)", peer, sent)
+        yield status_dataset(Find.OUT_OF_RESOURCES,
+                             f"more than {sent} matches: narrow the query"), None
+
+
+def _more_than(archive: Archive, principal: Principal, request: query.FindRequest,
+               sent: int) -> bool:
+    request.query.limit, request.query.offset = 1, sent
+    return bool(search.search(archive, principal, request.query).items)

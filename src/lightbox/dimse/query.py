@@ -9,7 +9,7 @@ returned: missing values come back empty.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -65,6 +65,9 @@ class FindRequest:
 
     query: Query
     keys: list[ReturnKey]
+    # Keys with a value to match that nothing matches on (not indexed, or not at
+    # this level): every match is answered "Pending, warning" (FF01, PS3.4 C.4.1.1.4).
+    unmatched: list[str] = field(default_factory=list)
 
 
 def level_of(identifier: Dataset, model: str) -> QueryLevel:
@@ -103,6 +106,7 @@ def find_request(identifier: Dataset, model: str) -> FindRequest:
     """Parse a C-FIND identifier; BadRequest when it cannot be answered."""
     query = Query(level=level_of(identifier, model))
     keys: list[ReturnKey] = []
+    unmatched: list[str] = []
     try:
         elements = [e for e in identifier if e.tag.group not in (0x0000, 0x0002)]
     except Exception as exc:  # pydicom decodes lazily: any bad element surfaces here
@@ -118,11 +122,14 @@ def find_request(identifier: Dataset, model: str) -> FindRequest:
             continue
         value = encoded_value(elem)
         if value is not None:
-            query.add(_keyword(elem), value)
+            keyword = _keyword(elem)
+            query.add(keyword, value)
+            if value not in ("", "*") and keyword in query.unsupported:
+                unmatched.append(keyword)
         if tag not in BY_TAG:
             # Not indexed: returned from a stored instance of the match.
             query.include.add(tag)
-    return FindRequest(query=query, keys=keys)
+    return FindRequest(query=query, keys=keys, unmatched=unmatched)
 
 
 def response(item: dict[str, Any], request: FindRequest, ae_title: str) -> Dataset:

@@ -45,6 +45,7 @@ class Find(enum.IntEnum):
 
     SUCCESS = 0x0000
     PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01  # optional keys not supported for matching
     CANCEL = 0xFE00
     NOT_AUTHORIZED = 0x0124
     OUT_OF_RESOURCES = 0xA700
