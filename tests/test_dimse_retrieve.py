@@ -4,7 +4,9 @@ Storage Commitment (pynetdicom SCU, on the same and on a new association)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -375,3 +377,51 @@ def test_each_moved_instance_names_the_move_requester_as_its_originator(
         server.shutdown()
     assert int(statuses[-1].Status) == Retrieve.SUCCESS
     assert seen == [("MOVESCU", 7)] * len(files)
+
+
+def test_a_cancelled_move_lists_the_failed_instances_and_counts_the_rest_remaining(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    """C-CANCEL during a C-MOVE: the Cancel response's Failed SOP Instance UID
+    List names the sub-operations that failed, not the ones never started."""
+    archive, study_uid, files = study
+    move: dict[str, Any] = {}
+    stored: list[str] = []
+
+    def on_store(event: Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        if len(stored) == 1:  # refuse the first, and cancel the move meanwhile
+            move["assoc"].send_c_cancel(7, move["context"])
+            time.sleep(0.5)
+            return 0xA700
+        return 0x0000
+
+    destination = AE(ae_title="DEST")
+    for context in contexts.storage_proposals([(str(pydicom.dcmread(files[0]).SOPClassUID),
+                                                "1.2.840.10008.1.2.4.90")]):
+        destination.add_supported_context(context.abstract_syntax, context.transfer_syntax)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        nodes.add_node(archive, name="dest", ae_title="DEST", host="127.0.0.1", port=port)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_uid
+        with scp(archive) as lightbox:
+            ae = AE(ae_title="MOVESCU")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
+            assoc = ae.associate("127.0.0.1", lightbox.port, ae_title="LIGHTBOX")
+            move["assoc"], move["context"] = assoc, assoc.accepted_contexts[0].context_id
+            responses = list(assoc.send_c_move(identifier, "DEST", contexts.STUDY_ROOT_MOVE,
+                                               msg_id=7))
+            assoc.release()
+    finally:
+        server.shutdown()
+    final, failed = responses[-1]
+    assert int(final.Status) == Retrieve.CANCEL
+    assert (final.NumberOfFailedSuboperations, final.NumberOfRemainingSuboperations) == (
+        1, len(files) - 1)
+    assert failed is not None and failed.FailedSOPInstanceUIDList == stored[0]
+    assert len(stored) == 1

@@ -232,11 +232,11 @@ def _send_all(
     found: list[StoredInstance],
     accepted: Any,
 ) -> Iterator[Any]:
-    for n, instance in enumerate(found):
+    for instance in found:
         if event.is_cancelled:
-            failed = Dataset()
-            failed.FailedSOPInstanceUIDList = [i.sop_instance_uid for i in found[n:]]
-            yield Retrieve.CANCEL, failed
+            # pynetdicom lists the sub-operations that failed; the ones not
+            # started are counted as remaining (PS3.4 C.4.2.3.1), not failed.
+            yield Retrieve.CANCEL, None
             return
         yield Retrieve.PENDING, dataset_to_send(archive, instance, accepted())
 
