@@ -17,9 +17,10 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
 from lightbox.archive import Archive
-from lightbox.dimse import contexts
+from lightbox.dimse import contexts, scu
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.status import CommitmentFailure, EventType, Retrieve
 from lightbox.services import nodes, retrieve
@@ -425,3 +426,36 @@ def test_a_cancelled_move_lists_the_failed_instances_and_counts_the_rest_remaini
         1, len(files) - 1)
     assert failed is not None and failed.FailedSOPInstanceUIDList == stored[0]
     assert len(stored) == 1
+
+
+def test_our_c_get_proposes_one_role_selection_per_sop_class(archive: Archive) -> None:
+    """PS3.7 D.3.3.4: one SCP/SCU Role Selection item per SOP class, though each
+    class is proposed in several contexts (one per transfer syntax)."""
+    roles: list[str] = []
+
+    def on_requested(event: Event) -> None:
+        roles.extend(str(item.sop_class_uid) for item in event.assoc.requestor.user_information
+                     if isinstance(item, SCP_SCU_RoleSelectionNegotiation))
+
+    def on_find(event: Event) -> Any:  # the study holds MR images
+        match = Dataset()
+        match.QueryRetrieveLevel = "IMAGE"
+        match.SOPClassUID = MRImageStorage
+        yield 0xFF00, match
+
+    def on_get(event: Event) -> Any:
+        yield 0
+
+    peer = AE(ae_title="PEER")
+    peer.add_supported_context(contexts.STUDY_ROOT_FIND)
+    peer.add_supported_context(contexts.STUDY_ROOT_GET)
+    port = free_port()
+    server = peer.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_REQUESTED, on_requested), (evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    try:
+        node = nodes.add_node(archive, name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+        result = scu.get(archive, node, generate_uid(prefix=ROOT))
+    finally:
+        server.shutdown()
+    assert result.status == Retrieve.SUCCESS
+    assert roles.count(MRImageStorage) == 1

@@ -183,7 +183,9 @@ def get(archive: Archive, node: Node, study_uid: str) -> RetrieveResult:
     classes = _classes_in_study(archive, node, study_uid) or list(
         contexts.COMMON_STORAGE_SOP_CLASSES)
     proposed = [build_context(model), *contexts.receiving_proposals(classes, reserved=1)]
-    roles = [build_role(str(cx.abstract_syntax), scp_role=True) for cx in proposed[1:]]
+    # One role selection item per SOP class (PS3.7 D.3.3.4), however many contexts.
+    classes_proposed = dict.fromkeys(str(cx.abstract_syntax) for cx in proposed[1:])
+    roles = [build_role(sop_class, scp_role=True) for sop_class in classes_proposed]
     source = f"C-GET from {node.name}"
 
     def on_store(event: Event) -> Dataset:
