@@ -325,7 +325,10 @@ def _frame_layout(
         columns=number("Columns", 0),
         samples_per_pixel=samples,
         bits_allocated=number("BitsAllocated", 0),
-        number_of_frames=max(number("NumberOfFrames", 1), 1),
+        # A video is one stream across all its fragments, however many frames
+        # it shows (PS3.5 8.2.5-8.2.8): its frame table has that one entry.
+        number_of_frames=1 if syntax in uids.VIDEO_MEDIA_TYPES
+        else max(number("NumberOfFrames", 1), 1),
     )
     implicit = syntax == uids.IMPLICIT_VR_LITTLE_ENDIAN
     return read_pixel_layout(fp, implicit_vr=implicit, geometry=geometry, file_size=size), vr

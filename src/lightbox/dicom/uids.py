@@ -51,6 +51,16 @@ FRAME_MEDIA_TYPES: dict[str, str] = {
     RLE_LOSSLESS: "image/dicom-rle",
 }
 
+# Media types of video streams in their stored form (PS3.18 Table 8.7.4-3): MPEG-2,
+# MPEG-4 AVC/H.264 and HEVC/H.265, each kept as one stream across the fragments.
+VIDEO_MEDIA_TYPES: dict[str, str] = {
+    **dict.fromkeys(("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.100.1",
+                     "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.101.1"), "video/mpeg"),
+    **dict.fromkeys((f"1.2.840.10008.1.2.4.{n}{suffix}" for n in range(102, 107)
+                     for suffix in ("", ".1")), "video/mp4"),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"), "video/H265"),
+}
+
 
 def is_valid_uid(value: object) -> bool:
     """True when ``value`` is a syntactically valid UID of at most 64 characters."""

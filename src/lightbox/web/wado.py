@@ -231,7 +231,13 @@ async def bulkdata(request: Request) -> Response:
     principal = context.principal(request)
     instance = (await context.blocking(
         retrieve.find_instances, archive, principal, study, series, sop))[0]
-    if tag_path.upper() != "7FE00010" or instance.layout is None:
+    # The accept query parameter stands for the Accept header (PS3.18 8.3.3.1):
+    # it is how a browser's <video src> asks for a stream.
+    accept = request.query_params.get("accept") or request.headers.get("accept", "")
+    stream_type = _stream_type(instance, tag_path, accept)
+    if stream_type is not None:
+        data = await context.blocking(pixels.pixel_stream, archive, instance)
+    elif tag_path.upper() != "7FE00010" or instance.layout is None:
         data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
     else:
         offset, length = instance.layout.value
@@ -255,7 +261,8 @@ async def bulkdata(request: Request) -> Response:
         start, end = rng
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         data, status = data[start : end + 1], 206
-    accept = request.headers.get("accept", "")
+    if stream_type is not None:
+        return Response(data, status_code=status, media_type=stream_type, headers=headers)
     if accept.strip().startswith("application/octet-stream"):
         return Response(data, status_code=status, media_type="application/octet-stream",
                         headers=headers)
@@ -264,6 +271,21 @@ async def bulkdata(request: Request) -> Response:
     body = part_header(boundary, "application/octet-stream") + data + b"\r\n" + closing(boundary)
     media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
     return Response(body, status_code=status, media_type=media, headers=headers)
+
+
+def _stream_type(instance: StoredInstance, tag_path: str, accept: str) -> str | None:
+    """The media type to answer compressed Pixel Data in, bare (no multipart, no
+    DICOM items), when that is what the client asked for: a video as its stream,
+    a single compressed frame as its image (PS3.18 8.7.3.3, 8.7.4)."""
+    layout = instance.layout
+    if tag_path.strip("/").upper() != "7FE00010" or layout is None or not layout.encapsulated:
+        return None
+    stored = instance.transfer_syntax_uid
+    media = uids.VIDEO_MEDIA_TYPES.get(stored)
+    if media is None and len(layout.frames) == 1:
+        media = uids.FRAME_MEDIA_TYPES.get(stored)
+    wanted = {choice.media_type.lower() for choice in parse_accept(accept)}
+    return media if media is not None and media.lower() in wanted else None
 
 
 async def rendered(request: Request) -> Response:
