@@ -10,6 +10,7 @@ server per test.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 from pydicom import dcmread, dcmwrite
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from requests.exceptions import HTTPError
 
@@ -159,10 +160,10 @@ def _encoded(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _raw_parts(loaded: Loaded, path: str, accept: str) -> list[bytes]:
+def _raw_parts(loaded: Loaded | RunningServer, path: str, accept: str) -> list[bytes]:
     """Bodies of a multipart response, fetched and split by hand (byte exact)."""
-    response = httpx.get(loaded.server.dicomweb + path,
-                         headers={**loaded.server.headers, "Accept": accept})
+    server = loaded.server if isinstance(loaded, Loaded) else loaded
+    response = httpx.get(server.dicomweb + path, headers={**server.headers, "Accept": accept})
     assert response.status_code == 200, response.text
     boundary = response.headers["content-type"].split("boundary=")[1].strip('"')
     chunks = response.content.split(b"--" + boundary.encode())
@@ -563,6 +564,45 @@ def test_wado_uri_errors(loaded: Loaded) -> None:
         assert httpx.get(loaded.server.url + "/wado", params=params).status_code == 401
 
 
+def _strict_json(text: str) -> Any:
+    """``text`` parsed as JSON is (RFC 8259): no NaN or Infinity, as browsers parse it."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_floats_are_valid_json(server: RunningServer) -> None:
+    # OHIF's JSON.parse refuses NaN / Infinity: they are sent as null (PS3.18 F.2.3
+    # gives FL / FD no other form), while the stored file keeps them as sent.
+    nan, inf = float("nan"), float("inf")
+    ds = ct_dataset(DiffusionGradientOrientation=[nan, inf, 1.0],
+                    RecommendedDisplayFrameRateInFloat=-inf)
+    item = Dataset()
+    item.DiffusionBValue = nan
+    ds.MRDiffusionSequence = [item]
+    data = to_bytes(ds)
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    client = DICOMwebClient(server.dicomweb, headers=server.headers)
+    client.store_instances([dcmread(io.BytesIO(data))])
+    with httpx.Client(base_url=server.dicomweb, headers=server.headers) as http:
+        responses = [
+            http.get(f"/studies/{study}/series/{series}/metadata"),
+            http.get(f"/studies/{study}/metadata"),
+            http.get(f"/studies/{study}/instances", params={"includefield": "all"}),
+            http.get("/studies", params={"StudyInstanceUID": study, "includefield": "all"}),
+            http.get(f"/studies/{study}/series", params={"includefield": "all"}),
+        ]
+    for response in responses:
+        assert response.status_code == 200, response.text
+        [found] = _strict_json(response.text)
+        assert found["00189089"] == {"vr": "FD", "Value": [None, None, 1.0]}
+        assert found["00089459"] == {"vr": "FL", "Value": [None]}
+        assert found["00189117"]["Value"][0]["00189087"] == {"vr": "FD", "Value": [None]}
+    assert _raw_parts(server, f"/studies/{study}/series/{series}/instances/{sop}",
+                      'multipart/related; type="application/dicom"; transfer-syntax=*') == [data]
+
+
 # --- DELETE --------------------------------------------------------------------------
 
 
@@ -622,3 +662,42 @@ def test_delete_needs_an_administrator(server: RunningServer) -> None:
     # Nothing went: the reader still sees all of it.
     assert len(client.search_for_instances(study)) == 3
     assert client.retrieve_instance(study, series, sop).SOPInstanceUID == sop
+
+
+def _video(study: str, stream: bytes) -> Dataset:
+    """An endoscopy video: an H.264 stream (its bytes are opaque here) in three
+    fragments, as one stream of 30 frames is encapsulated (PS3.5 8.2.8)."""
+    ds = ct_dataset(study=study, size=64)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1.1"
+    ds.Modality, ds.NumberOfFrames, ds.FrameTime = "ES", 30, 33.3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_PARTIAL_420"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PlanarConfiguration = 8, 8, 7, 0
+    ds.PixelData = encapsulate([stream], fragments_per_frame=3)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_a_video_is_served_as_its_stream_when_asked_with_the_accept_parameter(
+    server: RunningServer,
+) -> None:
+    """What OHIF's video viewport does: <video src="…/bulkdata/7FE00010?accept=video/mp4">.
+    The answer is the bare stream (no multipart, no DICOM items), and it can be
+    read in ranges as a browser does while playing."""
+    stream = bytes(range(256)) * 41 + b"end."  # even: fragments carry no padding
+    study = generate_uid(prefix=ROOT)
+    ds = _video(study, stream)
+    client = DICOMwebClient(server.dicomweb, headers=server.headers)
+    client.store_instances([ds])
+    meta = client.retrieve_instance_metadata(study, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    uri = meta["7FE00010"]["BulkDataURI"]
+    played = httpx.get(uri + "?accept=video/mp4", headers=server.headers)
+    assert played.status_code == 200, played.text
+    assert played.headers["content-type"] == "video/mp4"
+    assert played.content == stream
+    seek = httpx.get(uri + "?accept=video/mp4", headers={**server.headers,
+                                                          "Range": "bytes=100-199"})
+    assert seek.status_code == 206 and seek.content == stream[100:200]
+    # Another media type than the stored one: the DICOM-wrapped value, as before.
+    other = httpx.get(uri + "?accept=video/mpeg", headers=server.headers)
+    assert other.headers["content-type"].startswith("multipart/related")

@@ -5,6 +5,7 @@ corpus, whether the file is accepted or refused and why."""
 
 from __future__ import annotations
 
+import json
 import struct
 import warnings
 from pathlib import Path
@@ -116,6 +117,37 @@ def test_uid_with_padding_and_odd_values(tmp_path: Path) -> None:
     write(two, tmp_path / "two.dcm")
     with pytest.raises(InvalidInstance, match="SeriesInstanceUID is not a valid UID"):
         read_instance(tmp_path / "two.dcm")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_non_finite_floats_are_null_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JSON has no NaN or Infinity (browsers refuse them): read directly or by
+    # pydicom, such a value becomes null in the cached DICOM JSON.
+    ds = ct_dataset(size=16, DiffusionGradientOrientation=[float("nan"), float("inf"), 1.0],
+                    RecommendedDisplayFrameRateInFloat=float("-inf"))
+    item = Dataset()
+    item.DiffusionBValue = float("nan")
+    ds.MRDiffusionSequence = Sequence([item])
+    write(ds, tmp_path / "floats.dcm")
+    decimal = ct_dataset(size=16)
+    decimal.add_new(0x00180050, "DS", "NaN\\2.5")  # not a valid DS: pydicom decodes it
+    write(decimal, tmp_path / "decimal.dcm")
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    direct = read_instance(tmp_path / "floats.dcm")
+    assert _read_directly(tmp_path / "floats.dcm")
+    _through_pydicom(monkeypatch)
+    for record in (direct, read_instance(tmp_path / "floats.dcm")):
+        obj = json.loads(record.metadata, parse_constant=refuse)
+        assert obj["00189089"] == {"vr": "FD", "Value": [None, None, 1.0]}
+        assert obj["00089459"] == {"vr": "FL", "Value": [None]}
+        assert obj["00189117"]["Value"][0]["00189087"] == {"vr": "FD", "Value": [None]}
+    obj = json.loads(read_instance(tmp_path / "decimal.dcm").metadata, parse_constant=refuse)
+    assert obj["00180050"] == {"vr": "DS", "Value": [None, 2.5]}
 
 
 def _nested(tmp_path: Path, depth: int) -> Path:

@@ -13,12 +13,15 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
-from lightbox.dicom.query import Query
+from lightbox.dicom.query import MatchType, Query
+from lightbox.dimse.contexts import STUDY_ROOT_FIND
+from lightbox.dimse.query import find_request
 from lightbox.index import search as index_search
 from lightbox.index.schema import studies
 from lightbox.services import auth
@@ -233,7 +236,6 @@ def test_uid_lists(corpus: Corpus) -> None:
 def test_modalities_in_study(corpus: Corpus) -> None:
     assert corpus.keys("/studies", ModalitiesInStudy="MR") == {"jane"}
     assert corpus.keys("/studies", ModalitiesInStudy="US\\MR") == {"jane", "anna"}
-    assert corpus.keys("/studies", ModalitiesInStudy="US,MR") == set()  # one value "US,MR"
     assert corpus.keys("/studies", ModalitiesInStudy="CT") == {
         "john", "jane", "pct", "zeros", "x_off"}
     assert corpus.keys("/studies", ModalitiesInStudy="C") == set()
@@ -241,23 +243,73 @@ def test_modalities_in_study(corpus: Corpus) -> None:
     assert sorted(jane["00080061"]["Value"]) == ["CT", "MR"]
 
 
-def test_series_and_instance_levels(corpus: Corpus) -> None:
-    assert corpus.keys("/series", Modality="MR") == {"jane"}
-    assert corpus.keys("/series", PatientName="doe*", Modality="CT") == {"john", "jane"}
-    series = corpus.get(f"/studies/{corpus.uids['jane']}/series").json()
-    assert [s["00080060"]["Value"][0] for s in series] == ["MR", "CT"]
-    assert [s["00201209"]["Value"][0] for s in series] == [1, 1]
-    nested = corpus.get(f"/studies/{corpus.uids['jane']}/series", Modality="CT").json()
-    assert len(nested) == 1
-    instances = corpus.get(f"/studies/{corpus.uids['jane']}/instances").json()
-    assert sorted(i["00080018"]["Value"][0] for i in instances) == sorted(corpus.instances["jane"])
-    assert corpus.keys("/instances", InstanceNumber="2") == {"jane"}
-    assert corpus.keys("/instances", Rows="32") == ALL
-    base = corpus.server.dicomweb
-    for item in instances:
-        study, series_uid, sop = (item[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
-        assert item["00081190"]["Value"] == [
-            f"{base}/studies/{study}/series/{series_uid}/instances/{sop}"]
+def test_repeated_uid_keys_are_one_uid_list(corpus: Corpus) -> None:
+    # PS3.18 §8.3.4.1: StudyInstanceUID=A&StudyInstanceUID=B is the list A\\B, as
+    # dicomweb-client sends search_filters={"StudyInstanceUID": [a, b]}.
+    john, anna, jane = corpus.uids["john"], corpus.uids["anna"], corpus.uids["jane"]
+    assert corpus.keys("/studies", StudyInstanceUID=[john, anna]) == {"john", "anna"}
+    assert corpus.keys("/studies", StudyInstanceUID=[john, "1.2.3.4"]) == {"john"}
+    assert corpus.keys("/studies", StudyInstanceUID=[john, f"{anna},{jane}"]) == {
+        "john", "anna", "jane"}
+    # A keyword and its tag name the same list; a universal value adds nothing to it.
+    assert corpus.keys("/studies", StudyInstanceUID=john, **{"0020000D": anna}) == {
+        "john", "anna"}
+    assert corpus.keys("/studies", StudyInstanceUID=[john, "*"]) == {"john"}
+    assert corpus.keys("/studies", StudyInstanceUID=["", ""]) == ALL
+    # More UIDs than one value of 1024 characters holds.
+    many = [john, *(f"{ROOT}{n}.{'9' * 30}" for n in range(40)), anna]
+    assert corpus.keys("/studies", StudyInstanceUID=many) == {"john", "anna"}
+    sops = corpus.instances["jane"]
+    assert corpus.keys("/instances", SOPInstanceUID=sops) == {"jane"}
+    assert len(corpus.get("/instances", SOPInstanceUID=sops).json()) == 2
+    # A path UID still narrows the list.
+    assert corpus.keys(f"/studies/{jane}/instances", StudyInstanceUID=[john, jane]) == {"jane"}
+    assert corpus.keys(f"/studies/{anna}/instances", StudyInstanceUID=[john, jane]) == set()
+    assert corpus.get("/studies", StudyInstanceUID=[john, "1.2.abc"]).status_code == 400
+    # Other repeated keys must all match, as before.
+    assert corpus.keys("/studies", PatientID=["P1", "P2"]) == set()
+    assert corpus.keys("/studies", PatientID=["P1", "P*"]) == {"john"}
+
+
+def test_commas_separate_code_string_lists(corpus: Corpus) -> None:
+    # A CS value cannot hold a comma; OHIF (dicomweb-client JS) sends lists comma-joined.
+    assert corpus.keys("/studies", ModalitiesInStudy="US,MR") == {"jane", "anna"}
+    assert corpus.keys("/studies", ModalitiesInStudy="DX,CR,") == {"quote", "drop"}
+    assert corpus.keys("/series", Modality="MR,US") == {"jane", "anna"}
+    assert corpus.keys("/series", Modality="MR\\US") == {"jane", "anna"}
+    # Other VRs may hold a comma: there it is part of the value.
+    assert corpus.keys("/studies", PatientID="P1,P2") == set()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
+def test_commas_in_c_find_code_strings() -> None:
+    """C-FIND shares the parser: a backslash list still works, and a comma in a CS
+    (invalid there) is read as a separator rather than matching nothing."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.ModalitiesInStudy = ["CT", "MR"]
+    identifier.AccessionNumber = "A,1"
+
+    def matches() -> dict[str, Any]:
+        query = find_request(identifier, STUDY_ROOT_FIND).query
+        return {m.attribute.keyword: (m.type, m.value) for m in query.matches}
+
+    assert matches()["ModalitiesInStudy"] == (MatchType.LIST, ("CT", "MR"))
+    assert matches()["AccessionNumber"] == (MatchType.SINGLE, "A,1")
+    identifier.ModalitiesInStudy = "CT,MR"
+    assert matches()["ModalitiesInStudy"] == (MatchType.LIST, ("CT", "MR"))
+
+
+def test_instance_availability_is_online(corpus: Corpus) -> None:
+    # PS3.18 Tables 10.6.3-3 and 10.6.3-5: present if known; a series result carries
+    # its study's attributes (§10.6.3.3.2). C-FIND answers "ONLINE" too.
+    jane = corpus.uids["jane"]
+    for path in ("/studies", "/series", "/instances", f"/studies/{jane}/series",
+                 f"/studies/{jane}/instances"):
+        for params in ({}, {"includefield": "all"}):
+            items = corpus.get(path, **params).json()
+            assert items, path
+            assert all(i["00080056"] == {"vr": "CS", "Value": ["ONLINE"]} for i in items), path
 
 
 # --- includefield -------------------------------------------------------------------------

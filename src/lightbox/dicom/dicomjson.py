@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 from typing import Any
 
@@ -27,6 +28,7 @@ _SINGLE_TEXT = {"LT", "ST", "UT", "UR"}
 _TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
 _ASCII_VRS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR", "IS", "DS"}
 _NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_FLOAT_VRS = {"FL", "FD", "DS"}
 _SIMPLE_CHARSETS = {
     "": "latin-1",
     "ISO_IR 6": "latin-1",
@@ -65,7 +67,20 @@ def to_dict(ds: Dataset, *, uri_prefix: str, pixel_vr: str | None) -> dict[str, 
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON; a NaN or infinity left in ``obj`` raises ValueError
+    rather than becoming ``NaN``, which JSON parsers (browsers') refuse."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _finite(values: list[Any]) -> list[Any]:
+    """``values`` with NaN and infinities as None (JSON null).
+
+    PS3.18 Table F.2.3-1 maps FL and FD to a JSON Number and gives no
+    encoding for IEEE 754 NaN or infinities, which JSON (RFC 8259 §6) cannot
+    represent; such a value is sent as null, the way an empty value within a
+    Value array is. The stored file keeps the value as sent.
+    """
+    return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
 
 
 def first_value(obj: dict[str, Any], tag: int) -> str | int | float | None:
@@ -162,7 +177,8 @@ def encode_raw(
         size = struct.calcsize("<" + code)
         if len(value) % size:
             return None
-        return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}
+        numbers = list(struct.unpack(f"<{len(value) // size}{code}", value))
+        return {"vr": vr, "Value": _finite(numbers) if vr in _FLOAT_VRS else numbers}
     if vr in _TEXT_VRS and encoding is None:
         return None
     return _text(vr, value, encoding or "latin-1")
@@ -221,4 +237,6 @@ def _element(elem: DataElement, bulk_root: str, path: str, encoding: str | None)
         # A value pydicom cannot convert (bad number, odd encoding) is kept
         # out of the JSON rather than making the whole instance unreadable.
         return {"vr": vr}
+    if vr in _FLOAT_VRS and isinstance(result.get("Value"), list):
+        result["Value"] = _finite(result["Value"])
     return result

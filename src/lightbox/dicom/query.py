@@ -16,6 +16,9 @@ _DATE = re.compile(r"\d{8}")
 _TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 MAX_VALUE_LENGTH = 1024
 MAX_LIST_VALUES = 1000
+# A UID list is bounded by its count and by each UID's 64 characters (checked
+# one by one), so it may be longer than any other value.
+MAX_UID_LIST_LENGTH = MAX_LIST_VALUES * 65
 
 
 class MatchType(enum.Enum):
@@ -67,9 +70,9 @@ class Query:
 
 def parse_match(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Match:
     """Interpret one DICOM-encoded matching value for ``attribute``."""
-    if len(value) > MAX_VALUE_LENGTH:
-        raise BadRequest(f"value for {attribute.keyword} is too long")
     kind = attribute.kind
+    if len(value) > (MAX_UID_LIST_LENGTH if kind is Kind.UID else MAX_VALUE_LENGTH):
+        raise BadRequest(f"value for {attribute.keyword} is too long")
     if kind is Kind.UID:
         return _uid_match(attribute, value)
     if kind in (Kind.DATE, Kind.TIME):
@@ -80,14 +83,26 @@ def parse_match(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Mat
         except ValueError as exc:
             raise BadRequest(f"{attribute.keyword} must be an integer, got {value!r}") from exc
     if kind is Kind.MULTI:
-        return Match(attribute, MatchType.LIST, _values(attribute, value))
+        return Match(attribute, MatchType.LIST, _values(attribute, _code_list(attribute, value)))
     if kind is Kind.PERSON_NAME and fuzzy:
         return Match(attribute, MatchType.FUZZY, value.strip("*"))
     if "*" in value or "?" in value:
         return Match(attribute, MatchType.WILDCARD, value)
+    value = _code_list(attribute, value)
     if "\\" in value:
         return Match(attribute, MatchType.LIST, _values(attribute, value))
     return Match(attribute, MatchType.SINGLE, value)
+
+
+def _code_list(attribute: Attribute, value: str) -> str:
+    """``value`` with commas read as list separators when ``attribute`` is a CS.
+
+    A code string cannot hold a comma (PS3.5 Table 6.2-1), and web clients
+    send lists comma-separated: OHIF asks ``ModalitiesInStudy=CT,MR`` through
+    dicomweb-client JS, which joins arrays with commas. Other VRs may hold a
+    comma, so there it stays part of the value.
+    """
+    return value.replace(",", "\\") if attribute.vr == "CS" else value
 
 
 def _values(attribute: Attribute, value: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from lightbox.services import access
 from lightbox.services.auth import Principal
 
 RETRIEVE_URL = "00081190"
+INSTANCE_AVAILABILITY = "00080056"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ def _render(query: Query, values: dict[str, Any]) -> dict[str, Any]:
     base = f"{BASE_PLACEHOLDER}/studies/{values['StudyInstanceUID']}" if (
         query.level is not QueryLevel.PATIENT
     ) else None
+    if query.level is not QueryLevel.PATIENT:
+        # "Shall be present if known" (PS3.18 Tables 10.6.3-3 study, 10.6.3-5 instance);
+        # a series result carries its study's attributes (§10.6.3.3.2). Everything
+        # here is on the archive's own storage, as C-FIND also answers.
+        out[INSTANCE_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
     if base and query.level is QueryLevel.STUDY:
         out[RETRIEVE_URL] = {"vr": "UR", "Value": [base]}
     elif base and query.level is QueryLevel.SERIES:
@@ -93,7 +99,8 @@ def _merge_stored(conn: Any, query: Query, hit: index.Hit, item: dict[str, Any])
     raw = index.representative_json(conn, level, pk)
     if raw is None:
         return
-    stored: dict[str, Any] = json.loads(raw)
+    # An instance cached before NaN and infinities became null may still hold them.
+    stored: dict[str, Any] = json.loads(raw, parse_constant=lambda _name: None)
     wanted = None if query.include_all else {f"{t:08X}" for t in _extra_tags(query)}
     # The representative instance speaks for its study or series, but its own
     # identity and that of its series (SOP Instance UID, Modality, ...) do not.

@@ -6,15 +6,14 @@ same way.
 
 from __future__ import annotations
 
-import json
 import re
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from lightbox.dicom import uids
-from lightbox.dicom.attributes import QueryLevel
+from lightbox.dicom import dicomjson, uids
+from lightbox.dicom.attributes import Attribute, Kind, QueryLevel, lookup
 from lightbox.dicom.query import Query, parse_includes
 from lightbox.errors import BadRequest
 from lightbox.services import search
@@ -62,11 +61,32 @@ def parse_query(request: Request, level: QueryLevel) -> Query:
         if key in request.path_params:
             keyword = "StudyInstanceUID" if key == "study" else "SeriesInstanceUID"
             query.add(keyword, uids.require_uid(request.path_params[key], keyword))
+    uid_lists: dict[Attribute, tuple[str, list[str]]] = {}
     for key, value in params.multi_items():
         if key in _CONTROL:
             continue
+        attribute = lookup(key)
+        if attribute is not None and attribute.kind is Kind.UID:
+            # Gathered by attribute, so a keyword and its tag form one list too.
+            uid_lists.setdefault(attribute, (key, []))[1].append(value)
+            continue
+        # Other repeated keys stay separate matches, all of which must hold.
         query.add(key, value)
+    for key, values in uid_lists.values():
+        query.add(key, _uid_list(values))
     return query
+
+
+def _uid_list(values: list[str]) -> str:
+    """The values of a repeated UID key as one list (``A\\B``).
+
+    PS3.18 §8.3.4.1: ``StudyInstanceUID=A&StudyInstanceUID=B`` names the
+    elements of one UID list, matching either (dicomweb-client sends a list
+    filter this way), not two keys that must both match. A universal value
+    among them adds nothing to the list.
+    """
+    wanted = [v for v in values if v not in ("", "*")]
+    return "\\".join(wanted) if wanted else values[0]
 
 
 def _handler(level: QueryLevel):  # type: ignore[no-untyped-def]
@@ -84,7 +104,7 @@ def _handler(level: QueryLevel):  # type: ignore[no-untyped-def]
             names = ", ".join(_header_safe(k[:64]) for k in query.unsupported[:20])
             warnings.append(f'299 lightbox "not supported as matching keys, ignored: {names}"')
         headers = {"Warning": ", ".join(warnings)} if warnings else None
-        body = json.dumps(results.items, separators=(",", ":"), ensure_ascii=False).encode()
+        body = dicomjson.dumps(results.items)
         return context.dicom_json(request, body, headers)
 
     return endpoint
