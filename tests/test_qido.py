@@ -213,7 +213,11 @@ def test_time_ranges(corpus: Corpus) -> None:
     assert corpus.keys("/studies", StudyTime="080000-090000") == {"john"}
     assert corpus.keys("/studies", StudyTime="2300-") == {"jane"}
     assert corpus.keys("/studies", StudyTime="-000000") == {"pct"}
-    assert corpus.keys("/studies", StudyTime="-0000") == {"pct"}
+    # An upper bound given to the minute includes that whole minute.
+    assert corpus.keys("/studies", StudyTime="-0000") == {"pct", "zeros"}
+    assert corpus.keys("/studies", StudyTime="1015-1015") == {"quote", "drop"}
+    assert corpus.keys("/studies", StudyTime="-1015") == {
+        "pct", "zeros", "x_off", "john", "quote", "drop"}
     assert corpus.keys("/studies", StudyTime="101500-101500") == {"quote"}
     assert corpus.keys("/studies", StudyTime="10:15-10:16") == {"quote", "drop"}
     assert corpus.keys("/studies", StudyTime="101500") == {"quote"}

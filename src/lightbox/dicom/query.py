@@ -133,6 +133,11 @@ def _temporal_match(attribute: Attribute, value: str) -> Match:
     )
     if bounds[0] and bounds[1] and bounds[0] > bounds[1]:
         raise BadRequest(f"{attribute.keyword} range {value!r} ends before it starts")
+    if attribute.kind is Kind.TIME and high:
+        # "Up to and including" a time given to the minute includes that whole
+        # minute (PS3.4 C.2.2.2.5): the upper bound keeps the precision it was
+        # given, and the search lets anything that begins with it match.
+        bounds = (bounds[0], high.strip().replace(":", ""))
     return Match(attribute, MatchType.RANGE, bounds)
 
 

@@ -100,7 +100,8 @@ def _condition(
         if low is not None:
             parts.append(column >= low)
         if high is not None:
-            # A bare date or time bound includes the whole day / second.
+            # A time bound includes every time that begins with it ("1030": to
+            # 10:30:59.999999); a date bound is a whole day already.
             parts.append(column <= (high + "~" if a.kind is Kind.TIME else high))
         return and_(*parts)
     if match.type is MatchType.LIST and a.kind is Kind.MULTI:
