@@ -461,6 +461,21 @@ def test_single_part_compressed_frame_as_stored(loaded: Loaded, syntax: str) -> 
     assert got.content == next(generate_frames(item.dataset.PixelData, number_of_frames=1))
 
 
+def test_frames_in_a_syntax_we_cannot_make_are_not_acceptable(loaded: Loaded) -> None:
+    """JPEG baseline asked for a JPEG 2000 frame: Lightbox does not transcode between
+    compressed syntaxes, so that choice is passed over (406 when it was the only one),
+    rather than answered in another syntax."""
+    item = loaded.study.find("1.2.840.10008.1.2.4.91")
+    jpeg = ("multipart/related; type=application/octet-stream; "
+            "transfer-syntax=1.2.840.10008.1.2.4.50")
+    refused = _get_frames(loaded, item, "1", jpeg)
+    assert refused.status_code == 406
+    native = _get_frames(loaded, item, "1", f"{jpeg}, multipart/related; "
+                                            "type=application/octet-stream; q=0.5")
+    assert native.status_code == 200
+    assert f"transfer-syntax={ExplicitVRLittleEndian}" in native.text[:300]
+
+
 def test_missing_frame_is_404(loaded: Loaded) -> None:
     multi = loaded.study.instances[3]
     with pytest.raises(HTTPError) as info:

@@ -154,11 +154,12 @@ def frame_syntax(accept: str | None, stored: str, count: int = 1) -> FrameForm:
             continue
         media = choice.type if choice.media_type == "multipart/related" else choice.media_type
         if media in (None, "*/*", "application/octet-stream"):
-            if choice.transfer_syntax == "*" or (
-                choice.transfer_syntax == stored and compressed_type is not None
-            ):
+            syntax = choice.transfer_syntax
+            if syntax == "*" or (syntax == stored and compressed_type is not None):
                 return FrameForm(False, "application/octet-stream", single)
-            return FrameForm(True, "application/octet-stream", single)
+            if syntax in (None, uids.EXPLICIT_VR_LITTLE_ENDIAN, stored):
+                return FrameForm(True, "application/octet-stream", single)
+            continue  # a syntax we neither keep nor make: not this choice (PS3.18 8.7.3.5)
         if compressed_type is not None and media == compressed_type:
             return FrameForm(False, compressed_type, single)
     raise NotAcceptable(f"frames of this instance are available as application/octet-stream"
