@@ -470,3 +470,18 @@ def test_patient_level_search_respects_the_scope(corpus: Corpus) -> None:
         scoped = index_search.search(conn, query, limit=100, scope_study_pks=john)
     assert len(everyone) == len(STUDIES)
     assert [hit.values["PatientID"] for hit in scoped] == ["P1"]
+
+
+def test_only_json_is_made(corpus: Corpus) -> None:
+    """QIDO-RS and metadata answer in DICOM JSON; a client that accepts only the
+    XML form gets 406 rather than a body it did not ask for (PS3.18 8.7.4)."""
+    xml = {"Accept": 'multipart/related; type="application/dicom+xml"'}
+    study = corpus.uids["john"]
+    root = corpus.server.dicomweb
+    for path in (f"{root}/studies", f"{root}/studies/{study}/series",
+                 f"{root}/studies/{study}/metadata"):
+        assert corpus.http.get(path, headers=xml).status_code == 406
+        assert corpus.http.get(path, params={"accept": "application/json"},
+                               headers=xml).status_code == 200
+        for accept in ("application/dicom+json", "application/json", "*/*", ""):
+            assert corpus.http.get(path, headers={"Accept": accept}).status_code == 200

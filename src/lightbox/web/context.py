@@ -13,10 +13,11 @@ from starlette.responses import Response
 
 from lightbox.archive import Archive
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
-from lightbox.errors import Forbidden, Unauthenticated
+from lightbox.errors import Forbidden, NotAcceptable, Unauthenticated
 from lightbox.services.audit import Caller
 from lightbox.services.auth import Authenticator, Principal
 from lightbox.services.retrieve import InstanceCache
+from lightbox.web.accept import parse_accept
 
 T = TypeVar("T")
 DICOM_JSON = "application/dicom+json"
@@ -129,7 +130,16 @@ def resolve(request: Request, payload: bytes) -> bytes:
     return payload.replace(BASE_PLACEHOLDER.encode(), base_url(request).encode())
 
 
+_JSON_CHOICES = {DICOM_JSON, "application/json", "application/*", "*/*"}
+
+
 def dicom_json(request: Request, payload: bytes, headers: dict[str, str] | None = None) -> Response:
+    """A DICOM JSON answer, when the client accepts one (the ``accept`` query
+    parameter standing for the header, PS3.18 8.3.3.1); 406 when it asked only
+    for another form (XML, say), which Lightbox does not make."""
+    accept = request.query_params.get("accept") or request.headers.get("accept")
+    if not any(c.media_type.lower() in _JSON_CHOICES for c in parse_accept(accept)):
+        raise NotAcceptable(f"this resource is available as {DICOM_JSON}")
     return Response(resolve(request, payload), media_type=DICOM_JSON, headers=headers)
 
 
