@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = "1.2.826.0.1.3680043.10.1387.77."
@@ -75,3 +76,18 @@ def stow_body(parts: list[bytes], boundary: str = "lightbox-test-boundary") -> t
 
     body = encode_parts([("application/dicom", part) for part in parts], boundary)
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def video_dataset(study: str, stream: bytes) -> Dataset:
+    """An endoscopy video: an H.264 stream (its bytes are opaque here) in three
+    fragments, as one stream of 30 frames is encapsulated (PS3.5 8.2.8)."""
+    ds = ct_dataset(study=study, size=64)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1.1"
+    ds.Modality, ds.NumberOfFrames, ds.FrameTime = "ES", 30, 33.3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_PARTIAL_420"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PlanarConfiguration = 8, 8, 7, 0
+    ds.PixelData = encapsulate([stream], fragments_per_frame=3)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True  # encapsulated, however it is encoded
+    return ds

@@ -25,14 +25,14 @@ from PIL import Image
 from pydicom import dcmread, dcmwrite
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from requests.exceptions import HTTPError
 
 from lightbox.archive import Archive
 from lightbox.services import auth
 from tests.conftest import BACKENDS, RunningServer, database_url, make_settings, serving
-from tests.factories import ROOT, ct_dataset, to_bytes
+from tests.factories import ROOT, ct_dataset, to_bytes, video_dataset
 from tests.grants import grant
 
 DICOM_ANY = (("application/dicom", "*"),)
@@ -679,20 +679,6 @@ def test_delete_needs_an_administrator(server: RunningServer) -> None:
     assert client.retrieve_instance(study, series, sop).SOPInstanceUID == sop
 
 
-def _video(study: str, stream: bytes) -> Dataset:
-    """An endoscopy video: an H.264 stream (its bytes are opaque here) in three
-    fragments, as one stream of 30 frames is encapsulated (PS3.5 8.2.8)."""
-    ds = ct_dataset(study=study, size=64)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1.1"
-    ds.Modality, ds.NumberOfFrames, ds.FrameTime = "ES", 30, 33.3
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_PARTIAL_420"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PlanarConfiguration = 8, 8, 7, 0
-    ds.PixelData = encapsulate([stream], fragments_per_frame=3)
-    ds["PixelData"].VR = "OB"
-    return ds
-
-
 def test_a_video_is_served_as_its_stream_when_asked_with_the_accept_parameter(
     server: RunningServer,
 ) -> None:
@@ -701,7 +687,7 @@ def test_a_video_is_served_as_its_stream_when_asked_with_the_accept_parameter(
     read in ranges as a browser does while playing."""
     stream = bytes(range(256)) * 41 + b"end."  # even: fragments carry no padding
     study = generate_uid(prefix=ROOT)
-    ds = _video(study, stream)
+    ds = video_dataset(study, stream)
     client = DICOMwebClient(server.dicomweb, headers=server.headers)
     client.store_instances([ds])
     meta = client.retrieve_instance_metadata(study, ds.SeriesInstanceUID, ds.SOPInstanceUID)

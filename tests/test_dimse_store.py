@@ -31,7 +31,7 @@ from lightbox.index.schema import instances
 from lightbox.services import nodes
 from tests.conftest import serving
 from tests.dimse_peers import dcmtk, make_corpus, scp, with_settings
-from tests.factories import ROOT, ct_dataset, write
+from tests.factories import ROOT, ct_dataset, video_dataset, write
 
 ALL_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 # Real-world files in many transfer syntaxes, with the storescu option that proposes
@@ -336,3 +336,24 @@ def test_p_data_longer_than_the_negotiated_maximum_is_aborted(archive: Archive) 
         dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
     assert _count(archive) == 0
     assert _staging_is_empty(archive)
+
+
+def test_a_video_sent_by_c_store_is_served_as_its_stream(archive: Archive) -> None:
+    """An endoscope's H.264 video over DIMSE, in its own transfer syntax: stored,
+    and played back over WADO-RS as the stream it holds."""
+    stream = bytes(range(200)) * 64
+    ds = video_dataset(generate_uid(prefix=ROOT), stream)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    with scp(archive) as server:
+        assoc = _associate(server, str(ds.SOPClassUID), ts=[syntax])
+        try:
+            assert assoc.accepted_contexts[0].transfer_syntax[0] == syntax
+            assert int(assoc.send_c_store(ds).Status) == Store.SUCCESS
+        finally:
+            assoc.release()
+    with serving(archive) as web:
+        uri = (f"{web.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+               f"/instances/{ds.SOPInstanceUID}/bulkdata/7FE00010?accept=video/mp4")
+        played = httpx.get(uri, headers=web.headers)
+    assert played.status_code == 200 and played.headers["content-type"] == "video/mp4"
+    assert played.content == stream

@@ -39,6 +39,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
     "1.2.840.10008.1.2.4.203",  # HTJ2K
     uids.RLE_LOSSLESS,
+    *uids.VIDEO_MEDIA_TYPES,  # MPEG-2, H.264, HEVC: stored as sent, served as streams
 )
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
