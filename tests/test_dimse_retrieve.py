@@ -15,6 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
@@ -339,13 +340,49 @@ def test_move_counts_a_lost_object_as_a_failed_suboperation(
     assert len(list((tmp_path / "received").iterdir())) == 2
 
 
+MOVE_MESSAGE_ID = 7
+
+
+def _move_to_pynetdicom(
+    study: tuple[Archive, str, list[Path]], on_store: Any, started: Any = None
+) -> list[tuple[Dataset, Dataset | None]]:
+    """MOVESCU C-MOVEs the study (Message ID 7) to DEST, a pynetdicom storage SCP
+    whose C-STOREs ``on_store`` answers; ``started`` gets the move's association
+    before the request goes. The C-MOVE responses."""
+    archive, study_uid, files = study
+    destination = AE(ae_title="DEST")
+    for context in contexts.storage_proposals([(str(pydicom.dcmread(files[0]).SOPClassUID),
+                                                "1.2.840.10008.1.2.4.90")]):
+        destination.add_supported_context(context.abstract_syntax, context.transfer_syntax)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        nodes.add_node(archive, name="dest", ae_title="DEST", host="127.0.0.1", port=port)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_uid
+        with scp(archive) as lightbox:
+            ae = AE(ae_title="MOVESCU")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
+            assoc = ae.associate("127.0.0.1", lightbox.port, ae_title="LIGHTBOX")
+            if started is not None:
+                started(assoc)
+            responses = list(assoc.send_c_move(identifier, "DEST", contexts.STUDY_ROOT_MOVE,
+                                               msg_id=MOVE_MESSAGE_ID))
+            assoc.release()
+    finally:
+        server.shutdown()
+    return responses
+
+
 def test_each_moved_instance_names_the_move_requester_as_its_originator(
     study: tuple[Archive, str, list[Path]]
 ) -> None:
     """PS3.7 9.3.1.1: the C-STOREs of a C-MOVE carry the AE title of the AE that
     asked for the move, and the C-MOVE's Message ID, so that the destination can
     tell which move they belong to."""
-    archive, study_uid, files = study
     seen: list[tuple[str, int]] = []
 
     def on_store(event: Event) -> int:
@@ -354,30 +391,9 @@ def test_each_moved_instance_names_the_move_requester_as_its_originator(
                      int(request.MoveOriginatorMessageID)))
         return 0x0000
 
-    destination = AE(ae_title="DEST")
-    for context in contexts.storage_proposals([(str(pydicom.dcmread(files[0]).SOPClassUID),
-                                                "1.2.840.10008.1.2.4.90")]):
-        destination.add_supported_context(context.abstract_syntax, context.transfer_syntax)
-    port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        nodes.add_node(archive, name="dest", ae_title="DEST", host="127.0.0.1", port=port)
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = "STUDY"
-        identifier.StudyInstanceUID = study_uid
-        with scp(archive) as lightbox:
-            ae = AE(ae_title="MOVESCU")
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-            ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
-            assoc = ae.associate("127.0.0.1", lightbox.port, ae_title="LIGHTBOX")
-            statuses = [s for s, _ in assoc.send_c_move(identifier, "DEST",
-                                                         contexts.STUDY_ROOT_MOVE, msg_id=7)]
-            assoc.release()
-    finally:
-        server.shutdown()
+    statuses = [s for s, _ in _move_to_pynetdicom(study, on_store)]
     assert int(statuses[-1].Status) == Retrieve.SUCCESS
-    assert seen == [("MOVESCU", 7)] * len(files)
+    assert seen == [("MOVESCU", MOVE_MESSAGE_ID)] * len(study[2])
 
 
 def test_a_cancelled_move_lists_the_failed_instances_and_counts_the_rest_remaining(
@@ -385,45 +401,22 @@ def test_a_cancelled_move_lists_the_failed_instances_and_counts_the_rest_remaini
 ) -> None:
     """C-CANCEL during a C-MOVE: the Cancel response's Failed SOP Instance UID
     List names the sub-operations that failed, not the ones never started."""
-    archive, study_uid, files = study
-    move: dict[str, Any] = {}
+    move: list[Association] = []
     stored: list[str] = []
 
     def on_store(event: Event) -> int:
         stored.append(str(event.request.AffectedSOPInstanceUID))
         if len(stored) == 1:  # refuse the first, and cancel the move meanwhile
-            move["assoc"].send_c_cancel(7, move["context"])
+            move[0].send_c_cancel(MOVE_MESSAGE_ID, move[0].accepted_contexts[0].context_id)
             time.sleep(0.5)
             return 0xA700
         return 0x0000
 
-    destination = AE(ae_title="DEST")
-    for context in contexts.storage_proposals([(str(pydicom.dcmread(files[0]).SOPClassUID),
-                                                "1.2.840.10008.1.2.4.90")]):
-        destination.add_supported_context(context.abstract_syntax, context.transfer_syntax)
-    port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        nodes.add_node(archive, name="dest", ae_title="DEST", host="127.0.0.1", port=port)
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = "STUDY"
-        identifier.StudyInstanceUID = study_uid
-        with scp(archive) as lightbox:
-            ae = AE(ae_title="MOVESCU")
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-            ae.add_requested_context(contexts.STUDY_ROOT_MOVE)
-            assoc = ae.associate("127.0.0.1", lightbox.port, ae_title="LIGHTBOX")
-            move["assoc"], move["context"] = assoc, assoc.accepted_contexts[0].context_id
-            responses = list(assoc.send_c_move(identifier, "DEST", contexts.STUDY_ROOT_MOVE,
-                                               msg_id=7))
-            assoc.release()
-    finally:
-        server.shutdown()
+    responses = _move_to_pynetdicom(study, on_store, started=move.append)
     final, failed = responses[-1]
     assert int(final.Status) == Retrieve.CANCEL
     assert (final.NumberOfFailedSuboperations, final.NumberOfRemainingSuboperations) == (
-        1, len(files) - 1)
+        1, len(study[2]) - 1)
     assert failed is not None and failed.FailedSOPInstanceUIDList == stored[0]
     assert len(stored) == 1
 
