@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
-from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments, parse_basic_offsets
 
 from lightbox.archive import Archive
 from lightbox.dicom import render, transcode, uids
@@ -71,18 +68,6 @@ def rendered(
     tmp.write_bytes(data)
     os.replace(tmp, cache)  # a cache: no fsync needed, a lost entry is re-rendered
     return data
-
-
-def pixel_stream(archive: Archive, instance: StoredInstance) -> bytes:
-    """Encapsulated Pixel Data as one stream: its fragments' bytes joined,
-    without the Basic Offset Table and item headers (a video, or one frame)."""
-    buffer = BytesIO(bulk_value(archive, instance, "7FE00010"))
-    try:
-        parse_basic_offsets(buffer)
-        return b"".join(generate_fragments(buffer))
-    except (ValueError, struct.error) as exc:
-        raise NotFound(f"the Pixel Data of {instance.sop_instance_uid} is not readable: "
-                       f"{exc}") from exc
 
 
 def bulk_value(archive: Archive, instance: StoredInstance, tag_path: str) -> bytes:

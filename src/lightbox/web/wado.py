@@ -237,7 +237,10 @@ async def bulkdata(request: Request) -> Response:
     accept = request.query_params.get("accept") or request.headers.get("accept", "")
     stream_type = _stream_type(instance, tag_path, accept)
     if stream_type is not None:
-        data = await context.blocking(pixels.pixel_stream, archive, instance)
+        # The one entry of its frame table: every fragment, by ranged reads.
+        stream = await context.blocking(retrieve.stored_frame, archive, instance, 1)
+        assert stream is not None  # an encapsulated layout always maps its frames
+        data = stream.data
     elif tag_path.upper() != "7FE00010" or instance.layout is None:
         data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
     else:
