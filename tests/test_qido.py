@@ -247,6 +247,25 @@ def test_modalities_in_study(corpus: Corpus) -> None:
     assert sorted(jane["00080061"]["Value"]) == ["CT", "MR"]
 
 
+def test_series_and_instance_levels(corpus: Corpus) -> None:
+    assert corpus.keys("/series", Modality="MR") == {"jane"}
+    assert corpus.keys("/series", PatientName="doe*", Modality="CT") == {"john", "jane"}
+    series = corpus.get(f"/studies/{corpus.uids['jane']}/series").json()
+    assert [s["00080060"]["Value"][0] for s in series] == ["MR", "CT"]
+    assert [s["00201209"]["Value"][0] for s in series] == [1, 1]
+    nested = corpus.get(f"/studies/{corpus.uids['jane']}/series", Modality="CT").json()
+    assert len(nested) == 1
+    instances = corpus.get(f"/studies/{corpus.uids['jane']}/instances").json()
+    assert sorted(i["00080018"]["Value"][0] for i in instances) == sorted(corpus.instances["jane"])
+    assert corpus.keys("/instances", InstanceNumber="2") == {"jane"}
+    assert corpus.keys("/instances", Rows="32") == ALL
+    base = corpus.server.dicomweb
+    for item in instances:
+        study, series_uid, sop = (item[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
+        assert item["00081190"]["Value"] == [
+            f"{base}/studies/{study}/series/{series_uid}/instances/{sop}"]
+
+
 def test_repeated_uid_keys_are_one_uid_list(corpus: Corpus) -> None:
     # PS3.18 §8.3.4.1: StudyInstanceUID=A&StudyInstanceUID=B is the list A\\B, as
     # dicomweb-client sends search_filters={"StudyInstanceUID": [a, b]}.
