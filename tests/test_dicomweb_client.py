@@ -376,6 +376,56 @@ def test_bulkdata_inside_a_sequence(loaded: Loaded) -> None:
     assert "7FE00010" not in meta
 
 
+def test_large_bulk_data_is_sent_in_chunks_and_read_by_ranges(server: RunningServer) -> None:
+    """Pixel Data of several MiB (more than one read chunk), whole and by ranges
+    that cross chunk and fragment boundaries, bare and as multipart."""
+    client = DICOMwebClient(server.dicomweb, headers=server.headers)
+    ct = ct_dataset(size=512, frames=9)  # 4.5 MiB of native pixels
+    stream = bytes(range(256)) * (3 * 4096 + 1)  # a 3 MiB video in three fragments
+    video = video_dataset(generate_uid(prefix=ROOT), stream)
+    client.store_instances([ct, video])
+    octets = {**server.headers, "Accept": "application/octet-stream"}
+    uri = client.retrieve_instance_metadata(
+        ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID)["7FE00010"]["BulkDataURI"]
+    whole = httpx.get(uri, headers=octets)
+    assert whole.status_code == 200
+    assert whole.headers["content-length"] == str(len(ct.PixelData))
+    assert whole.content == ct.PixelData
+    [multipart] = client.retrieve_bulkdata(uri)
+    assert multipart == ct.PixelData
+    mib = 1 << 20
+    span = httpx.get(uri, headers={**octets, "Range": f"bytes={mib - 5}-{3 * mib + 6}"})
+    assert span.status_code == 206 and span.content == ct.PixelData[mib - 5 : 3 * mib + 7]
+    [part] = client.retrieve_bulkdata(uri, byte_range=(mib + 1, 2 * mib + 2))
+    assert part == ct.PixelData[mib + 1 : 2 * mib + 3]
+
+    uri = client.retrieve_instance_metadata(
+        video.StudyInstanceUID, video.SeriesInstanceUID,
+        video.SOPInstanceUID)["7FE00010"]["BulkDataURI"] + "?accept=video/mp4"
+    played = httpx.get(uri, headers=server.headers)
+    assert played.status_code == 200 and played.content == stream
+    # Fragments are a third of the stream each: this range spans all three.
+    third = len(stream) // 3
+    seek = httpx.get(uri, headers={**server.headers, "Range": f"bytes={third - 3}-{2 * third + 3}"})
+    assert seek.status_code == 206 and seek.content == stream[third - 3 : 2 * third + 4]
+
+
+def test_many_frames_in_one_request_stream_and_a_missing_one_is_refused_first(
+    server: RunningServer,
+) -> None:
+    client = DICOMwebClient(server.dicomweb, headers=server.headers)
+    ct = ct_dataset(size=256, frames=12)
+    client.store_instances([ct])
+    uids_ = (ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID)
+    size = 256 * 256 * 2
+    numbers = [12, 1, 5, 5, 7]
+    got = client.retrieve_instance_frames(*uids_, frame_numbers=numbers)
+    assert got == [ct.PixelData[(n - 1) * size : n * size] for n in numbers]
+    path = f"{server.dicomweb}/studies/{uids_[0]}/series/{uids_[1]}/instances/{uids_[2]}"
+    missing = httpx.get(f"{path}/frames/1,13", headers=server.headers)
+    assert missing.status_code == 404 and "13" in missing.text
+
+
 # --- WADO-RS frames ------------------------------------------------------------------
 
 

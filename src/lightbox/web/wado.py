@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lightbox.dicom import render, uids
-from lightbox.errors import BadRequest, NotAcceptable
+from lightbox.errors import BadRequest, NotAcceptable, NotFound
 from lightbox.index.instances import StoredInstance
 from lightbox.services import pixels, retrieve
 from lightbox.web import context
@@ -181,23 +181,41 @@ async def frames(request: Request) -> Response:
         request.headers.get("accept"), instance.transfer_syntax_uid, len(numbers)
     )
     boundary = new_boundary()
-    chunks: list[bytes] = []
-    for number in numbers:
-        # Ranged reads of a few hundred KiB from the page cache: cheaper inline
-        # than a hop to a worker thread.
-        frame = retrieve.stored_frame(archive, instance, number)
-        if frame is None or (
-            form.native and frame.transfer_syntax_uid not in uids.NATIVE_SYNTAXES
-        ):
-            frame = await context.blocking(pixels.frame, archive, instance, number,
-                                           native=form.native)
+    content = f'multipart/related; type="{form.media}"; boundary={boundary}'
+    if len(numbers) == 1:
+        frame = await _frame(archive, instance, numbers[0], form)
         part_type = f"{form.media}; transfer-syntax={frame.transfer_syntax_uid}"
         if form.single:
             return Response(frame.data, media_type=part_type)
-        chunks += [part_header(boundary, part_type), frame.data, b"\r\n"]
-    chunks.append(closing(boundary))
-    content = f'multipart/related; type="{form.media}"; boundary={boundary}'
-    return Response(b"".join(chunks), media_type=content)
+        return Response(b"".join((part_header(boundary, part_type), frame.data, b"\r\n",
+                                  closing(boundary))), media_type=content)
+    # Checked before the first byte goes out: a 404 after the 200 has started
+    # would only be a broken stream.
+    missing = [n for n in numbers if n > instance.number_of_frames]
+    if missing:
+        raise NotFound(f"frame {missing[0]} not in instance "
+                       f"(it has {instance.number_of_frames})")
+
+    async def body() -> AsyncIterator[bytes]:
+        # One frame at a time: a list of thousands of frames never sits in memory.
+        for number in numbers:
+            frame = await _frame(archive, instance, number, form)
+            part_type = f"{form.media}; transfer-syntax={frame.transfer_syntax_uid}"
+            yield b"".join((part_header(boundary, part_type), frame.data, b"\r\n"))
+        yield closing(boundary)
+
+    return StreamingResponse(body(), media_type=content)
+
+
+async def _frame(archive: Any, instance: StoredInstance, number: int,
+                 form: FrameForm) -> retrieve.Frame:
+    # Ranged reads of a few hundred KiB from the page cache: cheaper inline
+    # than a hop to a worker thread.
+    frame = retrieve.stored_frame(archive, instance, number)
+    if frame is None or (form.native and frame.transfer_syntax_uid not in uids.NATIVE_SYNTAXES):
+        frame = await context.blocking(pixels.frame, archive, instance, number,
+                                       native=form.native)
+    return frame
 
 
 class _Unsatisfiable(Exception):
@@ -236,45 +254,102 @@ async def bulkdata(request: Request) -> Response:
     # it is how a browser's <video src> asks for a stream.
     accept = request.query_params.get("accept") or request.headers.get("accept", "")
     stream_type = _stream_type(instance, tag_path, accept)
-    if stream_type is not None:
-        # The one entry of its frame table: every fragment, by ranged reads.
-        stream = await context.blocking(retrieve.stored_frame, archive, instance, 1)
-        assert stream is not None  # an encapsulated layout always maps its frames
-        data = stream.data
-    elif tag_path.upper() != "7FE00010" or instance.layout is None:
+    value = _stored_value(instance, tag_path, stream=stream_type is not None)
+    if value is None:  # a value inside the dataset that ingest did not map: parse for it
         data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
-    else:
-        offset, length = instance.layout.value
-        if instance.layout.encapsulated:
-            data = await context.blocking(pixels.bulk_value, archive, instance, tag_path)
-        else:
-            data = await context.blocking(
-                archive.blobs.read_range, instance.blob_key, offset, length
-            )
+        value = BulkValue(len(data), data=data)
     try:
-        rng = _byte_range(request.headers.get("range"), len(data))
+        rng = _byte_range(request.headers.get("range"), value.size)
     except _Unsatisfiable:
         # RFC 9110 §15.5.17: 416 with the value's length, not 404 (the resource exists).
         return JSONResponse(
             {"error": "requested range is outside the bulk data"}, status_code=416,
-            headers={"Content-Range": f"bytes */{len(data)}", "Accept-Ranges": "bytes"},
+            headers={"Content-Range": f"bytes */{value.size}", "Accept-Ranges": "bytes"},
         )
     headers = {"Accept-Ranges": "bytes"}
     status = 200
+    start, end = rng if rng is not None else (0, value.size - 1)
     if rng is not None:
-        start, end = rng
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        data, status = data[start : end + 1], 206
-    if stream_type is not None:
-        return Response(data, status_code=status, media_type=stream_type, headers=headers)
-    if accept.strip().startswith("application/octet-stream"):
-        return Response(data, status_code=status, media_type="application/octet-stream",
+        headers["Content-Range"] = f"bytes {start}-{end}/{value.size}"
+        status = 206
+    length = end - start + 1
+    if stream_type is not None or accept.strip().startswith("application/octet-stream"):
+        media = stream_type or "application/octet-stream"
+        head, tail = b"", b""
+    else:
+        # PS3.18 returns bulk data as multipart/related by default.
+        boundary = new_boundary()
+        media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+        head = part_header(boundary, "application/octet-stream")
+        tail = b"\r\n" + closing(boundary)
+    if value.data is not None or length <= CHUNK:
+        data = (value.data[start : end + 1] if value.data is not None
+                else await context.blocking(_read_segments, archive, instance,
+                                            value.slice(start, length)))
+        return Response(head + data + tail, status_code=status, media_type=media,
                         headers=headers)
-    # PS3.18 returns bulk data as multipart/related by default.
-    boundary = new_boundary()
-    body = part_header(boundary, "application/octet-stream") + data + b"\r\n" + closing(boundary)
-    media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
-    return Response(body, status_code=status, media_type=media, headers=headers)
+    # Large values go out a chunk at a time: memory stays bounded whatever their size.
+    headers["Content-Length"] = str(len(head) + length + len(tail))
+    pieces = value.slice(start, length)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for offset, size in _chunked(pieces):
+            yield await context.blocking(archive.blobs.read_range, instance.blob_key,
+                                         offset, size)
+        yield tail
+
+    return StreamingResponse(body(), status_code=status, media_type=media, headers=headers)
+
+
+@dataclass(frozen=True)
+class BulkValue:
+    """A bulk data value of ``size`` bytes: its ``data`` when it was read whole,
+    else the (offset, length) ``segments`` of the stored file it is made of."""
+
+    size: int
+    data: bytes | None = None
+    segments: tuple[tuple[int, int], ...] = ()
+
+    def slice(self, start: int, length: int) -> list[tuple[int, int]]:
+        """The segments of the file that hold bytes ``start``…``start+length-1``."""
+        out: list[tuple[int, int]] = []
+        position = 0
+        for offset, size in self.segments:
+            lo, hi = max(start, position), min(start + length, position + size)
+            if lo < hi:
+                out.append((offset + lo - position, hi - lo))
+            position += size
+        return out
+
+
+def _stored_value(instance: StoredInstance, tag_path: str, *, stream: bool) -> BulkValue | None:
+    """Where the Pixel Data value (or, for ``stream``, the video stream or
+    compressed frame inside it) lies in the stored file, from the layout ingest
+    recorded; None for other values."""
+    layout = instance.layout
+    if tag_path.strip("/").upper() != "7FE00010" or layout is None:
+        return None
+    if stream:
+        segments = tuple(layout.frames[0])  # one stream, its fragments in order
+    elif layout.encapsulated:
+        offset, total = layout.value  # items and the sequence delimiter, which is not value
+        segments = ((offset, total - 8),)
+    else:
+        segments = (layout.value,)
+    return BulkValue(sum(size for _, size in segments), segments=segments)
+
+
+def _chunked(segments: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    for offset, size in segments:
+        for at in range(0, size, CHUNK):
+            yield offset + at, min(CHUNK, size - at)
+
+
+def _read_segments(archive: Any, instance: StoredInstance,
+                   segments: list[tuple[int, int]]) -> bytes:
+    return b"".join(archive.blobs.read_range(instance.blob_key, offset, size)
+                    for offset, size in segments)
 
 
 def _stream_type(instance: StoredInstance, tag_path: str, accept: str) -> str | None:
