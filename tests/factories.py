@@ -78,16 +78,46 @@ def stow_body(parts: list[bytes], boundary: str = "lightbox-test-boundary") -> t
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
-def video_dataset(study: str, stream: bytes) -> Dataset:
-    """An endoscopy video: an H.264 stream (its bytes are opaque here) in three
-    fragments, as one stream of 30 frames is encapsulated (PS3.5 8.2.8)."""
+H264 = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High Profile / Level 4.1
+
+
+def video_dataset(study: str, stream: bytes, syntax: str = H264, frames: int = 30) -> Dataset:
+    """An endoscopy video of 64 x 64 pixels: a stream in ``syntax`` (H.264 unless
+    told) of ``frames`` frames, in three fragments, as one stream is
+    encapsulated (PS3.5 8.2.8)."""
     ds = ct_dataset(study=study, size=64)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1.1"
-    ds.Modality, ds.NumberOfFrames, ds.FrameTime = "ES", 30, 33.3
+    ds.Modality, ds.NumberOfFrames, ds.FrameTime = "ES", frames, 40.0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_PARTIAL_420"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PlanarConfiguration = 8, 8, 7, 0
     ds.PixelData = encapsulate([stream], fragments_per_frame=3)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True  # encapsulated, however it is encoded
     return ds
+
+
+def video_colour(number: int) -> tuple[int, int, int]:
+    """The solid colour of frame ``number`` (1-based) of :func:`encoded_video`."""
+    return (20 * number % 256, 255 - 20 * number % 256, 128)
+
+
+def encoded_video(codec: str, container: str, frames: int = 12, size: int = 64) -> bytes:
+    """A real compressed video stream: ``frames`` frames of ``size`` x ``size`` pixels,
+    each a solid :func:`video_colour`, encoded by FFmpeg (``codec`` in ``container``,
+    such as libx264 in h264, an elementary stream, or mpeg2video in mpeg)."""
+    import av  # only the video tests need it
+
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=container) as muxer:
+        stream = muxer.add_stream(codec, rate=25)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qp": "4"} if codec == "libx264" else {"qscale": "2"}
+        for number in range(1, frames + 1):
+            pixels = np.empty((size, size, 3), dtype=np.uint8)
+            pixels[:] = video_colour(number)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            muxer.mux(stream.encode(frame))
+        muxer.mux(stream.encode(None))
+    return out.getvalue()

@@ -178,6 +178,15 @@ def render_frame(ds: Dataset, frame_number: int, options: RenderOptions) -> byte
         pixels = _grey(arr, ds, frame_number - 1, options)
     else:
         raise Unavailable(f"cannot render {photometric or 'unknown'} pixel data")
+    return _encode(pixels, options)
+
+
+def render_rgb(arr: npt.NDArray[np.uint8], options: RenderOptions) -> bytes:
+    """Render a frame decoded elsewhere (a video's) as 8-bit RGB: crop, fit, encode."""
+    return _encode(_crop(arr, options.region), options)
+
+
+def _encode(pixels: npt.NDArray[np.uint8], options: RenderOptions) -> bytes:
     image = _fit(Image.fromarray(np.ascontiguousarray(pixels)), options.viewport)
     out = BytesIO()
     if options.media_type == PNG:

@@ -9,11 +9,13 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from lightbox.archive import Archive
-from lightbox.dicom import render, transcode, uids
+from lightbox.dicom import render, transcode, uids, video
 from lightbox.dicom.render import RenderOptions
 from lightbox.errors import NotFound
 from lightbox.index.instances import StoredInstance
@@ -31,10 +33,33 @@ def frame(archive: Archive, instance: StoredInstance, number: int, *, native: bo
     found = stored_frame(archive, instance, number)
     if found is not None and (not native or found.transfer_syntax_uid in uids.NATIVE_SYNTAXES):
         return found
+    if is_video(instance):
+        rgb = video_frame(archive, instance, number)
+        return Frame(rgb.tobytes(), uids.EXPLICIT_VR_LITTLE_ENDIAN)
     ds = _dataset(archive, instance)
     if "PixelData" not in ds:
         raise NotFound(f"instance {instance.sop_instance_uid} has no pixel data")
     return Frame(transcode.decode_frame(ds, number), uids.EXPLICIT_VR_LITTLE_ENDIAN)
+
+
+def is_video(instance: StoredInstance) -> bool:
+    """Whether the instance's Pixel Data is one video stream (MPEG-2, H.264, HEVC)."""
+    return instance.transfer_syntax_uid in uids.VIDEO_MEDIA_TYPES and instance.layout is not None
+
+
+def video_frame(archive: Archive, instance: StoredInstance, number: int) -> npt.NDArray[np.uint8]:
+    """Frame ``number`` of a video instance, decoded to RGB from the stored stream."""
+    assert instance.layout is not None
+    if not 1 <= number <= instance.number_of_frames:
+        raise NotFound(f"frame {number} not in instance (it has {instance.number_of_frames})")
+    with archive.blobs.open(instance.blob_key) as fh:
+        return video.decode_frame(video.FragmentReader(fh, instance.layout.frames[0]), number)
+
+
+def representative_frame(instance: StoredInstance) -> int:
+    """The frame that stands for a multi-frame instance: the middle one, but the
+    first of a video (reaching a later one means decoding all before it)."""
+    return 1 if is_video(instance) else max(1, (instance.number_of_frames + 1) // 2)
 
 
 def can_convert(instance: StoredInstance) -> bool:
@@ -59,10 +84,13 @@ def rendered(
         return cache.read_bytes()
     except FileNotFoundError:
         pass
-    ds = _dataset(archive, instance)
-    if "PixelData" not in ds:
-        raise NotFound(f"instance {instance.sop_instance_uid} has no image to render")
-    data = render.render_frame(ds, number, options)
+    if is_video(instance):
+        data = render.render_rgb(video_frame(archive, instance, number), options)
+    else:
+        ds = _dataset(archive, instance)
+        if "PixelData" not in ds:
+            raise NotFound(f"instance {instance.sop_instance_uid} has no image to render")
+        data = render.render_frame(ds, number, options)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(data)

@@ -125,6 +125,8 @@ def stored_frame(archive: Archive, instance: StoredInstance, number: int) -> Fra
     layout = instance.layout
     if layout is not None and not layout.frames:
         return None  # bit-packed frames: not byte-addressable
+    if instance.transfer_syntax_uid in uids.VIDEO_MEDIA_TYPES:
+        return None  # one stream: its frames exist only once decoded
     if layout is None:
         if instance.transfer_syntax_uid in _UNMAPPED_SYNTAXES:
             return None  # byte positions in the file do not map to frames

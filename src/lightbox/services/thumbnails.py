@@ -77,27 +77,25 @@ def series_thumbnail(
     return Thumbnail(data, JPEG, etag)
 
 
-def _representative(archive: Archive, found: SeriesRow) -> tuple[InstanceRef, int] | None:
-    """The middle image of the series and the frame to show."""
+def _representative(archive: Archive, found: SeriesRow) -> InstanceRef | None:
+    """The middle image of the series."""
     with archive.db.read() as conn:
         refs = index.instances_of_series(conn, found.pk, limit=10_000)
     images = [r for r in refs if r.has_pixels] or refs
     if not images:
         return None
-    chosen = images[len(images) // 2]
-    return chosen, max(1, (chosen.number_of_frames + 1) // 2)
+    return images[len(images) // 2]
 
 
 def _render(archive: Archive, principal: Principal, study_uid: str, found: SeriesRow) -> bytes:
-    picked = _representative(archive, found)
-    if picked is None:
+    ref = _representative(archive, found)
+    if ref is None:
         return _NONE
-    ref, frame = picked
     try:
         stored = retrieve.find_instances(
             archive, principal, study_uid, found.series_instance_uid, ref.sop_instance_uid
         )[0]
-        return pixels.rendered(archive, stored, frame, OPTIONS)
+        return pixels.rendered(archive, stored, pixels.representative_frame(stored), OPTIONS)
     except LightboxError as exc:  # no pixel data, no codec installed
         log.info("no thumbnail for series %s: %s", found.series_instance_uid, exc.message)
     except Exception:  # a damaged image must not break the study page

@@ -391,7 +391,7 @@ def _representative(
         return found[0], number or 1
     images = [i for i in found if i.layout is not None] or found
     chosen = images[len(images) // 2]
-    return chosen, number or max(1, (chosen.number_of_frames + 1) // 2)
+    return chosen, number or pixels.representative_frame(chosen)
 
 
 INSTANCE = "/studies/{study}/series/{series}/instances/{instance}"

@@ -1,0 +1,108 @@
+"""Video instances (MPEG-2, H.264, HEVC): their frames rendered, thumbnailed and
+decoded from the stored stream, with real streams encoded by FFmpeg.
+
+Each frame of the test videos is one solid colour (``video_colour``), so what
+comes back can be told apart frame by frame, lossy coding notwithstanding.
+"""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tests.conftest import RunningServer
+from tests.factories import ROOT, encoded_video, video_colour, video_dataset
+
+VIDEOS = {  # transfer syntax, FFmpeg encoder and container
+    "h264": ("1.2.840.10008.1.2.4.102", "libx264", "h264"),
+    "mpeg2": ("1.2.840.10008.1.2.4.100", "mpeg2video", "mpeg"),
+    "hevc": ("1.2.840.10008.1.2.4.107", "hevc", "hevc"),
+}
+FRAMES = 12
+
+
+def _stored(server: RunningServer, kind: str) -> tuple[Dataset, str]:
+    syntax, codec, container = VIDEOS[kind]
+    ds = video_dataset(generate_uid(prefix=ROOT), encoded_video(codec, container, FRAMES),
+                       syntax=syntax, frames=FRAMES)
+    DICOMwebClient(server.dicomweb, headers=server.headers).store_instances([ds])
+    series = f"{server.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    return ds, series
+
+
+def _colour(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).reshape(-1, 3).mean(axis=0)
+
+
+def _close(got: np.ndarray, number: int) -> bool:
+    return bool(np.all(np.abs(got - np.array(video_colour(number))) < 8))
+
+
+@pytest.mark.parametrize("kind", sorted(VIDEOS))
+def test_frames_of_a_video_render_from_its_stream(server: RunningServer, kind: str) -> None:
+    ds, series = _stored(server, kind)
+    instance = f"{series}/instances/{ds.SOPInstanceUID}"
+    get = lambda path, **h: httpx.get(path, headers={**server.headers, **h})  # noqa: E731
+    first = get(f"{instance}/rendered", Accept="image/jpeg")
+    assert first.status_code == 200, first.text
+    assert first.headers["content-type"] == "image/jpeg" and _close(_colour(first.content), 1)
+    for number in (2, 7, FRAMES):
+        answer = get(f"{instance}/frames/{number}/rendered", Accept="image/png")
+        assert answer.status_code == 200, answer.text
+        image = Image.open(io.BytesIO(answer.content))
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert _close(_colour(answer.content), number), (number, _colour(answer.content))
+    # A video's thumbnail is its first frame, at series and at instance level.
+    for thumb in (get(f"{series}/thumbnail"), get(f"{instance}/thumbnail?viewport=32,32")):
+        assert thumb.status_code == 200 and _close(_colour(thumb.content), 1)
+    assert Image.open(io.BytesIO(thumb.content)).size == (32, 32)
+    missing = get(f"{instance}/frames/{FRAMES + 1}/rendered")
+    assert missing.status_code == 404, missing.text
+
+
+def test_a_video_frame_is_given_decoded_and_by_wado_uri(server: RunningServer) -> None:
+    ds, series = _stored(server, "h264")
+    instance = f"{series}/instances/{ds.SOPInstanceUID}"
+    decoded = httpx.get(f"{instance}/frames/5", headers={**server.headers,
+                                                          "Accept": "application/octet-stream"})
+    assert decoded.status_code == 200, decoded.text
+    assert decoded.headers["content-type"].startswith("application/octet-stream")
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in decoded.headers["content-type"]
+    pixels = np.frombuffer(decoded.content, dtype=np.uint8)
+    assert pixels.size == 64 * 64 * 3  # RGB, as every decoded colour frame
+    assert _close(pixels.reshape(-1, 3).mean(axis=0), 5)
+    uri = httpx.get(f"{server.url}/wado", headers=server.headers, params={
+        "requestType": "WADO", "studyUID": ds.StudyInstanceUID,
+        "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID,
+        "contentType": "image/jpeg", "frameNumber": "9"})
+    assert uri.status_code == 200, uri.text
+    assert _close(_colour(uri.content), 9)
+
+
+def test_the_study_browser_shows_a_video_series_by_its_first_frame(server: RunningServer) -> None:
+    ds, _series = _stored(server, "mpeg2")
+    thumb = httpx.get(f"{server.url}/browse/thumbnails/{ds.StudyInstanceUID}/"
+                      f"{ds.SeriesInstanceUID}.jpg", headers=server.headers)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert _close(_colour(thumb.content), 1)
+
+
+def test_a_stream_that_is_not_video_is_refused_clearly(server: RunningServer) -> None:
+    """Bytes in a video transfer syntax that no decoder can read: 503 with the
+    reason for rendering, while the stored stream is still served as sent."""
+    stream = bytes(range(256)) * 40
+    ds = video_dataset(generate_uid(prefix=ROOT), stream, frames=FRAMES)
+    DICOMwebClient(server.dicomweb, headers=server.headers).store_instances([ds])
+    instance = (f"{server.dicomweb}/studies/{ds.StudyInstanceUID}/series/"
+                f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    answer = httpx.get(f"{instance}/rendered", headers=server.headers)
+    assert answer.status_code == 503 and "video" in answer.text
+    played = httpx.get(f"{instance}/bulkdata/7FE00010?accept=video/mp4", headers=server.headers)
+    assert played.status_code == 200 and played.content == stream
