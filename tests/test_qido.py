@@ -77,7 +77,9 @@ def _store(archive: Archive, folder: Path) -> tuple[dict[str, str], dict[str, li
         for number, modality in enumerate(modalities, start=1):
             ds = ct_dataset(study=study, patient_name=name, patient_id=pid, StudyDate=date,
                             StudyTime=time, Modality=modality, SeriesNumber=number,
-                            instance_number=number, SliceThickness=f"{number * 2.5}", **extra)
+                            instance_number=number, SliceThickness=f"{number * 2.5}",
+                            PatientWeight="71.5", Manufacturer="ACME", WindowCenter="40",
+                            **extra)
             instances.setdefault(key, []).append(ds.SOPInstanceUID)
             offers.append(Offer(write(ds, folder / f"{ds.SOPInstanceUID}.dcm"), key))
     outcomes = store_instances(archive, offers)
@@ -369,6 +371,20 @@ def test_includefield_all_stays_at_its_level(corpus: Corpus) -> None:
                           includefield="all").json()
     assert "00080018" not in series and "00200013" not in series
     assert series["00080060"]["Value"] == ["MR"]
+    # Attributes Lightbox does not index: each only at its own level and below.
+    # PatientWeight is the study's (Patient Study module), Manufacturer the
+    # series' (General Equipment), SliceThickness and WindowCenter the image's.
+    assert study["00101030"]["Value"] == [71.5]
+    for tag in ("00080070", "00180050", "00281050"):
+        assert tag not in study, tag
+    assert series["00101030"]["Value"] == [71.5] and series["00080070"]["Value"] == ["ACME"]
+    assert "00180050" not in series and "00281050" not in series
+    everything = _instance(corpus, includefield="all")
+    assert everything["00080070"]["Value"] == ["ACME"]
+    assert everything["00281050"]["Value"] == [40.0]
+    # Asked for by name, an attribute comes from the representative instance.
+    [named] = corpus.get("/studies", PatientID="P2", includefield="SliceThickness").json()
+    assert "00180050" in named
 
 
 # --- paging, caps and errors ---------------------------------------------------------------

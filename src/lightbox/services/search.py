@@ -10,6 +10,7 @@ from typing import Any
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import ATTRIBUTES, Kind, QueryLevel, visible_at
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
+from lightbox.dicom.levels import belongs_at
 from lightbox.dicom.query import Query
 from lightbox.index import search as index
 from lightbox.services import access
@@ -108,6 +109,8 @@ def _merge_stored(conn: Any, query: Query, hit: index.Hit, item: dict[str, Any])
     for key, value in stored.items():
         if key in item or key in below or (wanted is not None and key not in wanted):
             continue
+        if wanted is None and not belongs_at(key, level):
+            continue  # "all" means all of this level's attributes, not the instance's own
         if "BulkDataURI" in value or key.startswith("7FE0"):
             continue
         item[key] = value
