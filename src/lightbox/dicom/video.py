@@ -14,7 +14,6 @@ import io
 from collections.abc import Sequence
 from typing import BinaryIO
 
-import av
 import numpy as np
 import numpy.typing as npt
 
@@ -79,6 +78,10 @@ def decode_frame(stream: BinaryIO | io.RawIOBase, number: int) -> npt.NDArray[np
     """Frame ``number`` (1-based) of the video ``stream`` as 8-bit RGB, shape
     (rows, columns, 3). NotFound when the stream has fewer frames, Unavailable
     when it cannot be decoded."""
+    # Imported here: FFmpeg's libraries cost some 25 MB in every process that
+    # loads them, and most never see a video.
+    import av
+
     count = 0
     try:
         with av.open(stream, mode="r") as container:
