@@ -31,6 +31,20 @@ MAX_FRAGMENTS = 1_000_000
 Ranges = tuple[tuple[int, int], ...]
 
 
+def cut(ranges: Sequence[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """The (offset, length) pieces of a file that hold bytes ``start`` to
+    ``start + length - 1`` of the stream made of ``ranges`` read one after the
+    other (a frame's or a video's fragments)."""
+    pieces: list[tuple[int, int]] = []
+    position = 0
+    for offset, size in ranges:
+        low, high = max(start, position), min(start + length, position + size)
+        if low < high:
+            pieces.append((offset + low - position, high - low))
+        position += size
+    return pieces
+
+
 class UniformFrames(Sequence[Ranges]):
     """Native frames: frame i is the one range (offset + i * size, size).
 

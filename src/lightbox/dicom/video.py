@@ -17,6 +17,7 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from lightbox.dicom.frames import cut
 from lightbox.errors import NotFound, Unavailable
 
 # Decoded frames larger than this are refused rather than held in memory (8K UHD).
@@ -30,13 +31,8 @@ class FragmentReader(io.RawIOBase):
     def __init__(self, source: BinaryIO, segments: Sequence[tuple[int, int]]) -> None:
         super().__init__()
         self._source = source
-        self._segments = list(segments)
-        self._starts: list[int] = []
-        total = 0
-        for _offset, length in self._segments:
-            self._starts.append(total)
-            total += length
-        self._size = total
+        self._segments = segments
+        self._size = sum(length for _offset, length in segments)
         self._position = 0
 
     def readable(self) -> bool:
@@ -58,19 +54,13 @@ class FragmentReader(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         done = 0
-        for start, (offset, length) in zip(self._starts, self._segments, strict=True):
-            if done == len(view) or self._position >= self._size:
-                break
-            if not start <= self._position < start + length:
-                continue
-            within = self._position - start
-            count = min(length - within, len(view) - done)
-            self._source.seek(offset + within)
-            got = self._source.readinto(view[done : done + count])  # type: ignore[attr-defined]
-            if not got:
-                break
-            done += got
-            self._position += got
+        for offset, length in cut(self._segments, self._position, len(view)):
+            self._source.seek(offset)
+            got = self._source.readinto(view[done : done + length])  # type: ignore[attr-defined]
+            done += got or 0
+            if got != length:
+                break  # the file ends early
+        self._position += done
         return done
 
 

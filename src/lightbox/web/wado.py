@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lightbox.dicom import render, uids
+from lightbox.dicom.frames import cut
 from lightbox.errors import BadRequest, NotAcceptable, NotFound
 from lightbox.index.instances import StoredInstance
 from lightbox.services import pixels, retrieve
@@ -313,14 +314,7 @@ class BulkValue:
 
     def slice(self, start: int, length: int) -> list[tuple[int, int]]:
         """The segments of the file that hold bytes ``start``…``start+length-1``."""
-        out: list[tuple[int, int]] = []
-        position = 0
-        for offset, size in self.segments:
-            lo, hi = max(start, position), min(start + length, position + size)
-            if lo < hi:
-                out.append((offset + lo - position, hi - lo))
-            position += size
-        return out
+        return cut(self.segments, start, length)
 
 
 def _stored_value(instance: StoredInstance, tag_path: str, *, stream: bool) -> BulkValue | None:
