@@ -12,8 +12,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from lightbox.archive import Archive
+from lightbox.dicom.attributes import QueryLevel
+from lightbox.dicom.query import Query
 from lightbox.dimse import contexts
 from lightbox.dimse.status import Find
+from lightbox.index import search as index_search
 from lightbox.services import nodes
 from lightbox.services.ingest import Offer, Status, store_instances
 from tests.dimse_peers import dcmtk, scp, with_settings
@@ -182,3 +185,54 @@ def test_more_matches_than_the_cap_end_in_a_refusal_not_success(loaded: Archive)
     assert [s for s, _ in cut] == [Find.PENDING] * 2 + [Find.OUT_OF_RESOURCES]
     assert "narrow the query" in cut[-1][1]
     assert [s for s, _ in exact] == [Find.PENDING] * 3 + [Find.SUCCESS]
+
+
+def test_unknown_required_keys_match_any_value_in_c_find_only(
+    loaded: Archive, tmp_path: Path
+) -> None:
+    """PS3.4 C.2.2.1.2: an entity whose Required Key is empty matches any value of
+    that key in C-FIND. PatientID is the Unique Key of the Patient Root model's
+    patients, so there it must match exactly. QIDO-RS keeps to the values."""
+    unknown = {  # study UID suffix: (patient ID, attributes left empty)
+        "4": ("P4", {"StudyDate": "", "AccessionNumber": ""}),
+        "5": ("", {"StudyDate": "20230301", "SeriesNumber": None}),
+    }
+    offers = []
+    for key, (pid, empty) in unknown.items():
+        ds = ct_dataset(study=_study_uid(key), series=f"{ROOT}501.{key}",
+                        sop=f"{ROOT}502.{key}.1", patient_id=pid, patient_name="DOE^JO")
+        for keyword, value in empty.items():
+            setattr(ds, keyword, value)
+        offers.append(Offer(write(ds, tmp_path / f"{key}.dcm"), "test"))
+    assert all(o.status is Status.STORED for o in store_instances(loaded, offers))
+
+    def studies(model: str, *keys: str) -> set[str]:
+        folder = tmp_path / f"q{len(list(tmp_path.glob('q*')))}"
+        found = _findscu(server.port, model, ["QueryRetrieveLevel=STUDY", "StudyInstanceUID",
+                                              *keys], folder)
+        return {str(ds.StudyInstanceUID).rsplit(".", 1)[1] for ds in found}
+
+    with scp(loaded) as server:
+        # The undated study is in every date range; the study without an accession
+        # number is found by any accession number.
+        assert studies("-S", "StudyDate=20240101-20240630") == {"1", "2", "4"}
+        assert studies("-S", "AccessionNumber=NONE-SUCH") == {"4"}
+        # In the Study Root model PatientID is a Required Key ...
+        assert studies("-S", "PatientID=P1") == {"1", "2", "5"}
+        # ... in the Patient Root model, the patient's Unique Key.
+        assert studies("-P", "PatientID=P1") == {"1", "2"}
+        patients = _findscu(server.port, "-P", ["QueryRetrieveLevel=PATIENT", "PatientID=P1"],
+                            tmp_path / "patients")
+        assert [p.PatientID for p in patients] == ["P1"]
+        # Series without a number match any SeriesNumber; those with one, only theirs.
+        series = _findscu(server.port, "-S", [
+            "QueryRetrieveLevel=SERIES", "SeriesNumber=7", "SeriesInstanceUID",
+        ], tmp_path / "series")
+        assert [s.SeriesInstanceUID for s in series] == [f"{ROOT}501.5"]
+
+    # QIDO-RS's query (the same search, without unknown_matches) keeps to the values.
+    query = Query(level=QueryLevel.STUDY)
+    query.add("StudyDate", "20240101-20240630")
+    with loaded.db.read() as conn:
+        hits = index_search.search(conn, query, limit=100)
+    assert {hit.values["StudyInstanceUID"].rsplit(".", 1)[1] for hit in hits} == {"1", "2"}

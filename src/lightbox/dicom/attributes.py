@@ -97,6 +97,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("AvailableTransferSyntaxUID", 0x00083002, "UI", IN, "transfer_syntax_uid", Kind.UID),
 )
 
+# The Required Keys of the Study Root Query/Retrieve information model (PS3.4
+# C.6.2.1), other than its Unique Keys. In the Patient Root model (C.6.1.1)
+# PatientID is the patient's Unique Key instead.
+STUDY_ROOT_REQUIRED_KEYS = frozenset({
+    "PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+    "Modality", "SeriesNumber", "InstanceNumber",
+})
+PATIENT_ROOT_REQUIRED_KEYS = STUDY_ROOT_REQUIRED_KEYS - {"PatientID"}
+
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}
 BY_TAG: dict[int, Attribute] = {a.tag: a for a in ATTRIBUTES}
 

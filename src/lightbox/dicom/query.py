@@ -50,6 +50,10 @@ class Query:
     offset: int = 0
     fuzzy: bool = False
     unsupported: list[str] = field(default_factory=list)
+    # Keywords of the Required Keys whose unknown (empty) values match any
+    # value asked for (PS3.4 C.2.2.1.2). C-FIND names them; QIDO-RS does not:
+    # a web search for a date range is not expected to list undated studies.
+    unknown_matches: frozenset[str] = frozenset()
 
     def add(self, keyword: str, value: str) -> None:
         """Add a matching key given as keyword or tag with its DICOM-encoded value."""

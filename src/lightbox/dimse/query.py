@@ -19,7 +19,12 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from lightbox.dicom import uids
-from lightbox.dicom.attributes import BY_TAG, QueryLevel
+from lightbox.dicom.attributes import (
+    BY_TAG,
+    PATIENT_ROOT_REQUIRED_KEYS,
+    STUDY_ROOT_REQUIRED_KEYS,
+    QueryLevel,
+)
 from lightbox.dicom.query import Query
 from lightbox.dimse import contexts
 from lightbox.errors import BadRequest
@@ -104,7 +109,10 @@ def _keyword(elem: DataElement) -> str:
 
 def find_request(identifier: Dataset, model: str) -> FindRequest:
     """Parse a C-FIND identifier; BadRequest when it cannot be answered."""
-    query = Query(level=level_of(identifier, model))
+    # PS3.4 C.2.2.1.2: an entity with an empty Required Key matches any value of it.
+    patient_root = model in contexts.PATIENT_ROOT
+    required = PATIENT_ROOT_REQUIRED_KEYS if patient_root else STUDY_ROOT_REQUIRED_KEYS
+    query = Query(level=level_of(identifier, model), unknown_matches=required)
     keys: list[ReturnKey] = []
     unmatched: list[str] = []
     try:

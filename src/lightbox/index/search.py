@@ -140,7 +140,11 @@ def _filtered(
         words = None
         if match.attribute.keyword == "PatientName" and QueryLevel.STUDY in owners:
             words = studies.c.patient_name_words
-        stmt = stmt.where(_condition(column, match, words, sqlite=sqlite))
+        condition = _condition(column, match, words, sqlite=sqlite)
+        if match.attribute.keyword in query.unknown_matches:
+            # Unknown values are kept as NULL (empty ones too: see dicom.instance).
+            condition = or_(condition, column.is_(None))
+        stmt = stmt.where(condition)
     if scope_study_pks is not None and query.level is QueryLevel.PATIENT:
         # A patient is visible through a study the caller may see, never on its own.
         visible = select(studies.c.patient_pk).where(studies.c.pk.in_(scope_study_pks))
