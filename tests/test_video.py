@@ -8,6 +8,9 @@ comes back can be told apart frame by frame, lossy coding notwithstanding.
 from __future__ import annotations
 
 import io
+import itertools
+from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import numpy as np
@@ -17,6 +20,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from lightbox.dicom.video import Cursors
+from lightbox.errors import NotFound
 from tests.conftest import RunningServer
 from tests.factories import ROOT, encoded_video, video_colour, video_dataset
 
@@ -106,3 +111,55 @@ def test_a_stream_that_is_not_video_is_refused_clearly(server: RunningServer) ->
     assert answer.status_code == 503 and "video" in answer.text
     played = httpx.get(f"{instance}/bulkdata/7FE00010?accept=video/mp4", headers=server.headers)
     assert played.status_code == 200 and played.content == stream
+
+
+def test_frames_asked_for_in_order_reuse_the_open_decoder(tmp_path: Path) -> None:
+    """Frame N costs decoding the N-1 before it; a decoder kept where it
+    stopped makes frames asked for in order cost one decode each. The stream
+    lies in three fragments of a larger file, as in a stored instance."""
+    stream = encoded_video("libx264", "h264", FRAMES)
+    cuts = [0, len(stream) // 3, 2 * len(stream) // 3, len(stream)]
+    path, segments, offset = tmp_path / "stored", list[tuple[int, int]](), 100
+    with path.open("wb") as out:
+        out.write(bytes(offset))
+        for start, end in itertools.pairwise(cuts):
+            out.write(stream[start:end] + bytes(8))
+            segments.append((offset, end - start))
+            offset += end - start + 8
+    opened: list[BinaryIO] = []
+
+    def source() -> tuple[BinaryIO, list[tuple[int, int]]]:
+        opened.append(path.open("rb"))
+        return opened[-1], segments
+
+    cursors = Cursors()
+    for number in range(1, FRAMES + 1):
+        assert _close(cursors.frame("k", number, source).reshape(-1, 3).mean(axis=0), number)
+    assert (cursors.hits, cursors.misses, len(opened)) == (FRAMES - 1, 1, 1)
+    # Going back starts again from the first frame; the old decoder's file is closed.
+    assert _close(cursors.frame("k", 3, source).reshape(-1, 3).mean(axis=0), 3)
+    assert (cursors.misses, len(opened)) == (2, 2) and opened[0].closed
+    # Past the end: the decoder is dropped, and the next frame opens a new one.
+    with pytest.raises(NotFound, match="not in the video"):
+        cursors.frame("k", FRAMES + 1, source)
+    assert opened[1].closed
+    assert _close(cursors.frame("k", 4, source).reshape(-1, 3).mean(axis=0), 4)
+    # At most KEEP streams stay open; the least recently used goes first.
+    for key in ("a", "b"):
+        cursors.frame(key, 1, source)
+    assert opened[2].closed and not opened[-1].closed
+    cursors.close()
+    assert all(fh.closed for fh in opened)
+
+
+def test_several_frames_of_a_video_in_one_request(server: RunningServer) -> None:
+    ds, series = _stored(server, "mpeg2")
+    instance = f"{series}/instances/{ds.SOPInstanceUID}"
+    client = DICOMwebClient(server.dicomweb, headers=server.headers)
+    frames = client.retrieve_instance_frames(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [4, 5, 6, 2],
+        media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),))
+    assert len(frames) == 4
+    for number, data in zip([4, 5, 6, 2], frames, strict=True):
+        assert _close(np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).mean(axis=0), number)
+    assert httpx.get(f"{instance}/frames/3,{FRAMES + 1}", headers=server.headers).status_code == 404

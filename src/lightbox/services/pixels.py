@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -52,8 +54,12 @@ def video_frame(archive: Archive, instance: StoredInstance, number: int) -> npt.
     assert instance.layout is not None
     if not 1 <= number <= instance.number_of_frames:
         raise NotFound(f"frame {number} not in instance (it has {instance.number_of_frames})")
-    with archive.blobs.open(instance.blob_key) as fh:
-        return video.decode_frame(video.FragmentReader(fh, instance.layout.frames[0]), number)
+    segments = instance.layout.frames[0]
+
+    def source() -> tuple[BinaryIO, Sequence[tuple[int, int]]]:
+        return archive.blobs.open(instance.blob_key), segments
+
+    return video.cursors.frame(instance.blob_key, number, source)
 
 
 def representative_frame(instance: StoredInstance) -> int:
