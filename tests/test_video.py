@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -150,6 +151,14 @@ def test_frames_asked_for_in_order_reuse_the_open_decoder(tmp_path: Path) -> Non
     assert opened[2].closed and not opened[-1].closed
     cursors.close()
     assert all(fh.closed for fh in opened)
+    # One left unused is closed after IDLE seconds, without another frame asked for.
+    quick = Cursors()
+    quick.IDLE = 0.2
+    quick.frame("k", 1, source)
+    deadline = time.monotonic() + 10
+    while not opened[-1].closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened[-1].closed
 
 
 def test_several_frames_of_a_video_in_one_request(server: RunningServer) -> None:

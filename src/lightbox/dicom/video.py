@@ -145,8 +145,8 @@ class Cursors:
     Reaching frame N means decoding every frame before it, so a decoder that
     stopped at frame N-1 is kept for the next request. A cursor is taken out
     while it decodes, so two requests never share one (the second opens its
-    own). Cursors unused for ``IDLE`` seconds are closed when the cache is next
-    used; at most ``KEEP`` stay open.
+    own). Cursors unused for ``IDLE`` seconds are closed (by a thread that
+    runs while any is open); at most ``KEEP`` stay open.
     """
 
     KEEP = 2
@@ -155,6 +155,7 @@ class Cursors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: OrderedDict[str, _Cursor] = OrderedDict()
+        self._sweeping = False  # a thread closes idle cursors
         self.hits = self.misses = 0
 
     def frame(
@@ -197,8 +198,23 @@ class Cursors:
             extra = []
             while len(self._open) > self.KEEP:
                 extra.append(self._open.popitem(last=False)[1])
+            sweep, self._sweeping = not self._sweeping, True
         for old in [*extra, *([replaced] if replaced is not None else [])]:
             old.close()
+        if sweep:
+            threading.Thread(target=self._sweep, name="video-sweep", daemon=True).start()
+
+    def _sweep(self) -> None:
+        """Close cursors as they go idle; end when none is left open."""
+        while True:
+            time.sleep(self.IDLE / 2)
+            with self._lock:
+                stale = self._expire()
+                self._sweeping = bool(self._open)
+            for cursor in stale:
+                cursor.close()
+            if not self._sweeping:
+                return
 
     def _expire(self) -> list[_Cursor]:
         """Remove and return the idle cursors (under the lock)."""
