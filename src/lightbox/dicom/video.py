@@ -69,16 +69,10 @@ class FragmentReader(io.RawIOBase):
         return done
 
 
-def decode_frame(stream: BinaryIO | io.RawIOBase, number: int) -> npt.NDArray[np.uint8]:
-    """Frame ``number`` (1-based) of the video ``stream`` as 8-bit RGB, shape
-    (rows, columns, 3). NotFound when the stream has fewer frames, Unavailable
-    when it cannot be decoded."""
-    with _Decoder(stream) as decoder:
-        return decoder.frame(number)
-
-
 class _Decoder:
-    """A video stream open for decoding, frame after frame."""
+    """A video stream open for decoding, frame after frame: frame N (1-based) as
+    8-bit RGB, shape (rows, columns, 3); NotFound when the stream has fewer
+    frames, Unavailable when it cannot be decoded."""
 
     def __init__(self, stream: BinaryIO | io.RawIOBase) -> None:
         # Imported here: FFmpeg's libraries cost some 25 MB in every process
@@ -112,12 +106,6 @@ class _Decoder:
 
     def close(self) -> None:
         self._container.close()
-
-    def __enter__(self) -> _Decoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _Cursor:
