@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightbox.archive import Archive
@@ -119,6 +120,15 @@ def metadata(
 _UNMAPPED_SYNTAXES = (uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, uids.EXPLICIT_VR_BIG_ENDIAN)
 
 
+def read_ranges(
+    archive: Archive, instance: StoredInstance, ranges: Sequence[tuple[int, int]]
+) -> bytes:
+    """The bytes of the stored file at ``ranges`` (offset, length), joined."""
+    if len(ranges) == 1:
+        return archive.blobs.read_range(instance.blob_key, *ranges[0])
+    return b"".join(archive.blobs.read_range(instance.blob_key, o, n) for o, n in ranges)
+
+
 def stored_frame(archive: Archive, instance: StoredInstance, number: int) -> Frame | None:
     """Frame ``number`` (1-based) as stored, by ranged reads; None when the stored
     form cannot be cut into frames directly (the caller then decodes)."""
@@ -133,11 +143,7 @@ def stored_frame(archive: Archive, instance: StoredInstance, number: int) -> Fra
         raise NotFound(f"instance {instance.sop_instance_uid} has no pixel data")
     if not 1 <= number <= len(layout.frames):
         raise NotFound(f"frame {number} not in instance (it has {len(layout.frames)})")
-    ranges = layout.frames[number - 1]
-    if len(ranges) == 1:
-        data = archive.blobs.read_range(instance.blob_key, *ranges[0])
-    else:
-        data = b"".join(archive.blobs.read_range(instance.blob_key, o, n) for o, n in ranges)
+    data = read_ranges(archive, instance, layout.frames[number - 1])
     syntax = instance.transfer_syntax_uid
     if not layout.encapsulated:
         # Native frames are the same bytes in implicit and explicit little endian.

@@ -285,7 +285,7 @@ async def bulkdata(request: Request) -> Response:
         tail = b"\r\n" + closing(boundary)
     if value.data is not None or length <= CHUNK:
         data = (value.data[start : end + 1] if value.data is not None
-                else await context.blocking(_read_segments, archive, instance,
+                else await context.blocking(retrieve.read_ranges, archive, instance,
                                             value.slice(start, length)))
         return Response(head + data + tail, status_code=status, media_type=media,
                         headers=headers)
@@ -338,12 +338,6 @@ def _chunked(segments: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     for offset, size in segments:
         for at in range(0, size, CHUNK):
             yield offset + at, min(CHUNK, size - at)
-
-
-def _read_segments(archive: Any, instance: StoredInstance,
-                   segments: list[tuple[int, int]]) -> bytes:
-    return b"".join(archive.blobs.read_range(instance.blob_key, offset, size)
-                    for offset, size in segments)
 
 
 def _stream_type(instance: StoredInstance, tag_path: str, accept: str) -> str | None:
