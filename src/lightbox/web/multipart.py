@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from lightbox.errors import BadRequest, TooLarge
+from lightbox.storage.direct import DirectAppender
 
 # RFC 2046 5.1.1 limits a boundary to 70 characters. The character set is
 # widened from bchars to any visible ASCII or space because real clients use
@@ -198,6 +199,7 @@ class _BodyFile:
 
     def __init__(self, fd: int, path: Path, backlog: _Backlog) -> None:
         self._fd = fd
+        self._out = DirectAppender(fd)
         self._path = path
         self._backlog = backlog
         self._error: OSError | None = None
@@ -215,13 +217,16 @@ class _BodyFile:
     def discard(self) -> None:
         """Delete the file now; it is closed once what is queued for it is done."""
         self._path.unlink(missing_ok=True)
-        _writes.submit(os.close, self._fd)
+        _writes.submit(self._drop)
+
+    def _drop(self) -> None:
+        self._out.abandon()
+        os.close(self._fd)
 
     def _write(self, data: bytearray) -> None:
         try:
-            view = memoryview(data)
-            while view and self._error is None:
-                view = view[os.write(self._fd, view):]
+            if self._error is None:
+                self._out.write(data)
         except OSError as exc:
             self._error = exc
         finally:
@@ -229,9 +234,14 @@ class _BodyFile:
 
     def _close(self, sync: bool) -> None:
         try:
+            if self._error is None:
+                self._out.finish()
             if self._error is None and sync:
                 os.fsync(self._fd)
+        except OSError as exc:
+            self._error = exc
         finally:
+            self._out.abandon()
             os.close(self._fd)
         if self._error is not None:
             raise self._error

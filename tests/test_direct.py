@@ -1,0 +1,110 @@
+"""Appending received objects past the page cache: the file holds exactly the
+bytes written, however they were split, where the filesystem takes O_DIRECT,
+where it does not (tmpfs), and where a direct write is refused."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from lightbox.storage import direct
+from lightbox.storage.direct import BLOCK, CHUNK, HEAD, DirectAppender
+
+SIZES = [0, 1, 100, HEAD - 1, HEAD, HEAD + 1, HEAD + CHUNK, HEAD + CHUNK + 1,
+         HEAD + 3 * CHUNK - 5, 2_500_001]
+PIECES = [1, 7, BLOCK, 65536, 300_001, 1 << 20]
+
+
+def _folders(tmp_path: Path) -> list[Path]:
+    """The test's folder (on disk) and, where there is one, a tmpfs folder."""
+    found = [tmp_path]
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        found.append(shm)
+    return found
+
+
+def _append(path: Path, prefix: bytes, data: bytes, rng: random.Random) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, prefix)
+        out = DirectAppender(fd, len(prefix))
+        sent = 0
+        while sent < len(data):
+            n = rng.choice(PIECES)
+            out.write(data[sent:sent + n])
+            sent += n
+        out.finish()
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT, "finish leaves direct mode"
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_file_holds_exactly_what_was_written(tmp_path: Path, size: int) -> None:
+    rng = random.Random(size)
+    for folder in _folders(tmp_path):
+        for prefix in (b"", bytes(132), b"m" * 70_000):
+            data = rng.randbytes(size)
+            path = folder / f"lightbox-direct-{os.getpid()}-{size}-{len(prefix)}"
+            try:
+                _append(path, prefix, data, rng)
+                assert path.read_bytes() == prefix + data, (folder, len(prefix))
+            finally:
+                path.unlink(missing_ok=True)
+
+
+def test_past_the_head_writes_are_direct_where_the_filesystem_allows(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError:
+            pytest.skip("this filesystem does not take O_DIRECT")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        out = DirectAppender(fd)
+        out.write(bytes(HEAD))
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # the head: page cache
+        out.write(b"x")
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        out.finish()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == bytes(HEAD) + b"x"
+
+
+def test_a_direct_write_refused_is_done_through_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError:
+            pytest.skip("this filesystem does not take O_DIRECT")
+        buffer = mmap.mmap(-1, CHUNK)
+        buffer[:5] = b"hello"
+        # An offset that is not aligned: the kernel refuses the direct write.
+        direct._put(fd, buffer, 3, BLOCK, 5)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(3) + b"hello"
+
+
+def test_a_failed_write_is_raised_and_the_buffer_given_back(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = DirectAppender(fd)
+        with pytest.raises(OSError):
+            out.write(bytes(HEAD + CHUNK))
+        out.abandon()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b""
