@@ -32,7 +32,7 @@ import threading
 
 BLOCK = 4096  # the alignment O_DIRECT needs, of offsets, lengths and buffers
 HEAD = 64 * 1024  # bytes written through the page cache (a multiple of BLOCK)
-CHUNK = 256 * 1024  # bytes per direct write (a multiple of BLOCK)
+CHUNK = 512 * 1024  # bytes per direct write (a multiple of BLOCK)
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 

@@ -18,10 +18,12 @@ whole message for small responses; large ones stream the same pieces.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import secrets
 import tempfile
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -168,26 +170,36 @@ def _parse_header_block(block: bytes) -> dict[str, str]:
     return headers
 
 
-# Body bytes go to the page cache on this thread, in the order they came, while
-# the event loop goes on parsing: on some machines copying into new page-cache
-# pages costs as much processor time as everything else done per byte.
-_writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-write")
-# Bytes of one part handed to the writer and not yet written, beyond which
-# reading the request waits for it: what memory an upload may hold.
+# Body bytes are written on these threads while the event loop goes on
+# parsing, each part's in the order they came on the thread it was given (the
+# parts take turns): past its head a part goes straight to the device (see
+# lightbox.storage.direct), and several parts' writes at once keep the device
+# busier than one after the other.
+_WRITERS = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"part-write-{n}")
+            for n in range(4)]
+_next_writer = itertools.cycle(_WRITERS)
+# Bytes of a message handed to the writers and not yet written, beyond which
+# reading the request waits: with what a finished part may still have queued
+# on each other writer, what memory an upload may hold.
 _BACKLOG = 1024 * 1024
-# Bytes gathered before they are handed to the writer: fewer, larger writes
+# Bytes gathered before they are handed to a writer: fewer, larger writes
 # cost the threads fewer hand-overs.
 _MIN_WRITE = 256 * 1024
 
 
 class _Backlog:
-    """Bytes of one message handed to the writer and not yet written, over
+    """Bytes of one message handed to the writers and not yet written, over
     all its parts (a part that ends does not take its queued writes along)."""
 
     def __init__(self) -> None:
         self.handed = 0  # event loop only
-        self.written = 0  # writer thread only
+        self.written = 0  # writer threads, under the lock
+        self.lock = threading.Lock()
         self.last: Future[None] = _done()  # the latest write, of any part
+
+    def wrote(self, count: int) -> None:
+        with self.lock:
+            self.written += count
 
     def behind(self) -> Future[None] | None:
         """The write to wait for when too much waits to be written, else None."""
@@ -195,10 +207,11 @@ class _Backlog:
 
 
 class _BodyFile:
-    """A part's file, written on the writer thread in the order of ``write``."""
+    """A part's file, written on its writer thread in the order of ``write``."""
 
     def __init__(self, fd: int, path: Path, backlog: _Backlog) -> None:
         self._fd = fd
+        self._writer = next(_next_writer)
         self._out = DirectAppender(fd)
         self._path = path
         self._backlog = backlog
@@ -207,17 +220,17 @@ class _BodyFile:
     def write(self, data: bytearray) -> None:
         """Append ``data`` (which now belongs to the writer)."""
         self._backlog.handed += len(data)
-        self._backlog.last = _writes.submit(self._write, data)
+        self._backlog.last = self._writer.submit(self._write, data)
 
     def close(self, *, sync: bool) -> Future[None]:
         """Close the file once written (fsynced first if ``sync``); the future
         raises the OSError of a write (or of the fsync) that failed."""
-        return _writes.submit(self._close, sync)
+        return self._writer.submit(self._close, sync)
 
     def discard(self) -> None:
         """Delete the file now; it is closed once what is queued for it is done."""
         self._path.unlink(missing_ok=True)
-        _writes.submit(self._drop)
+        self._writer.submit(self._drop)
 
     def _drop(self) -> None:
         self._out.abandon()
@@ -230,7 +243,7 @@ class _BodyFile:
         except OSError as exc:
             self._error = exc
         finally:
-            self._backlog.written += len(data)
+            self._backlog.wrote(len(data))
 
     def _close(self, sync: bool) -> None:
         try:
