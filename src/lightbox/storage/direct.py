@@ -13,7 +13,8 @@ more than the copies they save: the DIMSE receiver writes through the page
 cache.)
 
 A file's first ``HEAD`` bytes still go through the page cache: they hold the
-header, which ingest reads back at once. The rest is gathered in aligned
+header of most instances, which ingest reads back at once (a first read of
+the same size; a longer header is read from the device). The rest is gathered in aligned
 buffers and written a ``CHUNK`` at a time; the last, partial block is padded
 and the file cut back to its size. Where the filesystem refuses O_DIRECT
 (tmpfs, say), the file is written through the page cache as before, and a
@@ -31,7 +32,7 @@ import os
 import threading
 
 BLOCK = 4096  # the alignment O_DIRECT needs, of offsets, lengths and buffers
-HEAD = 64 * 1024  # bytes written through the page cache (a multiple of BLOCK)
+HEAD = 16 * 1024  # bytes written through the page cache (a multiple of BLOCK)
 CHUNK = 512 * 1024  # bytes per direct write (a multiple of BLOCK)
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
