@@ -132,7 +132,7 @@ class FramesFastPath:
         straight into a bytes object (one copy from the page cache, no zero
         fill) and never joined to the part's header and delimiter."""
         offset, length = extent
-        part_type = f"{form.media}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+        part_type = form.part_type(EXPLICIT_VR_LITTLE_ENDIAN)
         fd = os.open(self.archive.blobs.file_name(blob_key), os.O_RDONLY)
         try:
             frame = os.pread(fd, length, offset)
@@ -143,6 +143,6 @@ class FramesFastPath:
         if form.single:
             return part_type.encode(), [frame]
         boundary = new_boundary()
-        content = f'multipart/related; type="{form.media}"; boundary={boundary}'
+        content = form.message_type(boundary)
         return content.encode(), [part_header(boundary, part_type), frame,
                                   b"\r\n" + closing(boundary)]

@@ -137,6 +137,14 @@ class FrameForm:
     media: str
     single: bool = False
 
+    def part_type(self, transfer_syntax: str) -> str:
+        """The Content-Type of a part (or single-part body) holding a frame."""
+        return f"{self.media}; transfer-syntax={transfer_syntax}"
+
+    def message_type(self, boundary: str) -> str:
+        """The Content-Type of a multipart answer of such parts."""
+        return f'multipart/related; type="{self.media}"; boundary={boundary}'
+
 
 def frame_syntax(accept: str | None, stored: str, count: int = 1) -> FrameForm:
     """The form of a frames answer on ``stored`` syntax for ``count`` frames.
@@ -182,10 +190,10 @@ async def frames(request: Request) -> Response:
         request.headers.get("accept"), instance.transfer_syntax_uid, len(numbers)
     )
     boundary = new_boundary()
-    content = f'multipart/related; type="{form.media}"; boundary={boundary}'
+    content = form.message_type(boundary)
     if len(numbers) == 1:
         frame = await _frame(archive, instance, numbers[0], form)
-        part_type = f"{form.media}; transfer-syntax={frame.transfer_syntax_uid}"
+        part_type = form.part_type(frame.transfer_syntax_uid)
         if form.single:
             return Response(frame.data, media_type=part_type)
         return Response(b"".join((part_header(boundary, part_type), frame.data, b"\r\n",
@@ -201,7 +209,7 @@ async def frames(request: Request) -> Response:
         # One frame at a time: a list of thousands of frames never sits in memory.
         for number in numbers:
             frame = await _frame(archive, instance, number, form)
-            part_type = f"{form.media}; transfer-syntax={frame.transfer_syntax_uid}"
+            part_type = form.part_type(frame.transfer_syntax_uid)
             yield b"".join((part_header(boundary, part_type), frame.data, b"\r\n"))
         yield closing(boundary)
 
