@@ -4,8 +4,8 @@ Reading (STOW-RS): :func:`iter_parts` streams each body part of an async byte
 stream into its own file in ``spool_dir`` and yields a :class:`Part` once the
 file is fsynced and closed (or, on request, while its last bytes are still
 being written), ready to be renamed into a blob store on the same filesystem.
-Memory use is a chunk, the header limit and at most a megabyte or so waiting
-to be written, whatever the size.
+Memory use is a chunk, the header limit, a write buffer and a few megabytes
+at most waiting to be written, whatever the size.
 
 Writing (WADO-RS): a message is, for every part in order,
 ``part_header(boundary, content_type) + body + b"\\r\\n"``, then one
@@ -478,8 +478,9 @@ async def iter_parts(
     a body that ends before the close delimiter, or a header block that is
     malformed or larger than ``max_header_bytes``. Raises TooLarge when a part
     body exceeds ``max_part_size`` bytes or there are more than ``max_parts``.
-    Body bytes are written on a thread of their own, in order, while the
-    next ones are parsed; with ``sync=False`` a part is yielded before its
+    Body bytes are written on writer threads (each part's in order, and
+    past its first 16 KiB with O_DIRECT where the filesystem allows) while
+    the next ones are parsed; with ``sync=False`` a part is yielded before its
     last bytes are written (see ``Part.written``).
     """
     limits = (max_part_size, max_parts, max_header_bytes)
