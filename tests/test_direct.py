@@ -91,6 +91,7 @@ def test_a_direct_write_refused_is_done_through_the_page_cache(tmp_path: Path) -
         buffer[:5] = b"hello"
         # An offset that is not aligned: the kernel refuses the direct write.
         direct._put(fd, buffer, 3, BLOCK, 5)
+        buffer.close()
     finally:
         os.close(fd)
     assert path.read_bytes() == bytes(3) + b"hello"

@@ -72,23 +72,20 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _put(fd: int, buffer: mmap.mmap, offset: int, length: int, size: int) -> None:
     """Write ``length`` bytes of ``buffer`` (``size`` of them data, the rest
-    padding) at ``offset`` of the O_DIRECT file ``fd``, then give the buffer
-    back. A write refused as direct is done through the page cache instead,
-    on a description of the same file opened without O_DIRECT."""
-    try:
-        with memoryview(buffer) as view:
+    padding) at ``offset`` of the O_DIRECT file ``fd``. A write refused as
+    direct is done through the page cache instead, on a description of the
+    same file opened without O_DIRECT."""
+    with memoryview(buffer) as view:
+        try:
+            _pwrite_all(fd, view[:length], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            plain = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
             try:
-                _pwrite_all(fd, view[:length], offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                plain = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
-                try:
-                    _pwrite_all(plain, view[:size], offset)
-                finally:
-                    os.close(plain)
-    finally:
-        _buffers.give(buffer)
+                _pwrite_all(plain, view[:size], offset)
+            finally:
+                os.close(plain)
 
 
 class DirectAppender:
@@ -131,7 +128,7 @@ class DirectAppender:
             if self._buffer is not None and fill:
                 padded = -(-fill // BLOCK) * BLOCK
                 self._buffer[fill:padded] = bytes(padded - fill)
-                self._send(padded, fill, last=True)
+                self._send(padded, fill)
                 if padded > fill:
                     os.ftruncate(self._fd, self._position)
         finally:
@@ -176,13 +173,10 @@ class DirectAppender:
             flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_DIRECT)
 
-    def _send(self, length: int, size: int, *, last: bool = False) -> None:
-        """Write the buffer (``length`` bytes, ``size`` of them data) and,
-        unless it is the ``last``, start a new one."""
-        buffer, offset = self._buffer, self._position
-        assert buffer is not None
-        self._buffer, self._fill = None, 0
+    def _send(self, length: int, size: int) -> None:
+        """Write the buffer (``length`` bytes, ``size`` of them data); it is
+        then free for what follows."""
+        assert self._buffer is not None
+        _put(self._fd, self._buffer, self._position, length, size)
         self._position += size
-        _put(self._fd, buffer, offset, length, size)
-        if not last:
-            self._buffer = _buffers.take()
+        self._fill = 0
