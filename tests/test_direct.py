@@ -68,15 +68,19 @@ def test_past_the_head_writes_are_direct_where_the_filesystem_allows(tmp_path: P
         except OSError:
             pytest.skip("this filesystem does not take O_DIRECT")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        out = DirectAppender(fd)
-        out.write(bytes(HEAD))
-        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # the head: page cache
-        out.write(b"x")
-        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-        out.finish()
+        gatherer, writer = direct.Gatherer(), direct.DirectWriter(fd)
+        assert gatherer.add(bytes(HEAD)) == []  # gathered, nothing written yet
+        (filled,) = gatherer.add(bytes(CHUNK - HEAD) + b"x")
+        writer.put(filled)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # past the head
+        assert (tmp_path / "f").read_bytes() == bytes(CHUNK)  # the head was written too
+        rest = gatherer.rest()
+        assert rest is not None and rest.size == 1
+        writer.put(rest, last=True)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
         os.close(fd)
-    assert (tmp_path / "f").read_bytes() == bytes(HEAD) + b"x"
+    assert (tmp_path / "f").read_bytes() == bytes(CHUNK) + b"x"
 
 
 def test_a_direct_write_refused_is_done_through_the_page_cache(tmp_path: Path) -> None:
@@ -90,7 +94,8 @@ def test_a_direct_write_refused_is_done_through_the_page_cache(tmp_path: Path) -
         buffer = mmap.mmap(-1, CHUNK)
         buffer[:5] = b"hello"
         # An offset that is not aligned: the kernel refuses the direct write.
-        direct._put(fd, buffer, 3, BLOCK, 5)
+        with memoryview(buffer) as view:
+            direct._put(fd, view[:BLOCK], 3, 5)
         buffer.close()
     finally:
         os.close(fd)

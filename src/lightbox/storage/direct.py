@@ -30,6 +30,7 @@ import fcntl
 import mmap
 import os
 import threading
+from dataclasses import dataclass
 
 BLOCK = 4096  # the alignment O_DIRECT needs, of offsets, lengths and buffers
 HEAD = 16 * 1024  # bytes written through the page cache (a multiple of BLOCK)
@@ -45,11 +46,13 @@ class _Buffers:
     def __init__(self) -> None:
         self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
+        self.made = 0  # buffers made so far: what memory they took at most
 
     def take(self) -> mmap.mmap:
         with self._lock:
             if self._free:
                 return self._free.pop()
+            self.made += 1
         return mmap.mmap(-1, CHUNK)
 
     def give(self, buffer: mmap.mmap) -> None:
@@ -70,113 +73,165 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def _put(fd: int, buffer: mmap.mmap, offset: int, length: int, size: int) -> None:
-    """Write ``length`` bytes of ``buffer`` (``size`` of them data, the rest
-    padding) at ``offset`` of the O_DIRECT file ``fd``. A write refused as
-    direct is done through the page cache instead, on a description of the
-    same file opened without O_DIRECT."""
-    with memoryview(buffer) as view:
+def _put(fd: int, data: memoryview, offset: int, size: int) -> None:
+    """Write ``data`` (``size`` bytes of it data, the rest padding) at
+    ``offset`` of the O_DIRECT file ``fd``. A write refused as direct is done
+    through the page cache instead, on a description of the same file opened
+    without O_DIRECT."""
+    try:
+        _pwrite_all(fd, data, offset)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        plain = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
         try:
-            _pwrite_all(fd, view[:length], offset)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            plain = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
-            try:
-                _pwrite_all(plain, view[:size], offset)
-            finally:
-                os.close(plain)
-
-
-class DirectAppender:
-    """Appends to the open file ``fd`` from byte ``position`` on.
-
-    One thread calls ``write`` and then ``finish`` (the file is complete only
-    after it), or ``abandon`` when the file is dropped instead; ``fd`` is left
-    open. Raises OSError as ``os.write`` would (a full disk, say).
-    """
-
-    def __init__(self, fd: int, position: int = 0) -> None:
-        self._fd = fd
-        self._position = position  # of the next byte, in the file or the buffer
-        self._buffer: mmap.mmap | None = None
-        self._fill = 0
-        self._direct = bool(_DIRECT)  # still to try; False once refused or left
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        if self._buffer is None:
-            view = self._write_head(view)
-            if not view:
-                return
-            if self._buffer is None:
-                _pwrite_all(self._fd, view, self._position)
-                self._position += len(view)
-                return
-        while view:
-            n = min(CHUNK - self._fill, len(view))
-            self._buffer[self._fill:self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
-            if self._fill == CHUNK:
-                self._send(CHUNK, CHUNK)
-
-    def finish(self) -> None:
-        """Write what is buffered: the file then holds exactly what was written."""
-        try:
-            fill = self._fill
-            if self._buffer is not None and fill:
-                padded = -(-fill // BLOCK) * BLOCK
-                self._buffer[fill:padded] = bytes(padded - fill)
-                self._send(padded, fill)
-                if padded > fill:
-                    os.ftruncate(self._fd, self._position)
+            _pwrite_all(plain, data[:size], offset)
         finally:
-            self.abandon()
-        self._leave_direct()
+            os.close(plain)
+
+
+@dataclass(frozen=True)
+class Filled:
+    """Bytes gathered to be written: ``buffer[start:end]`` belongs at file
+    offset ``base + start`` (``base`` is a multiple of BLOCK, so an aligned
+    offset in the file is an aligned place in the buffer)."""
+
+    buffer: mmap.mmap
+    base: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def give_back(self) -> None:
+        """Return the buffer to the pool unwritten."""
+        _buffers.give(self.buffer)
+
+
+class Gatherer:
+    """Collects the bytes appended from file offset ``position`` on into
+    aligned buffers of CHUNK bytes, on the thread that receives them. ``add``
+    returns the buffers it filled, ``rest`` the last, partial one; each is
+    then the ``DirectWriter``'s, which gives it back to the pool."""
+
+    def __init__(self, position: int = 0) -> None:
+        self._base = position - position % BLOCK
+        self._start = self._fill = position % BLOCK
+        self._buffer: mmap.mmap | None = None
+
+    def add(self, data: bytes | bytearray | memoryview) -> list[Filled]:
+        filled: list[Filled] = []
+        with memoryview(data) as whole:
+            view = whole.cast("B")
+            while view:
+                if self._buffer is None:
+                    self._buffer = _buffers.take()
+                n = min(CHUNK - self._fill, len(view))
+                self._buffer[self._fill:self._fill + n] = view[:n]
+                self._fill += n
+                view = view[n:]
+                if self._fill == CHUNK:
+                    filled.append(self._hand_over())
+        return filled
+
+    def rest(self) -> Filled | None:
+        """The bytes gathered and not yet handed over, if any."""
+        return self._hand_over() if self._buffer is not None else None
 
     def abandon(self) -> None:
         """Give the buffer back without writing it (the file is being dropped)."""
         if self._buffer is not None:
             _buffers.give(self._buffer)
             self._buffer = None
-            self._fill = 0
 
-    def _write_head(self, view: memoryview) -> memoryview:
-        """Write through the page cache up to the first aligned offset at or
-        past HEAD, then switch to direct writes if the file allows them;
-        return the bytes not written yet."""
-        if not self._direct:
-            return view
-        start = max(HEAD, -(-self._position // BLOCK) * BLOCK)
-        n = min(start - self._position, len(view))
-        if n > 0:
-            _pwrite_all(self._fd, view[:n], self._position)
-            self._position += n
-            view = view[n:]
-        if view and self._enter_direct():
-            self._buffer = _buffers.take()
-            self._fill = 0
-        return view
+    def _hand_over(self) -> Filled:
+        assert self._buffer is not None
+        filled = Filled(self._buffer, self._base, self._start, self._fill)
+        self._buffer = None
+        self._base += CHUNK
+        self._start = self._fill = 0
+        return filled
+
+
+class DirectWriter:
+    """Writes what a ``Gatherer`` filled to the open file ``fd``, in order,
+    on one thread: up to ``HEAD`` (or the first aligned offset past where
+    appending began) through the page cache, the rest with O_DIRECT where the
+    file allows it. ``fd`` is left open; OSError as ``os.pwrite`` raises it
+    (a full disk, say)."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
+        self._fd = fd
+        self._head_end = max(HEAD, -(-position // BLOCK) * BLOCK)
+        self._direct: bool | None = None if _DIRECT else False  # None: not tried yet
+
+    def put(self, filled: Filled, *, last: bool = False) -> None:
+        """Write ``filled`` and give its buffer back; with ``last``, the file
+        then holds exactly what was appended, and is out of direct mode."""
+        try:
+            with memoryview(filled.buffer) as view:
+                self._write(view, filled, last)
+        finally:
+            _buffers.give(filled.buffer)
+            if last:
+                self.done()
+
+    def _write(self, view: memoryview, filled: Filled, last: bool) -> None:
+        base, start, end = filled.base, filled.start, filled.end
+        cached = max(start, min(end, self._head_end - base))
+        if cached > start:
+            _pwrite_all(self._fd, view[start:cached], base + start)
+        if cached == end:
+            return
+        if not self._enter_direct():
+            _pwrite_all(self._fd, view[cached:end], base + cached)
+            return
+        padded = -(-end // BLOCK) * BLOCK  # only the last buffer ends unaligned
+        view[end:padded] = bytes(padded - end)
+        _put(self._fd, view[cached:padded], base + cached, end - cached)
+        if padded > end:
+            os.ftruncate(self._fd, base + end)
 
     def _enter_direct(self) -> bool:
-        try:
-            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | _DIRECT)
-        except OSError:
-            self._direct = False
+        if self._direct is None:
+            try:
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | _DIRECT)
+                self._direct = True
+            except OSError:
+                self._direct = False
         return self._direct
 
-    def _leave_direct(self) -> None:
+    def done(self) -> None:
+        """Leave direct mode (the file's last bytes are written)."""
         if self._direct:
             self._direct = False
             flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_DIRECT)
 
-    def _send(self, length: int, size: int) -> None:
-        """Write the buffer (``length`` bytes, ``size`` of them data); it is
-        then free for what follows."""
-        assert self._buffer is not None
-        _put(self._fd, self._buffer, self._position, length, size)
-        self._position += size
-        self._fill = 0
+
+class DirectAppender:
+    """A ``Gatherer`` and its ``DirectWriter`` on one thread: ``write``, then
+    ``finish`` (the file is complete only after it), or ``abandon`` when the
+    file is dropped instead."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
+        self._gatherer = Gatherer(position)
+        self._writer = DirectWriter(fd, position)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        for filled in self._gatherer.add(data):
+            self._writer.put(filled)
+
+    def finish(self) -> None:
+        """Write what is gathered: the file then holds exactly what was written."""
+        rest = self._gatherer.rest()
+        if rest is not None:
+            self._writer.put(rest, last=True)
+        else:
+            self._writer.done()
+
+    def abandon(self) -> None:
+        self._gatherer.abandon()

@@ -2,8 +2,9 @@
 
 Reading (STOW-RS): :func:`iter_parts` streams each body part of an async byte
 stream into its own file in ``spool_dir`` and yields a :class:`Part` once the
-file is fsynced and closed (or, on request, while its last bytes are still
-being written), ready to be renamed into a blob store on the same filesystem.
+file is fsynced and closed (or, on request, at once, while its last bytes are
+still being written and synced), ready to be renamed into a blob store on the
+same filesystem.
 Memory use is a chunk, the header limit, a write buffer and a few megabytes
 at most waiting to be written, whatever the size.
 
@@ -32,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 from lightbox.errors import BadRequest, TooLarge
-from lightbox.storage.direct import DirectAppender
+from lightbox.storage.direct import CHUNK, DirectWriter, Filled, Gatherer
 
 # RFC 2046 5.1.1 limits a boundary to 70 characters. The character set is
 # widened from bchars to any visible ASCII or space because real clients use
@@ -68,15 +69,17 @@ class Part:
     ``headers`` maps lower-cased header names to values (stripped; repeated
     headers joined with ", "). ``path`` is a file of ``size`` bytes that the
     caller owns and must move or delete: closed and fsynced, unless the parts
-    were read with ``sync=False``; then ``written`` is done (or raises the
-    OSError of a failed write) once the whole body is in the file and it is
-    closed.
+    were read with ``wait=False``; then ``written`` is done (or raises the
+    OSError of a failed write) once the whole body is in the file, and
+    ``synced`` once the file is also fsynced and closed (or raises the
+    OSError of the write or of the fsync).
     """
 
     headers: dict[str, str]
     path: Path
     size: int
     written: Future[None] = field(default_factory=_done)
+    synced: Future[None] = field(default_factory=_done)
 
     @property
     def content_type(self) -> str:
@@ -178,18 +181,17 @@ def _parse_header_block(block: bytes) -> dict[str, str]:
 _WRITERS = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"part-write-{n}")
             for n in range(4)]
 _next_writer = itertools.cycle(_WRITERS)
-# Bytes of a message handed to the writers and not yet written, beyond which
-# reading the request waits: with what a finished part may still have queued
-# on each other writer, what memory an upload may hold.
-_BACKLOG = 1024 * 1024
-# Bytes gathered before they are handed to a writer: fewer, larger writes
-# cost the threads fewer hand-overs.
-_MIN_WRITE = 256 * 1024
+# Memory of a message's buffers handed to the writers and not yet written,
+# beyond which reading the request waits (a buffer counts whole, however few
+# bytes it holds: many small parts must not pile up either): with the part
+# being gathered, what memory an upload may hold.
+_BACKLOG = 4 * CHUNK
 
 
 class _Backlog:
-    """Bytes of one message handed to the writers and not yet written, over
-    all its parts (a part that ends does not take its queued writes along)."""
+    """Buffer memory of one message handed to the writers and not yet
+    written, over all its parts (a part that ends does not take its queued
+    writes along)."""
 
     def __init__(self) -> None:
         self.handed = 0  # event loop only
@@ -207,57 +209,77 @@ class _Backlog:
 
 
 class _BodyFile:
-    """A part's file, written on its writer thread in the order of ``write``."""
+    """A part's file: its bytes are gathered into aligned buffers as they are
+    parsed, and each full buffer written on the part's writer thread, in order."""
 
     def __init__(self, fd: int, path: Path, backlog: _Backlog) -> None:
         self._fd = fd
         self._writer = next(_next_writer)
-        self._out = DirectAppender(fd)
+        self._gatherer = Gatherer()
+        self._out = DirectWriter(fd)
         self._path = path
         self._backlog = backlog
         self._error: OSError | None = None
 
-    def write(self, data: bytearray) -> None:
-        """Append ``data`` (which now belongs to the writer)."""
-        self._backlog.handed += len(data)
-        self._backlog.last = self._writer.submit(self._write, data)
+    def write(self, data: memoryview) -> None:
+        """Append ``data`` (copied: the caller keeps it)."""
+        for filled in self._gatherer.add(data):
+            self._hand(self._put, filled)
 
-    def close(self, *, sync: bool) -> Future[None]:
-        """Close the file once written (fsynced first if ``sync``); the future
-        raises the OSError of a write (or of the fsync) that failed."""
-        return self._writer.submit(self._close, sync)
+    def close(self) -> tuple[Future[None], Future[None]]:
+        """Write the rest, fsync and close the file on the writer thread. The
+        first future is done once the file holds the whole body, the second
+        once it is fsynced and closed; each raises the OSError that kept it
+        from being so."""
+        written: Future[None] = Future()
+        synced: Future[None] = Future()
+        self._hand(self._close, self._gatherer.rest(), written, synced)
+        return written, synced
 
     def discard(self) -> None:
         """Delete the file now; it is closed once what is queued for it is done."""
+        self._gatherer.abandon()
         self._path.unlink(missing_ok=True)
-        self._writer.submit(self._drop)
+        self._writer.submit(os.close, self._fd)
 
-    def _drop(self) -> None:
-        self._out.abandon()
-        os.close(self._fd)
+    def _hand(self, task: Callable[..., None], filled: Filled | None, *args: object) -> None:
+        """Queue ``task(filled, *args)`` on the writer, counting the buffer."""
+        if filled is not None:
+            self._backlog.handed += CHUNK
+        self._backlog.last = self._writer.submit(task, filled, *args)
 
-    def _write(self, data: bytearray) -> None:
+    def _put(self, filled: Filled, *, last: bool = False) -> None:
         try:
             if self._error is None:
-                self._out.write(data)
+                self._out.put(filled, last=last)
+            else:
+                filled.give_back()
         except OSError as exc:
             self._error = exc
         finally:
-            self._backlog.wrote(len(data))
+            self._backlog.wrote(CHUNK)
 
-    def _close(self, sync: bool) -> None:
+    def _close(self, rest: Filled | None, written: Future[None], synced: Future[None]) -> None:
+        if rest is not None:
+            self._put(rest, last=True)
+        elif self._error is None:
+            self._out.done()
+        _settle(written, self._error)
         try:
             if self._error is None:
-                self._out.finish()
-            if self._error is None and sync:
                 os.fsync(self._fd)
         except OSError as exc:
             self._error = exc
         finally:
-            self._out.abandon()
             os.close(self._fd)
-        if self._error is not None:
-            raise self._error
+        _settle(synced, self._error)
+
+
+def _settle(future: Future[None], error: OSError | None) -> None:
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class _Parser:
@@ -389,9 +411,8 @@ class _Parser:
             idx = buf.find(self._delim, self._scan)
             if idx < 0:
                 # Why: hold back a possible partial delimiter and the CR before it.
-                if len(buf) - length >= _MIN_WRITE:
-                    self._write(len(buf) - length)
-                self._scan = max(0, len(self._buf) - length + 1)  # may be a new buffer
+                self._write(len(buf) - length)
+                self._scan = max(0, len(buf) - length + 1)
                 return None
             verdict = _classify(buf, idx + length)
             if verdict is None:
@@ -417,15 +438,9 @@ class _Parser:
             raise TooLarge(
                 f"multipart part {self._count} exceeds the limit of {self._max_part_size} bytes"
             )
-        buf = self._buf
-        if count * 2 > len(buf):
-            # Most of the buffer: hand it over and keep a copy of the short rest.
-            self._buf = bytearray(memoryview(buf)[count:])
-            del buf[count:]
-            self._file.write(buf)
-        else:
-            self._file.write(buf[:count])
-            del buf[:count]
+        with memoryview(self._buf) as view:
+            self._file.write(view[:count])
+        del self._buf[:count]
         return count
 
 
@@ -434,17 +449,15 @@ def _spool_file(folder: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-async def _seal(file: _BodyFile, part: Part, sync: bool) -> Part:
-    """Close a finished part once written, and fsync it first unless ``sync``
-    is False; then it is handed over at once, its ``written`` still under way.
-    Deleted if writing it failed."""
-    written = file.close(sync=sync)
-    if not sync:
-        part.written = written
+async def _seal(file: _BodyFile, part: Part, wait: bool) -> Part:
+    """Close a finished part: written, fsynced and closed on its writer thread,
+    which ``wait`` waits for (deleting the file if that failed); else it is
+    handed over at once, its ``written`` and ``synced`` still under way."""
+    part.written, part.synced = file.close()
+    if not wait:
         return part
     try:
-        # Why a thread: fsync can take milliseconds and would stall every other request.
-        await asyncio.wrap_future(written)
+        await asyncio.wrap_future(part.synced)
     except BaseException:
         part.path.unlink(missing_ok=True)
         raise
@@ -459,7 +472,7 @@ async def iter_parts(
     max_part_size: int,
     max_parts: int,
     max_header_bytes: int = 16384,
-    sync: bool = True,
+    wait: bool = True,
     new_file: Callable[[], tuple[int, Path]] | None = None,
 ) -> AsyncIterator[Part]:
     """Yield the parts of a ``multipart/related`` body streamed as ``chunks``.
@@ -470,18 +483,19 @@ async def iter_parts(
     CRLF or a bare LF. Each part body goes to a new ``part-*`` file in
     ``spool_dir`` (or made by ``new_file``, which returns an open descriptor and
     the path of an empty file), fsynced and closed before the part is yielded
-    (unless ``sync`` is False); the caller
-    then owns that file. On any error or cancellation the file of the part in
-    progress is deleted; files of parts already yielded are left to the caller.
+    (unless ``wait`` is False); the caller then owns that file. On any error
+    or cancellation the file of the part in progress is deleted; files of
+    parts already yielded are left to the caller.
 
     Raises BadRequest for a missing or invalid boundary, no opening boundary,
     a body that ends before the close delimiter, or a header block that is
     malformed or larger than ``max_header_bytes``. Raises TooLarge when a part
     body exceeds ``max_part_size`` bytes or there are more than ``max_parts``.
-    Body bytes are written on writer threads (each part's in order, and
+    Body bytes are gathered into aligned buffers as they are parsed, and
+    written, fsynced and closed on writer threads (each part's in order, and
     past its first 16 KiB with O_DIRECT where the filesystem allows) while
-    the next ones are parsed; with ``sync=False`` a part is yielded before its
-    last bytes are written (see ``Part.written``).
+    the next ones are parsed; with ``wait=False`` a part is yielded before its
+    last bytes are written (see ``Part.written`` and ``Part.synced``).
     """
     limits = (max_part_size, max_parts, max_header_bytes)
     if new_file is None:
@@ -491,7 +505,7 @@ async def iter_parts(
         async for chunk in chunks:
             parser.feed(chunk)
             while (finished := parser.next_part()) is not None:
-                yield await _seal(*finished, sync)
+                yield await _seal(*finished, wait)
             if (behind := parser.backlog()) is not None:
                 await asyncio.wrap_future(behind)
         parser.finish()

@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,9 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lightbox.archive import Archive
 from lightbox.dicom import uids
 from lightbox.errors import BadRequest, TooLarge, UnsupportedMediaType
 from lightbox.services import folders, readahead
+from lightbox.services.auth import Principal
 from lightbox.services.ingest import (
     FailureReason,
     Offer,
@@ -31,7 +33,6 @@ from lightbox.services.ingest import (
     discard,
     prepare,
 )
-from lightbox.storage.blobs import fsync_file
 from lightbox.web import context
 from lightbox.web.errors import warning_value
 from lightbox.web.multipart import Part, iter_parts, parse_content_type
@@ -74,12 +75,12 @@ async def store(request: Request) -> Response:
     parts = iter_parts(
         _limited(request, settings.max_upload_bytes), boundary,
         spool_dir=archive.blobs.staging_dir(), max_part_size=settings.max_instance_bytes,
-        max_parts=settings.max_parts, sync=False, new_file=archive.blobs.new_staging_file,
+        max_parts=settings.max_parts, wait=False, new_file=archive.blobs.new_staging_file,
     )
     # Every part is kept on disk (never in memory) until the whole body has
     # arrived; only then is anything stored, so a request that breaks off
-    # half-way changes nothing. Meanwhile each received part is fsynced on a
-    # thread and its header read in the helper process, while the next part
+    # half-way changes nothing. Meanwhile each received part is fsynced on its
+    # writer thread and its header read in the helper process, while the next part
     # arrives: when the body ends, little is left to do but index.
     try:
         async for part in parts:
@@ -89,10 +90,20 @@ async def store(request: Request) -> Response:
         for item in received:
             item.offer.path.unlink(missing_ok=True)
         raise
-    prepared = await context.blocking(prepare, archive, offers, study)
+    outcomes = await context.blocking(_ingest, archive, principal, offers, study)
+    _audit(request, principal.user, outcomes)
+    if not outcomes:
+        raise BadRequest("the request holds no DICOM instances")
+    return _response(request, outcomes, study)
+
+
+def _ingest(archive: Archive, principal: Principal, offers: list[Offer],
+            study: str | None) -> list[Outcome]:
+    """Store the offers (on a thread: one hop off the event loop for all of it)."""
+    prepared = prepare(archive, offers, study)
     try:
-        prepared = await context.blocking(folders.screen_uploads, archive, principal, prepared)
-        outcomes = await context.blocking(commit, archive, prepared)
+        prepared = folders.screen_uploads(archive, principal, prepared)
+        outcomes = commit(archive, prepared)
     except Exception:
         # The ingest path consumes staged files; if it failed unexpectedly, what
         # is left must not wait in staging for the next start-up sweep.
@@ -100,23 +111,15 @@ async def store(request: Request) -> Response:
         raise
     stored = {o.study_instance_uid for o in outcomes if o.status is not Status.REJECTED}
     offered = {o.study_instance_uid for o in outcomes if o.study_instance_uid}
-    await context.blocking(folders.file_uploads, archive, principal,
-                           {s for s in stored if s is not None}, offered=offered)
-    _audit(request, principal.user, outcomes)
-    if not outcomes:
-        raise BadRequest("the request holds no DICOM instances")
-    return _response(request, outcomes, study)
-
-
-# The parts' fsyncs wait on the disk, not on the interpreter: several at once
-# let the filesystem commit them together.
-_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="part-sync")
+    folders.file_uploads(archive, principal, {s for s in stored if s is not None},
+                         offered=offered)
+    return outcomes
 
 
 @dataclass
 class _Received:
-    """A part on disk (or still being written), with its fsync (on a thread)
-    and its header read (in the helper process) to follow the last write."""
+    """A part on disk (or still being written and fsynced), with its header
+    read (in the helper process) to follow the last write."""
 
     offer: Offer
     written: asyncio.Future[None]
@@ -130,7 +133,7 @@ class _Received:
             # Still offered: the ingest path rejects what is not DICOM, with a reason.
             source += f" ({part.content_type})"
         written = asyncio.wrap_future(part.written)
-        synced = asyncio.get_running_loop().run_in_executor(_syncs, _sync_when_written, part)
+        synced = asyncio.wrap_future(part.synced)
         for future in (written, synced):
             # Retrieved here too, so a request that breaks off leaves no unread error.
             future.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -149,11 +152,6 @@ class _Received:
         except OSError:
             synced = False
         return replace(self.offer, synced=synced, header=self.header)
-
-
-def _sync_when_written(part: Part) -> None:
-    part.written.result()
-    fsync_file(part.path)
 
 
 def _header_when_written(part: Part) -> Future[readahead.Header | None]:
