@@ -482,3 +482,63 @@ def test_dicomweb_client_round_trip(tmp_path: Path) -> None:
     content_type = f'multipart/related; type="{DICOM}"; boundary={B}'
     upload = web.DICOMwebClient._encode_multipart_message(bodies, content_type)
     assert bodies_of(parse(upload, tmp_path)) == bodies
+
+
+def _read_only_file(folder: Path) -> tuple[int, Path]:
+    """A part file that cannot be written: every write fails, as on a full disk."""
+    path = folder / "part-read-only"
+    path.write_bytes(b"")
+    return os.open(path, os.O_RDONLY), path
+
+
+def test_a_part_that_cannot_be_written_fails_and_is_removed(tmp_path: Path) -> None:
+    message = encode_parts([(DICOM, os.urandom(700_000))], B)
+
+    async def waiting() -> None:
+        async for _ in iter_parts(_source([message]), B, spool_dir=tmp_path, max_part_size=1 << 20,
+                                  max_parts=9, new_file=lambda: _read_only_file(tmp_path)):
+            pass
+
+    with pytest.raises(OSError):
+        asyncio.run(waiting())
+    assert list(tmp_path.iterdir()) == []
+
+    async def handed_over() -> Part:
+        parts = [part async for part in iter_parts(
+            _source([message]), B, spool_dir=tmp_path, max_part_size=1 << 20, max_parts=9,
+            wait=False, new_file=lambda: _read_only_file(tmp_path))]
+        for future in (parts[0].written, parts[0].synced):
+            with pytest.raises(OSError):
+                await asyncio.wrap_future(future)
+        return parts[0]
+
+    asyncio.run(handed_over()).path.unlink()
+
+
+def test_a_failed_fsync_is_told_apart_from_a_failed_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The part is written (its header may be read) but not durable: ``synced``
+    raises, and a caller that waits for it gets the error, the file removed."""
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    body = os.urandom(600_000)
+    message = encode_parts([(DICOM, body)], B)
+
+    async def handed_over() -> Part:
+        [part] = [part async for part in iter_parts(
+            _source([message]), B, spool_dir=tmp_path, max_part_size=1 << 20, max_parts=9,
+            wait=False)]
+        await asyncio.wrap_future(part.written)
+        with pytest.raises(OSError, match="Input/output"):
+            await asyncio.wrap_future(part.synced)
+        return part
+
+    part = asyncio.run(handed_over())
+    assert part.path.read_bytes() == body
+    part.path.unlink()
+    with pytest.raises(OSError, match="Input/output"):
+        parse(message, tmp_path)
+    assert list(tmp_path.iterdir()) == []

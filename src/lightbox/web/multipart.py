@@ -260,22 +260,37 @@ class _BodyFile:
             self._backlog.wrote(CHUNK)
 
     def _close(self, rest: Filled | None, written: Future[None], synced: Future[None]) -> None:
-        if rest is not None:
-            self._put(rest, last=True)
-        elif self._error is None:
-            self._out.done()
-        _settle(written, self._error)
         try:
-            if self._error is None:
-                os.fsync(self._fd)
-        except OSError as exc:
-            self._error = exc
+            self._finish(rest, written)
+        except BaseException as exc:  # not an OSError: nobody must wait for ever
+            for future in (written, synced):
+                _settle(future, exc)
+            raise
         finally:
             os.close(self._fd)
         _settle(synced, self._error)
 
+    def _finish(self, rest: Filled | None, written: Future[None]) -> None:
+        """Write the rest (``written`` tells), then fsync."""
+        if rest is not None:
+            self._put(rest, last=True)
+        elif self._error is None:
+            try:
+                self._out.done()
+            except OSError as exc:
+                self._error = exc
+        _settle(written, self._error)
+        if self._error is None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._error = exc
 
-def _settle(future: Future[None], error: OSError | None) -> None:
+
+def _settle(future: Future[None], error: BaseException | None) -> None:
+    """Complete ``future`` (one not done yet) with ``error`` or success."""
+    if future.done():
+        return
     if error is None:
         future.set_result(None)
     else:
