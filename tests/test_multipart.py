@@ -17,6 +17,7 @@ import pytest
 
 from lightbox.errors import BadRequest, TooLarge
 from lightbox.storage import direct
+from lightbox.web import multipart
 from lightbox.web.multipart import (
     Part,
     closing,
@@ -377,7 +378,8 @@ def test_many_parts_ahead_of_a_slow_disk_stay_in_bounded_memory(
         tracemalloc.stop()
     assert peak < 4 << 20, f"peak traced memory {peak} bytes"
     made = direct._buffers.made - buffers_before
-    assert made * direct.CHUNK <= 4 << 20, f"{made} aligned buffers made"
+    # What may wait to be written, the buffer being filled, one more at the turn.
+    assert made * direct.CHUNK <= multipart._BACKLOG + 2 * direct.CHUNK, f"{made} buffers made"
     assert len(parts) == 100 and all(part.path.read_bytes() == body for part in parts)
 
 

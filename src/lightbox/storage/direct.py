@@ -34,14 +34,14 @@ from dataclasses import dataclass
 
 BLOCK = 4096  # the alignment O_DIRECT needs, of offsets, lengths and buffers
 HEAD = 16 * 1024  # bytes written through the page cache (a multiple of BLOCK)
-CHUNK = 512 * 1024  # bytes per direct write (a multiple of BLOCK)
+CHUNK = 1024 * 1024  # bytes per buffer and direct write (a multiple of BLOCK)
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class _Buffers:
     """Aligned buffers (anonymous maps start on a page), kept for reuse."""
 
-    KEEP = 32
+    KEEP = 16  # 16 MiB at most kept per process
 
     def __init__(self) -> None:
         self._free: list[mmap.mmap] = []
