@@ -12,11 +12,13 @@ response, and there the direct writes' own round trips to the device cost
 more than the copies they save: the DIMSE receiver writes through the page
 cache.)
 
-A file's first ``HEAD`` bytes still go through the page cache: they hold the
-header of most instances, which ingest reads back at once (a first read of
-the same size; a longer header is read from the device). The rest is gathered in aligned
-buffers and written a ``CHUNK`` at a time; the last, partial block is padded
-and the file cut back to its size. Where the filesystem refuses O_DIRECT
+The bytes are gathered in aligned buffers of ``CHUNK`` bytes (``Gatherer``,
+on the thread receiving them) and each buffer is written whole
+(``DirectWriter``, on a writer thread); ``DirectAppender`` is both on one
+thread. A file's first ``HEAD`` bytes still go through the page cache: they
+hold the header of most instances, which ingest reads back at once (a first
+read of the same size; a longer header is read from the device). The last,
+partial block is padded and the file cut back to its size. Where the filesystem refuses O_DIRECT
 (tmpfs, say), the file is written through the page cache as before, and a
 direct write refused as such is done again through the page cache: the file
 holds the same bytes either way.
