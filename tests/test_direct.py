@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lightbox.storage import direct
-from lightbox.storage.direct import BLOCK, CHUNK, HEAD, DirectAppender
+from lightbox.storage.direct import BLOCK, CHUNK, HEAD, DirectWriter, Gatherer
 
 SIZES = [0, 1, 100, HEAD - 1, HEAD, HEAD + 1, HEAD + CHUNK, HEAD + CHUNK + 1,
          HEAD + 3 * CHUNK - 5, 2_500_001]
@@ -33,13 +33,18 @@ def _append(path: Path, prefix: bytes, data: bytes, rng: random.Random) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, prefix)
-        out = DirectAppender(fd, len(prefix))
+        gatherer, writer = Gatherer(len(prefix)), DirectWriter(fd, len(prefix))
         sent = 0
         while sent < len(data):
             n = rng.choice(PIECES)
-            out.write(data[sent:sent + n])
+            for filled in gatherer.add(data[sent:sent + n]):
+                writer.put(filled)
             sent += n
-        out.finish()
+        rest = gatherer.rest()
+        if rest is not None:
+            writer.put(rest, last=True)
+        else:
+            writer.done()
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT, "finish leaves direct mode"
         os.fsync(fd)
     finally:
@@ -107,10 +112,11 @@ def test_a_failed_write_is_raised_and_the_buffer_given_back(tmp_path: Path) -> N
     path.write_bytes(b"")
     fd = os.open(path, os.O_RDONLY)
     try:
-        out = DirectAppender(fd)
+        gatherer = Gatherer()
+        (filled,) = gatherer.add(bytes(CHUNK))
         with pytest.raises(OSError):
-            out.write(bytes(HEAD + CHUNK))
-        out.abandon()
+            DirectWriter(fd).put(filled)
+        gatherer.abandon()
     finally:
         os.close(fd)
     assert path.read_bytes() == b""

@@ -14,14 +14,14 @@ cache.)
 
 The bytes are gathered in aligned buffers of ``CHUNK`` bytes (``Gatherer``,
 on the thread receiving them) and each buffer is written whole
-(``DirectWriter``, on a writer thread); ``DirectAppender`` is both on one
-thread. A file's first ``HEAD`` bytes still go through the page cache: they
-hold the header of most instances, which ingest reads back at once (a first
-read of the same size; a longer header is read from the device). The last,
-partial block is padded and the file cut back to its size. Where the filesystem refuses O_DIRECT
-(tmpfs, say), the file is written through the page cache as before, and a
-direct write refused as such is done again through the page cache: the file
-holds the same bytes either way.
+(``DirectWriter``, on a writer thread). A file's first ``HEAD`` bytes still
+go through the page cache: they hold the header of most instances, which
+ingest reads back at once (a first read of the same size; a longer header is
+read from the device). The last, partial block is padded and the file cut
+back to its size. Where the filesystem refuses O_DIRECT (tmpfs, say), the
+file is written through the page cache as before, and a direct write refused
+as such is done again through the page cache: the file holds the same bytes
+either way.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Filled:
         return self.end - self.start
 
     def give_back(self) -> None:
-        """Return the buffer to the pool unwritten."""
+        """Return the buffer to the pool, written or not."""
         _buffers.give(self.buffer)
 
 
@@ -176,7 +176,7 @@ class DirectWriter:
             with memoryview(filled.buffer) as view:
                 self._write(view, filled, last)
         finally:
-            _buffers.give(filled.buffer)
+            filled.give_back()
             if last:
                 self.done()
 
@@ -212,28 +212,3 @@ class DirectWriter:
             self._direct = False
             flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_DIRECT)
-
-
-class DirectAppender:
-    """A ``Gatherer`` and its ``DirectWriter`` on one thread: ``write``, then
-    ``finish`` (the file is complete only after it), or ``abandon`` when the
-    file is dropped instead."""
-
-    def __init__(self, fd: int, position: int = 0) -> None:
-        self._gatherer = Gatherer(position)
-        self._writer = DirectWriter(fd, position)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        for filled in self._gatherer.add(data):
-            self._writer.put(filled)
-
-    def finish(self) -> None:
-        """Write what is gathered: the file then holds exactly what was written."""
-        rest = self._gatherer.rest()
-        if rest is not None:
-            self._writer.put(rest, last=True)
-        else:
-            self._writer.done()
-
-    def abandon(self) -> None:
-        self._gatherer.abandon()
