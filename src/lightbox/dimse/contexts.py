@@ -4,11 +4,20 @@ and the process-wide pynetdicom configuration."""
 from __future__ import annotations
 
 import copy
+import functools
+import re
 from collections.abc import Iterable
 from typing import Any
 
+import pynetdicom.ae
+import pynetdicom.dimse_primitives
+import pynetdicom.pdu_items
+import pynetdicom.pdu_primitives
+import pynetdicom.presentation
+from pydicom.uid import RE_VALID_UID, UID
 from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationContexts, _config
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.utils import decode_bytes, set_uid, validate_uid
 
 from lightbox.dicom import uids
 from lightbox.settings import Settings
@@ -80,6 +89,67 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    for module in _SETS_UIDS:
+        module.set_uid = _set_uid  # type: ignore[attr-defined]
+    PresentationContext.add_transfer_syntax = _add_transfer_syntax  # type: ignore[method-assign]
+
+
+# pynetdicom checks every UID it is given three times over with regular
+# expressions: on the way into pydicom's UID, against its own validator, and
+# for conformance. A storage SCU proposes some 120 SOP Classes with a few
+# transfer syntaxes each, so that was some 7 ms of processor time in every
+# association's set-up, more than storing an instance takes. The UIDs met
+# are few and come again on every association: a conformant UID is checked
+# once per process. Anything else goes pynetdicom's way every time, with its
+# warnings and errors.
+_SETS_UIDS = (pynetdicom.ae, pynetdicom.dimse_primitives, pynetdicom.pdu_items,
+              pynetdicom.pdu_primitives, pynetdicom.presentation)
+_CONFORMANT = re.compile(RE_VALID_UID)
+_add_checked_syntax = PresentationContext.add_transfer_syntax
+
+
+def _remembered(value: object) -> str | None:
+    """``value`` if it is a conformant UID string that may be shared (a UID
+    marked with a private encoding is not); None otherwise."""
+    if (isinstance(value, str) and len(value) <= 64 and _CONFORMANT.match(value)
+            and not hasattr(value, "_PRIVATE_TS_ENCODING")):
+        return str(value)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_uid(value: str, name: str, allow_empty: bool, allow_none: bool,
+                 validate: bool) -> UID | None:
+    return set_uid(value, name, allow_empty, allow_none, validate)
+
+
+def _set_uid(value: str | bytes | UID | None, name: str, allow_empty: bool = True,
+             allow_none: bool = True, validate: bool = True) -> UID | None:
+    """pynetdicom's ``set_uid``, remembering conformant UIDs (a UID is an
+    immutable string: one object may serve every caller)."""
+    known = _remembered(decode_bytes(value) if isinstance(value, bytes) else value)
+    if known is None:
+        return set_uid(value, name, allow_empty, allow_none, validate)
+    return _checked_uid(known, name, allow_empty, allow_none, validate)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_syntax(value: str) -> UID | None:
+    """The conformant UID ``value``, if pynetdicom adds it to a context without
+    a word (a transfer syntax, or a private UID); None otherwise."""
+    uid = UID(value)
+    return uid if validate_uid(uid) and (uid.is_private or uid.is_transfer_syntax) else None
+
+
+def _add_transfer_syntax(self: PresentationContext, syntax: str | bytes | UID | None) -> None:
+    """pynetdicom's ``PresentationContext.add_transfer_syntax``, with the
+    checks of a conformant UID it met before remembered."""
+    known = _remembered(syntax)
+    uid = _plain_syntax(known) if known is not None else None
+    if uid is None:
+        _add_checked_syntax(self, syntax)
+    elif uid not in self._transfer_syntax:
+        self._transfer_syntax.append(uid)
 
 
 class _SharedUIDs(PresentationContext):
