@@ -53,6 +53,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from ceiling import DurableWriter
+from probe import cpu_probe_ms
 from servers import cpu_ticks, wait_quiet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,12 +245,15 @@ def _storescu(peer: Peer, folders: list[Path]) -> dict[str, float]:
 def measure_store(peer: Peer, folders: list[Path], files: list[Path]) -> dict[str, float]:
     """storescu of ``files`` over one association per folder, all at once."""
     before = peer.count()
+    os.sync()  # no writeback of earlier work (the corpus, the index filled) while timed
+    probe = cpu_probe_ms()
     run = _storescu(peer, folders)
     if peer.count() - before < len(files):
         raise SystemExit(f"{peer.label} stored {peer.count() - before} of {len(files)}")
     seconds = run["seconds"]
     size = sum(f.stat().st_size for f in files)
-    return {**run, "per_second": len(files) / seconds, "mb_per_second": size / seconds / 1e6,
+    return {**run, "cpu_probe_ms": probe,
+            "per_second": len(files) / seconds, "mb_per_second": size / seconds / 1e6,
             "server_cpu_ms": 1000 * run["server_cpu_s"] / len(files),
             "cores_busy": (run["server_cpu_s"] + run["storescu_cpu_s"]) / seconds}
 
@@ -430,6 +434,13 @@ def main(argv: list[str]) -> int:
         wanted = min(2 * store["lightbox"]["per_second"], ceiling)
         print(_goal(f"{args.parallel} associations >= min(2 x one, ceiling) = {wanted:.0f}/s",
                     par["lightbox"]["per_second"] >= wanted))
+    probed = [f"{label}: " + ", ".join(f"{p} {results[key][p]['cpu_probe_ms']:.0f}"
+                                      for p in ("orthanc", "lightbox"))
+              for key, label in (("store", "one association"),
+                                 ("parallel", f"{args.parallel} associations"))
+              if key in results]
+    print("processor probe before each timed run (ms for a fixed loop; lower is faster): "
+          + "; ".join(probed))
     print(f"C-FIND: Lightbox's index holds {args.find_studies} generated studies besides the "
           "corpus; Orthanc's only the corpus")
     print(_row("C-FIND study median (ms)", find["lightbox"]["median_ms"],

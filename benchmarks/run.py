@@ -31,6 +31,7 @@ import corpus
 import servers
 from bench import Bench, Sizes, log
 from figures import FIGURES
+from probe import cpu_probe_ms
 from results import Results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,8 +195,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             servers=running,
             results=results,
         )
+        probes = results.meta.setdefault("cpu_probe_ms", {})
         for name in args.only:
             log(f"== {name} ==")
+            probes[name] = round(cpu_probe_ms(), 1)
+            log(f"processor probe: {probes[name]:.0f} ms (a fixed loop; lower is faster)")
             try:
                 FIGURES[name](bench)
             except Exception as exc:  # one figure failing must not lose the others
@@ -225,6 +229,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print()
     print(results.table())
     print("ratio = lightbox / orthanc (for ms and MB, lower is better)")
+    if results.meta.get("cpu_probe_ms"):
+        probed = ", ".join(f"{k} {v:.0f}" for k, v in results.meta["cpu_probe_ms"].items())
+        print(f"processor probe before each figure (ms, lower is faster): {probed}")
     print(f"results: {out}")
     print(f"reproduce: {command.strip()}")
     print(f"took {results.meta['seconds']:.0f}s")
