@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
 
 from lightbox.archive import Archive
 from lightbox.dimse.scp import DicomServer
@@ -181,3 +187,27 @@ def _wait_http(peer: Orthanc, proc: subprocess.Popen[Any], timeout: float = 60) 
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("Orthanc did not start")
+
+
+def association_request(called: str, syntax: str) -> bytes:
+    """The A-ASSOCIATE-RQ PDU pynetdicom sends for ``syntax``, caught by a socket
+    that then hangs up (the association attempt fails; its bytes are what we want)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    caught: list[bytes] = []
+
+    def catch() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = conn.recv(6, socket.MSG_WAITALL)
+            body = conn.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
+            caught.append(head + body)
+
+    catcher = threading.Thread(target=catch)
+    catcher.start()
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.associate("127.0.0.1", listener.getsockname()[1],
+                 contexts=[build_context(syntax, [ExplicitVRLittleEndian])], ae_title=called)
+    catcher.join(10)
+    listener.close()
+    return caught[0]

@@ -22,6 +22,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
@@ -31,7 +32,7 @@ from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest
 from lightbox.services.ingest import Offer, Status, store_instances
-from tests.dimse_peers import dcmtk, scp, with_settings
+from tests.dimse_peers import association_request, dcmtk, scp, with_settings
 from tests.factories import ROOT, ct_dataset, write
 
 
@@ -205,6 +206,62 @@ def test_dataset_in_many_small_pdus_is_stored_as_sent(archive: Archive) -> None:
     assert stored.SOPInstanceUID == sent.SOPInstanceUID
     assert stored.PixelData == sent.PixelData
     assert not archive.blobs.staged()
+
+
+def _wire_store(ds: Any, max_pdu: int) -> bytes:
+    """A C-STORE-RQ on presentation context 1 as the P-DATA-TF PDUs a peer with
+    a maximum PDU of ``max_pdu`` bytes sends."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 0
+    request.DataSet = BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = []
+    for primitive in message.encode_msg(1, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    return b"".join(pdus)
+
+
+def _read_pdu(raw: socket.socket) -> bytes:
+    head = raw.recv(6, socket.MSG_WAITALL)
+    assert len(head) == 6, "the SCP closed the connection"
+    return head + raw.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
+
+
+@pytest.mark.parametrize("piece", [0, 4093, 5])
+def test_pdus_read_together_are_each_handled_in_order(archive: Archive, piece: int) -> None:
+    """A dataset in some 32 PDUs of 1 KiB with the A-RELEASE-RQ right behind it: read
+    from the socket in large pieces (piece 0: sent at once) or trickled in pieces
+    that cut headers in two, every PDU is handled, the release last."""
+    sent = ct_dataset(size=128, sop=generate_uid(prefix=ROOT))  # 32 KiB of pixels
+    wire = _wire_store(sent, 1024)
+    assert wire.count(b"\x04\x00\x00\x00\x04") >= 32  # many P-DATA-TF PDUs of 1 KiB
+    wire += b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # A-RELEASE-RQ
+    with scp(archive) as server, socket.create_connection(("127.0.0.1", server.port),
+                                                           timeout=10) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.sendall(association_request("LIGHTBOX", CTImageStorage))
+        assert _read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
+        for start in range(0, len(wire), piece or len(wire)):
+            raw.sendall(wire[start:start + (piece or len(wire))])
+            if piece and start // piece % 16 == 0:
+                time.sleep(0.001)  # let the SCP read a piece on its own
+        answer = _read_pdu(raw)
+        assert answer[0] == 0x04  # P-DATA-TF: the C-STORE-RSP in one PDU
+        response = decode(BytesIO(answer[12:]), True, True)
+        assert response.CommandField == 0x8001 and response.Status == Store.SUCCESS
+        assert response.AffectedSOPInstanceUID == sent.SOPInstanceUID
+        assert _read_pdu(raw)[0] == 0x06  # A-RELEASE-RP, after the answer
+    with archive.db.read() as conn:
+        key = conn.execute(select(instances.c.blob_key)).scalar_one()
+    stored = pydicom.dcmread(archive.blobs.path(key))
+    assert stored.SOPInstanceUID == sent.SOPInstanceUID
+    assert stored.PixelData == sent.PixelData
 
 
 def test_parallel_associations_store_everything_with_consistent_counts(

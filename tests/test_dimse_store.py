@@ -30,7 +30,7 @@ from lightbox.dimse.status import Store
 from lightbox.index.schema import instances
 from lightbox.services import nodes
 from tests.conftest import serving
-from tests.dimse_peers import dcmtk, make_corpus, scp, with_settings
+from tests.dimse_peers import association_request, dcmtk, make_corpus, scp, with_settings
 from tests.factories import ROOT, ct_dataset, video_dataset, write
 
 ALL_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -296,35 +296,11 @@ def test_duplicate_is_success_and_keeps_one_copy(archive: Archive, tmp_path: Pat
     assert _count(archive) == 1
 
 
-def _association_request(called: str, syntax: str) -> bytes:
-    """The A-ASSOCIATE-RQ PDU pynetdicom sends for ``syntax``, caught by a socket
-    that then hangs up (the association attempt fails; its bytes are what we want)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    caught: list[bytes] = []
-
-    def catch() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            head = conn.recv(6, socket.MSG_WAITALL)
-            body = conn.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
-            caught.append(head + body)
-
-    catcher = threading.Thread(target=catch)
-    catcher.start()
-    ae = AE(ae_title="TESTSCU")
-    ae.acse_timeout = ae.network_timeout = 5
-    ae.associate("127.0.0.1", listener.getsockname()[1],
-                 contexts=[build_context(syntax, [ExplicitVRLittleEndian])], ae_title=called)
-    catcher.join(10)
-    listener.close()
-    return caught[0]
-
-
 def test_p_data_longer_than_the_negotiated_maximum_is_aborted(archive: Archive) -> None:
     # An established association announces a P-DATA-TF PDU of 16 MiB, over the
     # 1 MiB maximum the SCP negotiated: the SCP drops the association without
     # reading (or storing) it, and goes on serving others.
-    request = _association_request("LIGHTBOX", CTImageStorage)
+    request = association_request("LIGHTBOX", CTImageStorage)
     with scp(archive) as server, socket.create_connection(("127.0.0.1", server.port),
                                                            timeout=10) as raw:
         raw.sendall(request)

@@ -15,9 +15,12 @@ pynetdicom's own assembly unchanged.
 
 ``receive_p_data`` goes one step further for an established association: it
 reads a P-DATA-TF PDU's items straight off the socket, and a dataset
-fragment's bytes go from the socket to the file through one reused buffer,
-without pynetdicom decoding the PDU into objects (and copying it four times)
-on the way.
+fragment's bytes go from the socket to the file through one reused buffer
+(the association's ``Inbox``), without pynetdicom decoding the PDU into
+objects (and copying it four times) on the way. The inbox reads whatever has
+arrived, up to 256 KiB at a time: a sender's PDUs of 16 KiB (the most common
+size) take one read for many of them instead of three reads each (PDU
+header, item header, data).
 
 With a ``Handler`` installed too, a streamed C-STORE is answered right there,
 in the thread that received it: the handler stores the instance, and the
@@ -72,17 +75,54 @@ Reader = Callable[[memoryview], int]
 """``recv_into`` of the association's socket: bytes read, 0 when it closed."""
 
 
-def read_exact(read: Reader, n: int) -> bytes:
-    """``n`` bytes from ``read``; OSError if the connection closes first."""
-    buffer = bytearray(n)
-    got = 0
-    with memoryview(buffer) as view:
-        while got < n:
-            count = read(view[got:])
+class Inbox:
+    """An association's socket, read in large pieces.
+
+    Each read takes whatever has arrived, up to the buffer's size; headers and
+    data are then served from the buffer. ``take`` lends a slice of it
+    (valid until the next call), so a dataset fragment goes from the buffer
+    to its file without another copy.
+    """
+
+    def __init__(self, read: Reader, size: int = _CHUNK) -> None:
+        self._read = read
+        self._buffer = bytearray(size)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes read from the socket and not yet taken."""
+        return self._end - self._start
+
+    def take(self, n: int) -> memoryview:
+        """At most ``n`` bytes, at least one; OSError if the connection closed."""
+        if self._start == self._end:
+            count = self._read(self._view)
             if not count:
                 raise OSError("connection closed in the middle of a PDU")
-            got += count
-    return bytes(buffer)
+            self._start, self._end = 0, count
+        count = min(n, self._end - self._start)
+        self._start += count
+        return self._view[self._start - count:self._start]
+
+    def exact(self, n: int) -> bytes:
+        """``n`` bytes; OSError if the connection closes first."""
+        if self._end - self._start >= n:
+            self._start += n
+            return bytes(self._view[self._start - n:self._start])
+        pieces = []
+        while n > 0:
+            piece = self.take(n)
+            pieces.append(bytes(piece))
+            n -= len(piece)
+        return b"".join(pieces)
+
+    def drain(self) -> bytes:
+        """Everything read and not yet taken (for pynetdicom to read next)."""
+        rest = bytes(self._view[self._start:self._end])
+        self._start = self._end = 0
+        return rest
 
 
 @dataclass(frozen=True)
@@ -204,15 +244,12 @@ class _Incoming:
             self.error = exc
             self.close(remove=True)
 
-    def copy(self, read: Reader, n: int, buffer: bytearray) -> None:
-        """Append ``n`` bytes read from the socket, through ``buffer``."""
-        with memoryview(buffer) as view:
-            while n > 0:
-                count = read(view[:min(n, len(buffer))])
-                if not count:
-                    raise OSError("connection closed in the middle of a PDU")
-                self.write(view[:count])
-                n -= count
+    def copy(self, inbox: Inbox, n: int) -> None:
+        """Append the next ``n`` bytes of the association's socket."""
+        while n > 0:
+            piece = inbox.take(n)
+            self.write(piece)
+            n -= len(piece)
 
     def close(self, *, remove: bool) -> None:
         if self.fd >= 0:
@@ -236,7 +273,6 @@ class StreamingDIMSE(DIMSEServiceProvider):
     _command: BytesIO | None
     _delegating: bool
     _incoming: _Incoming | None
-    _buffer: bytearray | None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
@@ -286,10 +322,10 @@ class StreamingDIMSE(DIMSEServiceProvider):
         self._delegate(context_id, bytes([header]) + encoded)
         self._delegating = self.message is not None  # None: complete, it has no dataset
 
-    def receive_p_data(self, read: Reader, length: int) -> None:
+    def receive_p_data(self, inbox: Inbox, length: int) -> None:
         """Consume the items of one P-DATA-TF PDU (``length`` bytes after its
-        header) from the socket. In state Sta6 this is all that receiving the
-        PDU does (DT-2: hand it to DIMSE; the state stays the same).
+        header) from the association's socket. In state Sta6 this is all that
+        receiving the PDU does (DT-2: hand it to DIMSE; the state stays the same).
 
         Raises OSError when the connection closes, MalformedPDU for items that
         overrun the PDU (pynetdicom's Evt17 and Evt19).
@@ -297,21 +333,19 @@ class StreamingDIMSE(DIMSEServiceProvider):
         while length > 0:
             if length < _PDV_HEAD.size:
                 raise MalformedPDU("P-DATA-TF PDU ends inside an item header")
-            item_length, context_id, header = _PDV_HEAD.unpack(read_exact(read, _PDV_HEAD.size))
+            item_length, context_id, header = _PDV_HEAD.unpack(inbox.exact(_PDV_HEAD.size))
             if item_length < 2 or item_length + 4 > length:
                 raise MalformedPDU(f"PDV item of {item_length} bytes in a PDU of {length}")
             length -= item_length + 4
             size = item_length - 2
             incoming = self._incoming
             if incoming is not None and not self._delegating and not header & _COMMAND:
-                if self._buffer is None:
-                    self._buffer = bytearray(_CHUNK)
-                incoming.copy(read, size, self._buffer)
+                incoming.copy(inbox, size)
                 if header & _LAST:
                     self._incoming = None
                     self._complete(incoming)
             else:
-                self._receive_fragment(context_id, bytes([header]) + read_exact(read, size))
+                self._receive_fragment(context_id, bytes([header]) + inbox.exact(size))
 
     def _open(self, context_id: int, command: _Command) -> _Incoming:
         incoming = _Incoming(context_id, command)
@@ -404,7 +438,6 @@ def install(assoc: Any, sink: Sink, handler: Handler | None = None) -> None:
     dimse._command = None
     dimse._delegating = False
     dimse._incoming = None
-    dimse._buffer = None
 
 
 # ---------------------------------------------------------------- C-STORE-RSP

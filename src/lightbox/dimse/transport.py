@@ -78,17 +78,19 @@ def _bounded_recv(sock: Any, limit: int) -> Any:
     the DUL read ahead (``_UnpolledDUL.pushback``) come first."""
 
     def recv(nr_bytes: int) -> bytearray:
-        dul = sock.assoc.dul
-        ahead = getattr(dul, "pushback", b"")
-        if ahead:
-            dul.pushback = ahead[nr_bytes:]
-            return bytearray(ahead[:nr_bytes])
         # The DUL asks for a PDU's whole announced length in one call.
         if nr_bytes > limit:
             raise OSError(f"peer announced a PDU of {nr_bytes} bytes (limit {limit})")
+        dul = sock.assoc.dul
+        ahead = getattr(dul, "pushback", b"")[:nr_bytes]
+        if ahead:
+            dul.pushback = dul.pushback[len(ahead):]
+            if len(ahead) == nr_bytes:
+                return bytearray(ahead)
         raw = sock.socket
         buffer = bytearray(nr_bytes)
-        got = 0
+        buffer[:len(ahead)] = ahead
+        got = len(ahead)
         with memoryview(buffer) as view:
             while got < nr_bytes:
                 n = raw.recv_into(view[got:])
@@ -270,26 +272,50 @@ class _UnpolledDUL(DULServiceProvider):
     _wake_r: int
     _wake_w: int
     pdu_limit: int
-    pushback: bytes = b""
+    pushback: bytes = b""  # bytes read ahead that pynetdicom's reads get first
+    inbox: streaming.Inbox | None = None
+
+    def _buffered(self) -> bool:
+        """Whether bytes already read wait to be handled."""
+        return bool(self.pushback) or (self.inbox is not None and self.inbox.pending > 0)
+
+    def _is_transport_event(self) -> bool:
+        if self._buffered():  # the socket need not be readable: they were read already
+            self._read_pdu_data()
+            return True
+        return bool(super()._is_transport_event())
 
     def _read_pdu_data(self) -> None:
         dimse = self.assoc.dimse
         raw = getattr(self.socket, "socket", None)
-        if (self.state_machine.current_state != "Sta6" or raw is None
+        if (self.state_machine.current_state != "Sta6" or raw is None or self.pushback
                 or not isinstance(dimse, streaming.StreamingDIMSE)):
+            # Bytes pushed back come before anything still in the inbox.
+            if self.inbox is not None and self.inbox.pending:
+                self.pushback += self.inbox.drain()
             super()._read_pdu_data()
             return
-        read = _reader(raw)
+        if self.inbox is None:
+            self.inbox = streaming.Inbox(_reader(raw))
+        inbox = self.inbox
         try:
-            header = streaming.read_exact(read, 6)
-            if header[0] != P_DATA_TF_TYPE:
-                self.pushback = header  # pynetdicom decodes every other PDU
-                super()._read_pdu_data()
-                return
-            length = int.from_bytes(header[2:6], "big")
-            if length > self.pdu_limit:
-                raise OSError(f"peer announced a PDU of {length} bytes (limit {self.pdu_limit})")
-            dimse.receive_p_data(read, length)
+            while True:
+                header = inbox.exact(6)
+                if header[0] != P_DATA_TF_TYPE:
+                    # pynetdicom decodes every other PDU, and reads what follows it.
+                    self.pushback = header + inbox.drain()
+                    super()._read_pdu_data()
+                    return
+                length = int.from_bytes(header[2:6], "big")
+                if length > self.pdu_limit:
+                    raise OSError(f"peer announced a PDU of {length} bytes "
+                                  f"(limit {self.pdu_limit})")
+                dimse.receive_p_data(inbox, length)
+                # The next PDUs were read already: on with them, unless the
+                # reactor has something else to do first.
+                if (not inbox.pending or self._kill_thread or not self.event_queue.empty()
+                        or self.to_provider_queue.qsize()):
+                    return
         except streaming.MalformedPDU as exc:
             log.warning("dicom association with %s: %s", self.assoc.requestor.ae_title, exc)
             dimse.discard_incoming()
@@ -362,7 +388,7 @@ class _UnpolledDUL(DULServiceProvider):
 
     def _wait(self) -> None:
         """Until the socket is readable, a primitive is queued, or _IDLE_WAIT passed."""
-        if self.to_provider_queue.qsize():
+        if self.to_provider_queue.qsize() or self._buffered():
             return
         watched = [self._wake_r]
         raw = getattr(self.socket, "socket", None)
