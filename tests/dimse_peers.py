@@ -198,9 +198,7 @@ def association_request(called: str, syntax: str) -> bytes:
     def catch() -> None:
         conn, _ = listener.accept()
         with conn:
-            head = conn.recv(6, socket.MSG_WAITALL)
-            body = conn.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
-            caught.append(head + body)
+            caught.append(read_pdu(conn))
 
     catcher = threading.Thread(target=catch)
     catcher.start()
@@ -211,3 +209,10 @@ def association_request(called: str, syntax: str) -> bytes:
     catcher.join(10)
     listener.close()
     return caught[0]
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    """The next whole PDU from ``sock``, header included."""
+    head = sock.recv(6, socket.MSG_WAITALL)
+    assert len(head) == 6, "the peer closed the connection"
+    return head + sock.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)

@@ -32,7 +32,7 @@ from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest
 from lightbox.services.ingest import Offer, Status, store_instances
-from tests.dimse_peers import association_request, dcmtk, scp, with_settings
+from tests.dimse_peers import association_request, dcmtk, read_pdu, scp, with_settings
 from tests.factories import ROOT, ct_dataset, write
 
 
@@ -227,12 +227,6 @@ def _wire_store(ds: Any, max_pdu: int) -> bytes:
     return b"".join(pdus)
 
 
-def _read_pdu(raw: socket.socket) -> bytes:
-    head = raw.recv(6, socket.MSG_WAITALL)
-    assert len(head) == 6, "the SCP closed the connection"
-    return head + raw.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
-
-
 @pytest.mark.parametrize("piece", [0, 4093, 5])
 def test_pdus_read_together_are_each_handled_in_order(archive: Archive, piece: int) -> None:
     """A dataset in some 32 PDUs of 1 KiB with the A-RELEASE-RQ right behind it: read
@@ -246,17 +240,17 @@ def test_pdus_read_together_are_each_handled_in_order(archive: Archive, piece: i
                                                            timeout=10) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.sendall(association_request("LIGHTBOX", CTImageStorage))
-        assert _read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
+        assert read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
         for start in range(0, len(wire), piece or len(wire)):
             raw.sendall(wire[start:start + (piece or len(wire))])
             if piece and start // piece % 16 == 0:
                 time.sleep(0.001)  # let the SCP read a piece on its own
-        answer = _read_pdu(raw)
+        answer = read_pdu(raw)
         assert answer[0] == 0x04  # P-DATA-TF: the C-STORE-RSP in one PDU
         response = decode(BytesIO(answer[12:]), True, True)
         assert response.CommandField == 0x8001 and response.Status == Store.SUCCESS
         assert response.AffectedSOPInstanceUID == sent.SOPInstanceUID
-        assert _read_pdu(raw)[0] == 0x06  # A-RELEASE-RP, after the answer
+        assert read_pdu(raw)[0] == 0x06  # A-RELEASE-RP, after the answer
     with archive.db.read() as conn:
         key = conn.execute(select(instances.c.blob_key)).scalar_one()
     stored = pydicom.dcmread(archive.blobs.path(key))

@@ -30,7 +30,7 @@ from lightbox.dimse.status import Store
 from lightbox.index.schema import instances
 from lightbox.services import nodes
 from tests.conftest import serving
-from tests.dimse_peers import association_request, dcmtk, make_corpus, scp, with_settings
+from tests.dimse_peers import association_request, dcmtk, make_corpus, read_pdu, scp, with_settings
 from tests.factories import ROOT, ct_dataset, video_dataset, write
 
 ALL_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -304,9 +304,7 @@ def test_p_data_longer_than_the_negotiated_maximum_is_aborted(archive: Archive) 
     with scp(archive) as server, socket.create_connection(("127.0.0.1", server.port),
                                                            timeout=10) as raw:
         raw.sendall(request)
-        head = raw.recv(6, socket.MSG_WAITALL)
-        assert head[0] == 0x02  # A-ASSOCIATE-AC
-        raw.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
+        assert read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
         raw.sendall(b"\x04\x00" + (16 * 1024 * 1024).to_bytes(4, "big") + b"\x00" * 4096)
         assert _closed_within(raw, 10)
         dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))

@@ -285,15 +285,20 @@ class _UnpolledDUL(DULServiceProvider):
             return True
         return bool(super()._is_transport_event())
 
+    def _to_pynetdicom(self, read: bytes = b"") -> None:
+        """pynetdicom reads the next PDU: from the bytes pushed back, then
+        ``read``, then what the inbox holds, then the socket."""
+        if self.inbox is not None:
+            read += self.inbox.drain()
+        self.pushback += read
+        super()._read_pdu_data()
+
     def _read_pdu_data(self) -> None:
         dimse = self.assoc.dimse
         raw = getattr(self.socket, "socket", None)
         if (self.state_machine.current_state != "Sta6" or raw is None or self.pushback
                 or not isinstance(dimse, streaming.StreamingDIMSE)):
-            # Bytes pushed back come before anything still in the inbox.
-            if self.inbox is not None and self.inbox.pending:
-                self.pushback += self.inbox.drain()
-            super()._read_pdu_data()
+            self._to_pynetdicom()
             return
         if self.inbox is None:
             self.inbox = streaming.Inbox(_reader(raw))
@@ -302,9 +307,7 @@ class _UnpolledDUL(DULServiceProvider):
             while True:
                 header = inbox.exact(6)
                 if header[0] != P_DATA_TF_TYPE:
-                    # pynetdicom decodes every other PDU, and reads what follows it.
-                    self.pushback = header + inbox.drain()
-                    super()._read_pdu_data()
+                    self._to_pynetdicom(header)  # it decodes every other PDU
                     return
                 length = int.from_bytes(header[2:6], "big")
                 if length > self.pdu_limit:
