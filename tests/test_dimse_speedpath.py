@@ -8,6 +8,7 @@ import multiprocessing
 import socket
 import threading
 import time
+import tracemalloc
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,31 @@ def test_pdus_read_together_are_each_handled_in_order(archive: Archive, piece: i
     stored = pydicom.dcmread(archive.blobs.path(key))
     assert stored.SOPInstanceUID == sent.SOPInstanceUID
     assert stored.PixelData == sent.PixelData
+
+
+def test_a_large_dataset_goes_to_disk_in_bounded_memory(archive: Archive) -> None:
+    """A 32 MB image arriving over DIMSE is written to its file as it comes:
+    the SCP's memory grows by a small fraction of it."""
+    sent = ct_dataset(size=2048, frames=4, sop=generate_uid(prefix=ROOT))
+    wire = _wire_store(sent, 65536)  # made before tracing: the sender's bytes
+    assert len(wire) > 32_000_000
+    with scp(archive) as server, socket.create_connection(("127.0.0.1", server.port),
+                                                           timeout=30) as raw:
+        raw.sendall(association_request("LIGHTBOX", CTImageStorage))
+        assert read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
+        tracemalloc.start()
+        try:
+            raw.sendall(wire)
+            answer = read_pdu(raw)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    response = decode(BytesIO(answer[12:]), True, True)
+    assert response.Status == Store.SUCCESS
+    assert peak < 4_000_000, f"peak {peak} bytes while receiving {len(wire)}"
+    with archive.db.read() as conn:
+        key = conn.execute(select(instances.c.blob_key)).scalar_one()
+    assert pydicom.dcmread(archive.blobs.path(key)).PixelData == sent.PixelData
 
 
 def test_parallel_associations_store_everything_with_consistent_counts(
