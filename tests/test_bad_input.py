@@ -338,6 +338,9 @@ BAD_INSTANCES: dict[str, Callable[[], bytes]] = {
 }
 
 
+# These UIDs are invalid on purpose; pydicom warns as it writes them.
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.filterwarnings("ignore:The value length .* allowed for VR UI")
 @pytest.mark.parametrize("case", list(BAD_INSTANCES))
 def test_bad_instance_is_refused(shared: RunningServer, case: str) -> None:
     data = BAD_INSTANCES[case]()
