@@ -18,7 +18,11 @@
 - The same with other corpora (also --rounds) split over --parallel (4)
   storescu processes at once; how much faster that is than one association, and the fraction of
   the machine's durable-write ceiling (the same files written one after the
-  other with write, fsync, rename and a directory fsync) it reaches.
+  other with write, fsync, rename and a directory fsync) it reaches. The
+  ceiling takes its turn in every round, between the servers, and each
+  round's rates are set against that round's ceiling (the median of the
+  rounds' fractions is the figure): what the disk and this VM's memory
+  allow changes from minute to minute.
 - C-FIND: study-level queries (PatientID plus five return keys) over one
   pynetdicom association per server, the servers taking turns query by query
   after a warm-up; median and 90th percentile latency of a complete request
@@ -280,17 +284,28 @@ def measure_ceiling(directory: Path, files: list[Path]) -> dict[str, float]:
     return {"per_second": writer.per_second, "files": writer.files}
 
 
-def alternate(peers: list[Peer], folders: list[list[Path]],
-              corpora: list[list[Path]]) -> list[dict[str, dict[str, float]]]:
+def alternate(peers: list[Peer], folders: list[list[Path]], corpora: list[list[Path]],
+              ceiling: Path | None = None) -> list[dict[str, dict[str, float]]]:
     """One round per corpus: each server stores it (``folders[i]``, one storescu
-    per folder), the servers taking turns and the first changing each round."""
-    rounds = []
+    per folder), the servers taking turns and the first changing each round.
+    With a ``ceiling`` folder, the durable-write ceiling takes its turn in each
+    round too (the round's files, under "ceiling"): the disk and the memory
+    this VM hands out change within minutes, and each round's servers are then
+    measured against the ceiling of the same minutes."""
+    rounds: list[dict[str, dict[str, float]]] = []
+    turns: list[Peer | None] = [*peers, *([None] if ceiling is not None else [])]
     for i, (parts, files) in enumerate(zip(folders, corpora, strict=True)):
-        order = peers if i % 2 == 0 else peers[::-1]
-        rounds.append({p.label: measure_store(p, parts, files) for p in order})
+        k = i % len(turns)
+        rounds.append({})
+        for turn in [*turns[k:], *turns[:k]]:
+            if turn is None:
+                assert ceiling is not None
+                rounds[-1]["ceiling"] = measure_ceiling(ceiling / f"round-{i}", files)
+            else:
+                rounds[-1][turn.label] = measure_store(turn, parts, files)
         print(f"  round {i + 1}/{len(corpora)}, {len(parts)} association(s): "
-              + ", ".join(f"{p.label} {rounds[-1][p.label]['per_second']:.1f}/s"
-                          for p in peers), flush=True)
+              + ", ".join(f"{label} {rate['per_second']:.1f}/s"
+                          for label, rate in sorted(rounds[-1].items())), flush=True)
     return rounds
 
 
@@ -298,11 +313,16 @@ def median_rounds(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[s
     """Each server's median round (by rate), and the median of the rounds'
     ratios (lightbox / orthanc) as ``ratio``."""
     chosen: dict[str, dict[str, float]] = {}
-    for label in rounds[0]:
+    for label in ("orthanc", "lightbox", *(["ceiling"] if "ceiling" in rounds[0] else [])):
         ordered = sorted((r[label] for r in rounds), key=lambda run: run["per_second"])
         chosen[label] = dict(ordered[(len(ordered) - 1) // 2])
     chosen["lightbox"]["ratio"] = statistics.median(_ratios(rounds))
     return chosen
+
+
+def _of_ceiling(rounds: list[dict[str, dict[str, float]]], label: str) -> list[float]:
+    """``label``'s rate in each round as a fraction of that round's ceiling."""
+    return [r[label]["per_second"] / r["ceiling"]["per_second"] for r in rounds]
 
 
 def _ratios(rounds: list[dict[str, dict[str, float]]]) -> list[float]:
@@ -440,9 +460,8 @@ def main(argv: list[str]) -> int:
         results["store_rounds"] = alternate(peers, [[f] for f in folders], corpora)
         results["store"] = median_rounds(results["store_rounds"])
         if args.parallel:
-            results["parallel_rounds"] = alternate(peers, parts, others)
+            results["parallel_rounds"] = alternate(peers, parts, others, run / "write-ceiling")
             results["parallel"] = median_rounds(results["parallel_rounds"])
-            results["ceiling"] = measure_ceiling(run / "write-ceiling", others[0])
         results["find"] = measure_find(peers, args.finds)
     finally:
         for proc in list(_RUNNING):
@@ -466,7 +485,7 @@ def main(argv: list[str]) -> int:
     print(_row(f"  cores busy (SCP + storescu, of {os.cpu_count()})",
                store["lightbox"]["cores_busy"], store["orthanc"]["cores_busy"]))
     if "parallel" in results:
-        par, ceiling = results["parallel"], results["ceiling"]["per_second"]
+        par, ceiling = results["parallel"], results["parallel"]["ceiling"]["per_second"]
         print(_row(f"C-STORE, {args.parallel} associations (inst/s)",
                    par["lightbox"]["per_second"], par["orthanc"]["per_second"]))
         print(_row(f"  {args.parallel} associations / 1 (x)",
@@ -476,14 +495,26 @@ def main(argv: list[str]) -> int:
                    par["orthanc"]["server_cpu_ms"]))
         print(_row(f"  cores busy (SCP + storescu, of {os.cpu_count()})",
                    par["lightbox"]["cores_busy"], par["orthanc"]["cores_busy"]))
+        shares = {label: _of_ceiling(results["parallel_rounds"], label)
+                  for label in ("lightbox", "orthanc")}
         print(_row(f"  {args.parallel} associations, % of ceiling",
-                   100 * par["lightbox"]["per_second"] / ceiling,
-                   100 * par["orthanc"]["per_second"] / ceiling))
-        print(f"durable-write ceiling, same files: {ceiling:.0f} files/s (write, fsync, "
-              "rename, directory fsync, one file after the other)")
-        wanted = min(2 * store["lightbox"]["per_second"], ceiling)
-        print(_goal(f"{args.parallel} associations >= min(2 x one, ceiling) = {wanted:.0f}/s",
-                    par["lightbox"]["per_second"] >= wanted))
+                   100 * statistics.median(shares["lightbox"]),
+                   100 * statistics.median(shares["orthanc"])))
+        print("  Lightbox's % of the ceiling in each round: "
+              + ", ".join(f"{100 * r:.0f}" for r in shares["lightbox"])
+              + " (the median is the figure)")
+        print(f"durable-write ceiling, same files: {ceiling:.0f} files/s in the median round "
+              "(write, fsync, rename, directory fsync, one file after the other; in each "
+              "round, between the servers: "
+              + "/".join(f"{r['ceiling']['per_second']:.0f}"
+                         for r in results["parallel_rounds"]) + ")")
+        # Doubling one association's rate, up to the ceiling of the round.
+        reached = statistics.median(
+            r["lightbox"]["per_second"]
+            / min(2 * store["lightbox"]["per_second"], r["ceiling"]["per_second"])
+            for r in results["parallel_rounds"])
+        print(_goal(f"{args.parallel} associations >= min(2 x one, ceiling): "
+                    f"{100 * reached:.0f}% of that (median of the rounds)", reached >= 1.0))
     probed = [f"{label}: " + ", ".join(
                   f"{p} " + "/".join(f"{r[p]['cpu_probe_ms']:.0f}" for r in results[key])
                   for p in ("orthanc", "lightbox"))
