@@ -114,28 +114,30 @@ def test_store_then_duplicate_keeps_first(archive: Archive, tmp_path: Path) -> N
 def test_copy_stored_after_the_look_up_is_still_a_duplicate(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The look-up before the write transaction can be overtaken by another
-    # writer storing the same instance: the write then meets the unique key,
-    # and the batch is indexed again with the look-up inside the transaction.
+    # The look-up (before the write transaction on SQLite, in it on
+    # PostgreSQL) can be overtaken by another writer storing the same
+    # instance: the write then meets the unique key, and the batch is indexed
+    # again with the look-up inside the transaction.
     study, known = generate_uid(prefix=ROOT), generate_uid(prefix=ROOT)
     first = ct_dataset(study=study, series=known)
     assert single(store_instances(archive, [staged(archive, to_bytes(first))])).status is (
         Status.STORED)
     blobs = blob_files(archive)
-    real = ingest._look_up
-    retried: list[bool] = []
+    real = ingest._stored_and_filed
+    looked: list[bool] = []
 
-    def stale(*args: Any) -> Any:  # the series as it is, the copy not yet there
+    def stale(*args: Any) -> Any:  # first: the series as it is, the copy not yet there
         taken, filed = real(*args)
         assert first.SOPInstanceUID in taken and known in filed
-        return set(), filed
+        looked.append(True)
+        return (set() if len(looked) == 1 else taken), filed
 
     def transaction(*args: Any, **kwargs: Any) -> Any:
-        retried.append("looked_up" not in kwargs)
+        transactions.append(kwargs.get("looked_up") is None)
         return real_transaction(*args, **kwargs)
 
-    real_transaction = ingest._transaction
-    monkeypatch.setattr(ingest, "_look_up", stale)
+    real_transaction, transactions = ingest._transaction, []
+    monkeypatch.setattr(ingest, "_stored_and_filed", stale)
     monkeypatch.setattr(ingest, "_transaction", transaction)
     again = ct_dataset(study=study, series=known)
     again.SOPInstanceUID = first.SOPInstanceUID
@@ -143,7 +145,8 @@ def test_copy_stored_after_the_look_up_is_still_a_duplicate(
     outcomes = store_instances(archive, [staged(archive, to_bytes(again)),
                                          staged(archive, to_bytes(fresh))])
     assert [o.status for o in outcomes] == [Status.DUPLICATE, Status.STORED]
-    assert retried == [False, True]
+    # Met the unique key, then indexed again, looking up inside the transaction.
+    assert len(transactions) == 2 and transactions[1] and len(looked) == 2
     assert len(blob_files(archive)) == len(blobs) + 1
     assert staging_files(archive) == []
     with archive.db.read() as conn:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lightbox.archive import Archive
 from lightbox.index import instances as index
-from lightbox.index.lean import Lean, LeanIn
+from lightbox.index.lean import Lean, LeanIn, together
 from lightbox.index.schema import studies
 from lightbox.services.ingest import Status, store_instances
 from tests.factories import ct_dataset, to_bytes
@@ -79,6 +80,46 @@ def test_a_broken_constraint_is_sqlalchemys_integrity_error(patient: Archive) ->
     with pytest.raises(IntegrityError), patient.db.write() as conn:
         insert.run(conn, [_study_row("1.2.3.5"), _study_row("1.2.3.5")])
     with patient.db.read() as conn:
-        assert index.filed_series(conn, ["no such series"]) == {}
+        assert index.look_up(conn, ["1.2.3.5"], ["no such series"]) == (set(), {})
         assert conn.execute(select(studies.c.pk).where(
             studies.c.study_instance_uid == "1.2.3.5")).first() is None
+
+
+def _pipelined(conn: Connection) -> bool:
+    """Whether statements on ``conn`` are being queued (psycopg's pipeline mode)."""
+    pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
+    return pgconn is not None and pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
+
+
+def test_statements_sent_together_all_apply(patient: Archive) -> None:
+    bump = Lean(update(studies).where(studies.c.study_instance_uid == bindparam("uid"))
+                .values(number_of_instances=studies.c.number_of_instances + bindparam("n")))
+    with patient.db.write() as conn:
+        with together(conn):
+            # Queued on PostgreSQL, one round trip at the end of the block.
+            assert _pipelined(conn) == (conn.dialect.name == "postgresql")
+            Lean(studies.insert()).run(conn, [_study_row("1.2.3.7"), _study_row("1.2.3.8")])
+            bump.run(conn, [{"uid": "1.2.3.7", "n": 3}, {"uid": "1.2.3.8", "n": 4}])
+        assert not _pipelined(conn)
+    with patient.db.read() as conn:
+        found = conn.execute(select(studies.c.study_instance_uid, studies.c.number_of_instances)
+                             .where(studies.c.study_instance_uid.in_(["1.2.3.7", "1.2.3.8"]))
+                             .order_by(studies.c.study_instance_uid)).all()
+    assert [tuple(r) for r in found] == [("1.2.3.7", 3), ("1.2.3.8", 4)]
+
+
+def test_a_broken_constraint_sent_together_is_integrity_error_at_the_end(
+    patient: Archive,
+) -> None:
+    """Raised when the block ends (where PostgreSQL answers), as SQLAlchemy's
+    IntegrityError; nothing of the transaction stays, and the next write works."""
+    insert = Lean(studies.insert())
+    with pytest.raises(IntegrityError), patient.db.write() as conn, together(conn):
+        insert.run(conn, [_study_row("1.2.3.6")])
+        insert.run(conn, [_study_row("1.2.3.6")])
+    with patient.db.write() as conn:
+        insert.run(conn, [_study_row("1.2.3.4")])
+    with patient.db.read() as conn:
+        found = conn.execute(select(studies.c.study_instance_uid).where(
+            studies.c.study_instance_uid.in_(["1.2.3.6", "1.2.3.4"]))).scalars().all()
+    assert found == ["1.2.3.4"]

@@ -16,7 +16,7 @@ from lightbox.dicom.frames import PixelLayout
 from lightbox.dicom.instance import InstanceRecord
 from lightbox.errors import Conflict, NotFound
 from lightbox.index.db import Database
-from lightbox.index.lean import Lean, LeanIn
+from lightbox.index.lean import Lean, LeanIn, together
 from lightbox.index.schema import instances, patients, series, studies
 
 
@@ -159,16 +159,24 @@ def instance_row(
     return row
 
 
-def stored_sops(conn: Connection, sops: Sequence[str]) -> set[str]:
-    """Which of ``sops`` (SOP Instance UIDs) are indexed already."""
-    return {sop for (sop,) in _STORED_SOPS.rows(conn, sops)}
-
-
 def insert_instances(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert instance rows of series that exist (one statement for all), and
     count them in their series."""
     if rows:
         _insert(conn, rows)
+
+
+def add_instances(conn: Connection, rows: Sequence[dict[str, Any]], refresh: set[int],
+                  added: dict[int, int]) -> None:
+    """``insert_instances``, then ``refresh_studies``; when no study is to be
+    recounted, the inserts and increments are sent to the server together."""
+    if refresh:
+        insert_instances(conn, rows)
+        refresh_studies(conn, refresh, added)
+        return
+    with together(conn):
+        insert_instances(conn, rows)
+        refresh_studies(conn, set(), added)
 
 
 def _insert(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -177,11 +185,16 @@ def _insert(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     _ADD_TO_SERIES.run(conn, [{"series": pk, "added": n} for pk, n in added.items()])
 
 
-def filed_series(conn: Connection, series_uids: Sequence[str]) -> dict[str, tuple[int, int, str]]:
-    """The series among ``series_uids`` that are indexed already: series UID ->
-    (series pk, study pk, Study Instance UID)."""
-    rows = _FILED_SERIES.rows(conn, sorted(set(series_uids)))
-    return {uid: (series_pk, study_pk, study) for uid, series_pk, study_pk, study in rows}
+def look_up(conn: Connection, sops: Sequence[str], series_uids: Sequence[str],
+            ) -> tuple[set[str], dict[str, tuple[int, int, str]]]:
+    """Which of ``sops`` (SOP Instance UIDs) are indexed already, and which
+    of the series ``series_uids`` are: series UID -> (series pk, study pk,
+    Study Instance UID). On PostgreSQL both questions go in one round trip."""
+    with together(conn):
+        taken = _STORED_SOPS.send(conn, sops)
+        filed = _FILED_SERIES.send(conn, sorted(set(series_uids)))
+    return {sop for (sop,) in taken()}, {
+        uid: (series_pk, study_pk, study) for uid, series_pk, study_pk, study in filed()}
 
 
 _ADD_TO_STUDY = Lean(

@@ -94,11 +94,29 @@ class Lean:
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run it once; the rows it returns."""
+        return self.send(conn, params)()
+
+    def send(self, conn: Connection, params: Mapping[str, Any]) -> Rows:
+        """Run it once; its rows come from the function returned (in a
+        ``together`` block, once the server has answered the whole block)."""
         compiled = self._for(conn)
         values = compiled.parameters(params)
-        with _cursor(conn, compiled.sql, values) as cursor:
-            cursor.execute(compiled.sql, values)
-            return [tuple(row) for row in cursor.fetchall()]
+        cursor = conn.connection.cursor()
+        try:
+            with _mapped(conn, compiled.sql, values):
+                cursor.execute(compiled.sql, values)
+        except BaseException:
+            cursor.close()
+            raise
+
+        def rows() -> list[tuple[Any, ...]]:
+            try:
+                with _mapped(conn, compiled.sql, values):
+                    return [tuple(row) for row in cursor.fetchall()]
+            finally:
+                cursor.close()
+
+        return rows
 
     def run(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> None:
         """Run it once per parameter set (an INSERT: once per row)."""
@@ -114,18 +132,51 @@ class Lean:
         return bool(getattr(self._statement, "is_insert", False))
 
 
+Rows = Callable[[], list[tuple[Any, ...]]]
+
+
 @contextmanager
 def _cursor(conn: Connection, sql: str, values: Any) -> Iterator[Any]:
     """A driver cursor of ``conn``, closed after use; the driver's errors are
     raised as SQLAlchemy's (IntegrityError and so on), as the callers expect."""
     cursor = conn.connection.cursor()
     try:
-        yield cursor
+        with _mapped(conn, sql, values):
+            yield cursor
+    finally:
+        cursor.close()
+
+
+@contextmanager
+def _mapped(conn: Connection, sql: str, values: Any) -> Iterator[None]:
+    """The driver's errors raised as SQLAlchemy's."""
+    try:
+        yield
     except conn.dialect.loaded_dbapi.Error as exc:
         raise DBAPIError.instance(sql, values, exc, conn.dialect.loaded_dbapi.Error,
                                   dialect=conn.dialect) from exc
-    finally:
-        cursor.close()
+
+
+@contextmanager
+def together(conn: Connection) -> Iterator[None]:
+    """Send the Lean statements of this block to the server together.
+
+    On PostgreSQL they go in psycopg's pipeline mode: one round trip for all
+    of them, at the end of the block, instead of one each (a round trip costs
+    about as much as the statement itself). Rows of a statement ``send`` sent
+    are read after the block (reading them inside waits for the answer to
+    everything sent so far); errors are raised at the end of the block, or
+    where rows are read, as SQLAlchemy's. Nothing but Lean statements may run
+    in the block: SQLAlchemy reads a statement's results as soon as it has
+    sent it. SQLite runs in this process, and there nothing changes.
+    """
+    driver = conn.connection.driver_connection
+    pipeline = getattr(driver, "pipeline", None)
+    if conn.dialect.name != "postgresql" or pipeline is None:
+        yield
+        return
+    with _mapped(conn, "(statements sent together)", None), pipeline():
+        yield
 
 
 class LeanIn:
@@ -140,11 +191,16 @@ class LeanIn:
 
     def rows(self, conn: Connection, values: Sequence[Any]) -> list[tuple[Any, ...]]:
         """The rows for all ``values``, in lists of at most ``most``."""
-        found: list[tuple[Any, ...]] = []
+        return self.send(conn, values)()
+
+    def send(self, conn: Connection, values: Sequence[Any]) -> Rows:
+        """As ``Lean.send``: the statements for all ``values`` sent, and a
+        function that returns their rows."""
+        sent: list[Rows] = []
         for start in range(0, len(values), self._most):
             chunk = values[start:start + self._most]
             lean = self._by_length.get(len(chunk))
             if lean is None:
                 lean = self._by_length[len(chunk)] = Lean(self._build(len(chunk)))
-            found += lean.rows(conn, {f"v{i}": value for i, value in enumerate(chunk)})
-        return found
+            sent.append(lean.send(conn, {f"v{i}": value for i, value in enumerate(chunk)}))
+        return lambda: [row for rows in sent for row in rows()]

@@ -470,9 +470,12 @@ _LookUp = tuple[set[str], dict[str, tuple[int, int, str]]]
 
 def _look_up(archive: Archive, items: Sequence[Prepared]) -> _LookUp | None:
     """Which of the items' instances and series are indexed already, read
-    before the write transaction so that the write lock is held for writing
-    only (None with ``overwrite``, which looks up each instance as it goes)."""
-    if archive.settings.overwrite:
+    before the write transaction so that SQLite's write lock is held for
+    writing only. None with ``overwrite``, which looks up each instance as it
+    goes, and on PostgreSQL, where writers lock only the rows they write: the
+    write transaction looks them up itself, saving a connection and a
+    transaction of its own (each a round trip to the server, or three)."""
+    if archive.settings.overwrite or not archive.db.is_sqlite:
         return None
     with archive.db.read() as conn:
         return _stored_and_filed(conn, _records(items))
@@ -483,10 +486,8 @@ def _records(items: Sequence[Prepared]) -> list[InstanceRecord]:
 
 
 def _stored_and_filed(conn: Connection, records: Sequence[InstanceRecord]) -> _LookUp:
-    taken = index.stored_sops(conn, [r.sop_instance_uid for r in records])
-    filed = index.filed_series(conn, [
-        r.series_instance_uid for r in records if r.sop_instance_uid not in taken])
-    return taken, filed
+    return index.look_up(conn, [r.sop_instance_uid for r in records],
+                         [r.series_instance_uid for r in records])
 
 
 def _transaction(
@@ -561,8 +562,7 @@ def _transaction(
                 refresh.add(stored_study)
             status = Status.DUPLICATE if stored is index.Stored.DUPLICATE else Status.STORED
             results[i] = _outcome(status, item.offer, record)
-        index.insert_instances(conn, rows)
-        index.refresh_studies(conn, refresh, added)
+        index.add_instances(conn, rows, refresh, added)
         _wait_durable(items)  # nothing is committed before its blob is durable
     return [r for r in results if r is not None], unreferenced
 
