@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import corpus
 import servers
 from dicomweb_clients import Conn, stow_requests
 from results import Results
 
+T = TypeVar("T")
 STOW_BATCH = 10
 CONCURRENT_CLIENTS = 6
 TARGETS = ("orthanc", "lightbox")
@@ -94,7 +96,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def rotated(items: tuple[str, ...] | list[str], k: int) -> list[str]:
+def rotated(items: Sequence[T], k: int) -> list[T]:
     """``items`` starting at position ``k``: alternating rounds share out any order bias."""
     k %= len(items)
     return [*items[k:], *items[:k]]

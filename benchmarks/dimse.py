@@ -62,6 +62,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from bench import rotated
 from ceiling import DurableWriter
 from probe import cpu_probe_ms
 from servers import cpu_ticks, wait_quiet
@@ -295,9 +296,8 @@ def alternate(peers: list[Peer], folders: list[list[Path]], corpora: list[list[P
     rounds: list[dict[str, dict[str, float]]] = []
     turns: list[Peer | None] = [*peers, *([None] if ceiling is not None else [])]
     for i, (parts, files) in enumerate(zip(folders, corpora, strict=True)):
-        k = i % len(turns)
         rounds.append({})
-        for turn in [*turns[k:], *turns[:k]]:
+        for turn in rotated(turns, i):
             if turn is None:
                 assert ceiling is not None
                 rounds[-1]["ceiling"] = measure_ceiling(ceiling / f"round-{i}", files)

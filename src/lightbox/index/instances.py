@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -169,14 +170,11 @@ def insert_instances(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 def add_instances(conn: Connection, rows: Sequence[dict[str, Any]], refresh: set[int],
                   added: dict[int, int]) -> None:
     """``insert_instances``, then ``refresh_studies``; when no study is to be
-    recounted, the inserts and increments are sent to the server together."""
-    if refresh:
+    recounted (a recount reads through SQLAlchemy), the inserts and
+    increments are sent to the server together."""
+    with nullcontext() if refresh else together(conn):
         insert_instances(conn, rows)
         refresh_studies(conn, refresh, added)
-        return
-    with together(conn):
-        insert_instances(conn, rows)
-        refresh_studies(conn, set(), added)
 
 
 def _insert(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
