@@ -48,7 +48,7 @@ class Sizes:
                 memory_instances=400,
             )
         return cls(
-            stow_instances=500,
+            stow_instances=1500,
             stow_rounds=5,
             frame_seconds=4.0,
             frame_rounds=3,
