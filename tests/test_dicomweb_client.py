@@ -32,7 +32,7 @@ from requests.exceptions import HTTPError
 from lightbox.archive import Archive
 from lightbox.services import auth
 from tests.conftest import BACKENDS, RunningServer, database_url, make_settings, serving
-from tests.factories import ROOT, ct_dataset, to_bytes, video_dataset
+from tests.factories import ROOT, ct_dataset, stow_body, to_bytes, video_dataset
 from tests.grants import grant
 
 DICOM_ANY = (("application/dicom", "*"),)
@@ -408,6 +408,41 @@ def test_large_bulk_data_is_sent_in_chunks_and_read_by_ranges(server: RunningSer
     third = len(stream) // 3
     seek = httpx.get(uri, headers={**server.headers, "Range": f"bytes={third - 3}-{2 * third + 3}"})
     assert seek.status_code == 206 and seek.content == stream[third - 3 : 2 * third + 4]
+
+
+def _padded(ds: Dataset, size: int) -> bytes:
+    """``ds`` as a Part 10 file of exactly ``size`` bytes (a private OB value pads it)."""
+    block = ds.private_block(0x0011, "LIGHTBOX TEST", create=True)
+    block.add_new(0x01, "OB", b"")
+    bare = len(to_bytes(ds))
+    block[0x01].value = bytes(size - bare)
+    data = to_bytes(ds)
+    assert len(data) == size
+    return data
+
+
+def test_files_of_one_read_chunk_and_more_come_back_whole(server: RunningServer) -> None:
+    """A study retrieve reads each file in chunks of 1 MiB (all of a small one
+    at once): files just under, at and just over one chunk, of two, and of
+    several come back byte for byte, in a study, a series and on their own."""
+    mib = 1 << 20
+    study, series = generate_uid(prefix=ROOT), generate_uid(prefix=ROOT)
+    files = {}
+    for n, (size, frames) in enumerate([(mib - 2, 1), (mib, 1), (mib + 2, 1), (2 * mib, 3),
+                                        (5 * mib + 4, 9), (4096, 1)]):
+        ds = ct_dataset(study=study, series=series, size=512 if size > 4096 else 16,
+                        frames=frames, instance_number=n + 1)
+        files[ds.SOPInstanceUID] = _padded(ds, size)
+    body, content_type = stow_body(list(files.values()))
+    stored = httpx.post(f"{server.dicomweb}/studies", content=body,
+                        headers={**server.headers, "Content-Type": content_type}, timeout=60)
+    assert stored.status_code == 200, stored.text
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    for path in (f"/studies/{study}", f"/studies/{study}/series/{series}"):
+        assert sorted(_raw_parts(server, path, accept)) == sorted(files.values())
+    for sop, data in files.items():
+        path = f"/studies/{study}/series/{series}/instances/{sop}"
+        assert _raw_parts(server, path, accept) == [data]
 
 
 def test_many_frames_in_one_request_stream_and_a_missing_one_is_refused_first(

@@ -47,6 +47,37 @@ class InstanceCache:
             self._items.clear()
 
 
+class ReadAhead:
+    """Instances sent one after the other, their blobs asked for ahead of
+    their turn: while one is sent, the disk reads the next ones instead of
+    waiting for the first read of each. Up to ``window`` bytes are asked for
+    ahead, in batches (asked again once less than half of it is left)."""
+
+    def __init__(self, archive: Archive, instances: Sequence[StoredInstance],
+                 window: int = 16 * 1024 * 1024) -> None:
+        self._blobs = archive.blobs
+        self._instances = instances
+        self._window = window
+        self._asked = 0  # instances[:_asked] have been asked for
+
+    def keys_for(self, current: int) -> list[str]:
+        """The blobs to ask for (with ``ask``) as ``instances[current]`` is
+        about to be sent; none most of the time."""
+        start = max(self._asked, current)
+        ahead = sum(i.size for i in self._instances[current:start])
+        if ahead > self._window // 2:
+            return []
+        end = start
+        while end < len(self._instances) and ahead < self._window:
+            ahead += self._instances[end].size
+            end += 1
+        self._asked = end
+        return [i.blob_key for i in self._instances[start:end]]
+
+    def ask(self, keys: list[str]) -> None:
+        self._blobs.prefetch(keys)
+
+
 @dataclass(frozen=True)
 class Frame:
     """One frame's bytes and the transfer syntax they are encoded in."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -81,32 +81,54 @@ async def retrieve_instances(request: Request) -> Response:
     # the 200 has started would only be a broken stream.
     chosen = [(instance, _choose_syntax(instance, choices)) for instance in found]
     boundary = new_boundary()
+    ahead = retrieve.ReadAhead(archive, found)
 
     async def body() -> AsyncIterator[bytes]:
-        for instance, syntax in chosen:
-            yield part_header(boundary, f"application/dicom; transfer-syntax={syntax}")
+        end = b""  # of the part before, sent with the next one's header
+        for n, (instance, syntax) in enumerate(chosen):
+            if keys := ahead.keys_for(n):
+                await context.blocking(ahead.ask, keys)
+            yield end + part_header(boundary, f"application/dicom; transfer-syntax={syntax}")
             if syntax == instance.transfer_syntax_uid:
                 async for chunk in _file_chunks(archive, instance):
                     yield chunk
             else:
                 yield await context.blocking(pixels.explicit_little_endian, archive, instance)
-            yield b"\r\n"
-        yield closing(boundary)
+            end = b"\r\n"
+        yield end + closing(boundary)
 
     media = f'multipart/related; type="application/dicom"; boundary={boundary}'
     return StreamingResponse(body(), media_type=media)
 
 
 async def _file_chunks(archive: Any, instance: StoredInstance) -> AsyncIterator[bytes]:
-    fh = await context.blocking(archive.blobs.open, instance.blob_key)
+    """A stored file, a chunk per trip to a worker thread: one trip in all
+    for a file of up to one chunk (most instances), which is opened, read
+    and closed there at once."""
+    fh, chunk = await context.blocking(_first_chunk, archive, instance.blob_key)
     try:
-        while True:
-            chunk = await context.blocking(fh.read, CHUNK)
-            if not chunk:
-                return
+        while chunk:
             yield chunk
+            if fh is None:
+                return
+            chunk = await context.blocking(fh.read, CHUNK)
     finally:
+        if fh is not None:
+            fh.close()
+
+
+def _first_chunk(archive: Any, key: str) -> tuple[BinaryIO | None, bytes]:
+    """The blob's first chunk, and the blob still open if more may follow."""
+    fh: BinaryIO = archive.blobs.open(key)
+    try:
+        chunk = fh.read(CHUNK)
+    except BaseException:
         fh.close()
+        raise
+    if len(chunk) < CHUNK:  # a regular file reads short only at its end
+        fh.close()
+        return None, chunk
+    return fh, chunk
 
 
 async def metadata(request: Request) -> Response:
