@@ -488,8 +488,10 @@ def main(argv: list[str]) -> int:
                store["orthanc"]["server_cpu_ms"]))
     print(_row(f"  cores busy (SCP + storescu, of {os.cpu_count()})",
                store["lightbox"]["cores_busy"], store["orthanc"]["cores_busy"]))
-    # Over one association every instance waits for its own fsyncs, as each
-    # file of the ceiling does: 5 x Orthanc above the ceiling is out of reach.
+    # Over one association every instance waits for its own fsyncs before the
+    # next is sent, as each file of the ceiling does: where 5 x Orthanc lies
+    # above the ceiling, the goal asks for more than the disk gives one
+    # file after another.
     print("  % of the durable-write ceiling in each round: Lightbox "
           + ", ".join(f"{100 * r:.0f}" for r in _of_ceiling(results["store_rounds"], "lightbox"))
           + f"; {STORE_RATIO_GOAL:.0f} x Orthanc would be "
