@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from lightbox.archive import Archive
 from lightbox.index.instances import StoredInstance
 from lightbox.services.retrieve import ReadAhead
@@ -65,7 +67,8 @@ def test_prefetch_brings_a_blob_into_the_page_cache(tmp_path: Path) -> None:
     reader = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
-        assert not _cached(reader, len(data))
+        if _cached(reader, len(data)):
+            pytest.skip("this filesystem keeps every page in memory (tmpfs, say)")
         store.prefetch([_key(7), key])  # a key with no blob is passed over
         deadline = time.monotonic() + 10
         while not _cached(reader, len(data)) and time.monotonic() < deadline:
