@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,27 @@ def encoded_video(codec: str, container: str, frames: int = 12, size: int = 64) 
             muxer.mux(stream.encode(frame))
         muxer.mux(stream.encode(None))
     return out.getvalue()
+
+
+def in_page_cache(path: Path) -> bool:
+    """Whether all of a file is in memory: a read that must not wait for the
+    disk (RWF_NOWAIT) gets every byte."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(size)], 0, os.RWF_NOWAIT) == size
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def drop_from_page_cache(path: Path) -> bool:
+    """Ask the kernel to drop a (clean) file's pages; False where it keeps
+    them anyway (tmpfs, say), so that a test can tell it proves nothing."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return not in_page_cache(path)

@@ -13,6 +13,7 @@ from lightbox.archive import Archive
 from lightbox.index.instances import StoredInstance
 from lightbox.services.retrieve import ReadAhead
 from lightbox.storage.blobs import FileBlobStore
+from tests.factories import drop_from_page_cache, in_page_cache
 
 MIB = 1 << 20
 
@@ -64,27 +65,12 @@ def test_prefetch_brings_a_blob_into_the_page_cache(tmp_path: Path) -> None:
         os.fsync(out.fileno())
     key = store.put_file(staged)
     path = store.path(key)
-    reader = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
-        if _cached(reader, len(data)):
-            pytest.skip("this filesystem keeps every page in memory (tmpfs, say)")
-        store.prefetch([_key(7), key])  # a key with no blob is passed over
-        deadline = time.monotonic() + 10
-        while not _cached(reader, len(data)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _cached(reader, len(data))
-    finally:
-        os.close(reader)
+    if not drop_from_page_cache(path):
+        pytest.skip("this filesystem keeps every page in memory (tmpfs, say)")
+    store.prefetch([_key(7), key])  # a key with no blob behind it is passed over
+    deadline = time.monotonic() + 10
+    while not in_page_cache(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert in_page_cache(path)
     assert path.read_bytes() == data
     store.close()
-
-
-def _cached(fd: int, size: int) -> bool:
-    """Whether all of the file is in memory: a read that may not wait for the disk."""
-    buffer = bytearray(size)
-    try:
-        return os.preadv(fd, [buffer], 0, os.RWF_NOWAIT) == size
-    except BlockingIOError:
-        return False
-
