@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 from lightbox.archive import Archive
 from lightbox.dicom import uids
@@ -53,29 +55,25 @@ class ReadAhead:
     waiting for the first read of each. Up to ``window`` bytes are asked for
     ahead, in batches (asked again once less than half of it is left)."""
 
-    def __init__(self, archive: Archive, instances: Sequence[StoredInstance],
+    def __init__(self, instances: Sequence[StoredInstance],
                  window: int = 16 * 1024 * 1024) -> None:
-        self._blobs = archive.blobs
-        self._instances = instances
+        self._keys = [i.blob_key for i in instances]
+        # Where each instance starts in the stream of all of them, and the end.
+        self._offsets = [0, *accumulate(i.size for i in instances)]
         self._window = window
         self._asked = 0  # instances[:_asked] have been asked for
 
     def keys_for(self, current: int) -> list[str]:
-        """The blobs to ask for (with ``ask``) as ``instances[current]`` is
-        about to be sent; none most of the time."""
+        """The blobs to ask the store for (``prefetch``) as ``instances[current]``
+        is about to be sent; none most of the time."""
         start = max(self._asked, current)
-        ahead = sum(i.size for i in self._instances[current:start])
-        if ahead > self._window // 2:
+        sent = self._offsets[current]
+        if self._offsets[start] - sent > self._window // 2:
             return []
-        end = start
-        while end < len(self._instances) and ahead < self._window:
-            ahead += self._instances[end].size
-            end += 1
+        # Every instance that starts within the window.
+        end = bisect_left(self._offsets, sent + self._window, lo=start, hi=len(self._keys))
         self._asked = end
-        return [i.blob_key for i in self._instances[start:end]]
-
-    def ask(self, keys: list[str]) -> None:
-        self._blobs.prefetch(keys)
+        return self._keys[start:end]
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,13 @@ async def retrieve_instances(request: Request) -> Response:
     # the 200 has started would only be a broken stream.
     chosen = [(instance, _choose_syntax(instance, choices)) for instance in found]
     boundary = new_boundary()
-    ahead = retrieve.ReadAhead(archive, found)
+    ahead = retrieve.ReadAhead(found)
 
     async def body() -> AsyncIterator[bytes]:
         end = b""  # of the part before, sent with the next one's header
         for n, (instance, syntax) in enumerate(chosen):
             if keys := ahead.keys_for(n):
-                await context.blocking(ahead.ask, keys)
+                await context.blocking(archive.blobs.prefetch, keys)
             yield end + part_header(boundary, f"application/dicom; transfer-syntax={syntax}")
             if syntax == instance.transfer_syntax_uid:
                 async for chunk in _file_chunks(archive, instance):
