@@ -79,6 +79,7 @@ def association(
         raise DimseFailure(f"{node} {how}")
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         transport.no_delay(assoc.dul.socket.socket)
+    transport.guard_reactor(assoc)
     try:
         yield assoc
     finally:

@@ -486,6 +486,32 @@ class _UnpolledAssociation(Association):
         return False
 
 
+def guard_reactor(assoc: Association) -> None:
+    """Keep the association's reactor from taking the answer to a request sent
+    from another thread.
+
+    A ``send_*()`` clears the reactor's checkpoint, waits until the reactor
+    says it is paused, sends, and then reads the answer off the message queue.
+    But the reactor says "paused" just before it waits at the checkpoint and
+    "running" just after: a send that clears the checkpoint in between sees
+    "paused" while the reactor goes on, and once the reactor gets the
+    processor back it looks at the queue, finds the answer and drops it as an
+    unexpected message. The send then waits out its DIMSE timeout. Under load
+    (threads of a busy process taking turns) that window is hit. Here the
+    reactor's look at the queue, the only one that does not block, finds
+    nothing while the checkpoint is cleared: a send is then under way, and
+    what arrives is its answer. Found in pynetdicom 3.0.
+    """
+    take = assoc.dimse.get_msg
+
+    def get_msg(block: bool = False) -> tuple[int | None, Any]:
+        if not block and not assoc._reactor_checkpoint.is_set():
+            return None, None
+        return cast(tuple[int | None, Any], take(block))
+
+    assoc.dimse.get_msg = get_msg  # type: ignore[method-assign,assignment]
+
+
 def _unpolled(acceptor: Association, limit: int) -> None:
     """Swap in the loops above on an association that has not started yet."""
     wake = threading.Event()
@@ -499,3 +525,4 @@ def _unpolled(acceptor: Association, limit: int) -> None:
     dul.pdu_limit = limit
     dul.to_user_queue = _WakingQueue(wake)
     assoc.dimse.msg_queue = _WakingQueue(wake)
+    guard_reactor(assoc)
