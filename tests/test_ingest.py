@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import shutil
 import struct
 import threading
@@ -796,3 +797,25 @@ def test_a_blob_that_cannot_be_made_durable_is_refused_alone(
     outcomes = store_instances(archive, [_unsynced(archive, ds) for ds in (failing, kept)])
     assert undone == [{0}]
     _assert_refused_alone(archive, outcomes, kept)
+
+
+@pytest.mark.parametrize("value", ["2147483648", "-2147483649", "99999999999"])
+def test_an_integer_its_vr_cannot_hold_is_kept_but_not_indexed(
+    archive: Archive, tmp_path: Path, value: str
+) -> None:
+    """An IS beyond -2^31..2^31-1 (PS3.5 Table 6.2-1) does not fit the index's
+    column on PostgreSQL: the instance is stored on both databases all the
+    same, the index leaves the value out, and the metadata keeps it as sent."""
+    ds = ct_dataset(instance_number=7)
+    ds.SeriesNumber = value
+    path = tmp_path / "odd.dcm"
+    write(ds, path)
+    assert single(store_instances(archive, [Offer(path, "test")])).status is Status.STORED
+    with archive.db.read() as conn:
+        indexed = conn.execute(select(series.c.series_number, instances.c.instance_number)
+                               .join(instances, instances.c.series_pk == series.c.pk)).one()
+        metadata = json.loads(conn.execute(select(instances.c.dicom_json)).scalar_one())
+    assert tuple(indexed) == (None, 7)
+    assert metadata["00200011"]["Value"] == [int(value)]
+    key = stored(archive, ds.SOPInstanceUID).blob_key
+    assert archive.blobs.path(key).read_bytes() == path.read_bytes()

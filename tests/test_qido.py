@@ -464,6 +464,14 @@ def test_hostile_keys_and_limits_do_not_break_the_response(corpus: Corpus) -> No
     {"StudyTime": "noon"},
     {"StudyInstanceUID": "1.2.abc"},
     {"SeriesNumber": "one"},
+    # Integers an IS or US cannot hold, which the database's columns cannot either.
+    {"SeriesNumber": "9" * 23},
+    {"SeriesNumber": "2147483648"},
+    {"SeriesNumber": "1_000"},
+    {"InstanceNumber": "-2147483649"},
+    {"NumberOfFrames": "1" * 65},
+    {"Rows": "65536"},
+    {"Rows": "-1"},
     {"limit": "-1"},
     {"limit": "ten"},
     {"limit": "1.5"},
@@ -471,9 +479,32 @@ def test_hostile_keys_and_limits_do_not_break_the_response(corpus: Corpus) -> No
     {"offset": "x"},
 ])
 def test_bad_values_are_400(corpus: Corpus, params: dict[str, str]) -> None:
-    response = corpus.get("/studies" if "SeriesNumber" not in params else "/series", **params)
+    response = corpus.get(_level_of(params), **params)
     assert response.status_code == 400, (params, response.text)
     assert response.json()["error"]
+
+
+def _level_of(params: dict[str, str]) -> str:
+    levels = {"SeriesNumber": "/series", "InstanceNumber": "/instances",
+              "NumberOfFrames": "/instances", "Rows": "/instances"}
+    return levels.get(next(iter(params)), "/studies")
+
+
+@pytest.mark.parametrize("params", [
+    {"SeriesNumber": "2147483647"},
+    {"SeriesNumber": " -2147483648 "},
+    {"InstanceNumber": "+1"},
+    {"Rows": "65535"},
+    {"Rows": "0"},
+])
+def test_integers_at_the_ends_of_their_vr_are_matched(
+    corpus: Corpus, params: dict[str, str]
+) -> None:
+    # The same matches as the plain form of the number.
+    [(key, value)] = params.items()
+    response = corpus.get(_level_of(params), **params)
+    assert response.status_code == 200, (params, response.text)
+    assert response.json() == corpus.get(_level_of(params), **{key: str(int(value))}).json()
 
 
 # --- what a caller may see ------------------------------------------------------------------

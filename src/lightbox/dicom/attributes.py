@@ -42,6 +42,13 @@ class Attribute:
     def tag_hex(self) -> str:
         return f"{self.tag:08X}"
 
+    @property
+    def integer_range(self) -> tuple[int, int]:
+        """The values an integer attribute's VR can hold (PS3.5 Table 6.2-1):
+        US 0 to 2^16 - 1, IS (and SL) -2^31 to 2^31 - 1. The index's integer
+        columns hold exactly these on every database."""
+        return (0, 0xFFFF) if self.vr == "US" else (-(2**31), 2**31 - 1)
+
 
 P, ST, SE, IN = QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.INSTANCE
 

@@ -350,10 +350,14 @@ def _normalise(attribute: Attribute, raw: Any) -> Any:
     if raw is None:
         return None
     if attribute.kind is Kind.INTEGER:
+        # A value the VR cannot hold (an IS of 2^31, say) is not indexed; the
+        # instance is kept whole, with the value as sent in its metadata.
+        low, high = attribute.integer_range
         try:
-            return int(raw)
+            value = int(raw)
         except (TypeError, ValueError):
             return None
+        return value if low <= value <= high else None
     text = str(raw).strip().replace("\x00", "")
     if not text:
         return None

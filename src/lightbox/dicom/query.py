@@ -15,6 +15,7 @@ from lightbox.errors import BadRequest
 _DATE = re.compile(r"\d{8}")
 _TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 MAX_VALUE_LENGTH = 1024
+_INTEGER = re.compile(r" *[+-]?[0-9]{1,12} *")  # IS: at most 12 characters, spaces around
 MAX_LIST_VALUES = 1000
 # A UID list is bounded by its count and by each UID's 64 characters (checked
 # one by one), so it may be longer than any other value.
@@ -82,10 +83,11 @@ def parse_match(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Mat
     if kind in (Kind.DATE, Kind.TIME):
         return _temporal_match(attribute, value)
     if kind is Kind.INTEGER:
-        try:
-            return Match(attribute, MatchType.SINGLE, str(int(value)))
-        except ValueError as exc:
-            raise BadRequest(f"{attribute.keyword} must be an integer, got {value!r}") from exc
+        low, high = attribute.integer_range
+        if not _INTEGER.fullmatch(value) or not low <= int(value) <= high:
+            raise BadRequest(f"{attribute.keyword} must be an integer from {low} to {high}, "
+                             f"got {value!r}")
+        return Match(attribute, MatchType.SINGLE, str(int(value)))
     if kind is Kind.MULTI:
         return Match(attribute, MatchType.LIST, _values(attribute, _code_list(attribute, value)))
     if kind is Kind.PERSON_NAME and fuzzy:
