@@ -868,3 +868,51 @@ def test_client_gone_mid_upload(shared: RunningServer) -> None:
     else:
         raise AssertionError("the server never finished the broken-off request")
     assert_unchanged(shared, before)
+
+
+# --- NUL characters and numbers out of range, on every route ------------------------
+
+NUL_URLS = [
+    "/browse/thumbnails/%00/1.jpg",
+    "/browse/studies/1.2%00",
+    "/browse?q=%00",
+    "/folders/%00",
+    "/shares/a%00b",
+    "/s/%00",
+    "/invite/%00",
+    "/download/studies/%00.zip",
+    "/wado?requestType=WADO&studyUID=%00&seriesUID=1&objectUID=1",
+    "/dicom-web/studies?PatientID=%00",
+    "/dicom-web/studies?00100010=A%00*",
+    "/dicom-web/studies/1.2%00/metadata",
+]
+
+
+@pytest.mark.parametrize("path", NUL_URLS)
+def test_a_nul_in_the_url_is_400(shared: RunningServer, path: str) -> None:
+    """PostgreSQL cannot bind a NUL; no route may hand one to the index."""
+    before = snapshot(shared.archive)
+    response = httpx.get(shared.url + path, headers=shared.headers, timeout=30)
+    assert_error(response, 400, warning=False)
+    assert_unchanged(shared, before)
+
+
+FORM_CASES = {
+    "user name with a NUL": ("/login", {"username": "ad\x00min", "password": "x"}),
+    "folder name with a NUL": ("/folders", {"name": "Tumour\x00board"}),
+    "share link lasting 10^20 days": ("/shares", {"study": "1.2.3", "expires": "9" * 20}),
+    "share link lasting NaN days": ("/shares", {"study": "1.2.3", "expires": "nan"}),
+    "token id beyond any id": ("/account/tokens/99999999999999999999/revoke", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(FORM_CASES))
+def test_forms_with_a_nul_or_a_number_out_of_range_are_400(
+    shared: RunningServer, case: str
+) -> None:
+    path, fields = FORM_CASES[case]
+    before = snapshot(shared.archive)
+    response = httpx.post(shared.url + path, data=fields, timeout=30,
+                          headers={**shared.headers, "Origin": shared.url})
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert_unchanged(shared, before)

@@ -472,6 +472,11 @@ def test_hostile_keys_and_limits_do_not_break_the_response(corpus: Corpus) -> No
     {"NumberOfFrames": "1" * 65},
     {"Rows": "65536"},
     {"Rows": "-1"},
+    # NUL: no DICOM text holds one; PostgreSQL cannot bind one.
+    {"PatientID": "\x00"},
+    {"PatientName": "A\x00*"},
+    {"ModalitiesInStudy": "CT\x00"},
+    {"StudyDate": "2024\x000101"},
     {"limit": "-1"},
     {"limit": "ten"},
     {"limit": "1.5"},

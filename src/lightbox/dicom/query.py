@@ -78,6 +78,9 @@ def parse_match(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Mat
     kind = attribute.kind
     if len(value) > (MAX_UID_LIST_LENGTH if kind is Kind.UID else MAX_VALUE_LENGTH):
         raise BadRequest(f"value for {attribute.keyword} is too long")
+    if "\x00" in value:
+        # No DICOM text value holds one (PS3.5 6.1.2), and PostgreSQL cannot bind one.
+        raise BadRequest(f"value for {attribute.keyword} holds a NUL character")
     if kind is Kind.UID:
         return _uid_match(attribute, value)
     if kind in (Kind.DATE, Kind.TIME):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -126,6 +127,9 @@ def verify_password(password_hash: str | None, password: str) -> bool:
         return False
 
 
+MAX_DURATION = timedelta(days=100 * 366)  # a century; more is a typo (and overflows datetime)
+
+
 def parse_duration(text: str) -> timedelta:
     """``30d``, ``12h``, ``15m``, ``3600s`` or a number of days."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -137,8 +141,12 @@ def parse_duration(text: str) -> timedelta:
             seconds = float(text) * 86400
     except ValueError as exc:
         raise BadRequest(f"not a duration: {text!r} (use e.g. 30d, 12h, 15m)") from exc
+    if not math.isfinite(seconds):
+        raise BadRequest(f"not a duration: {text!r} (use e.g. 30d, 12h, 15m)")
     if seconds <= 0:
         raise BadRequest("a duration must be positive")
+    if seconds > MAX_DURATION.total_seconds():
+        raise BadRequest(f"a duration is at most {MAX_DURATION.days} days")
     return timedelta(seconds=seconds)
 
 

@@ -40,7 +40,7 @@ async def _create(request: Request, user: str) -> str:
     principal.require_write()  # a read-only or study-scoped token cannot mint tokens
     if principal.studies is not None:
         raise BadRequest("a token scoped to studies cannot create tokens")
-    form = await request.form()
+    form = await context.form(request)
     label = str(form.get("label", "")).strip()[:128] or "personal"
     lifetime = auth.parse_duration(str(form.get("expires", "30d")) or "30d")
     if lifetime.days > MAX_LIFETIME_DAYS:
@@ -63,6 +63,8 @@ async def revoke(request: Request) -> Response:
         token_id = int(request.path_params["token_id"])
     except ValueError as exc:
         raise BadRequest("not a token id") from exc
+    if not 0 < token_id < 2**31:  # the ids the index hands out
+        raise BadRequest("not a token id")
     await context.blocking(auth.revoke_token_id, archive, token_id, user=principal.user)
     caller = context.caller(request)
     archive.audit.record(Event("token_revoke", principal.user, source=caller.source,

@@ -41,7 +41,7 @@ from lightbox.web.errors import domain_error, http_error, unexpected_error
 from lightbox.web.fastpath import FramesFastPath
 from lightbox.web.observability import Metrics, RequestLog
 from lightbox.web.observability import routes as ops_routes
-from lightbox.web.security import SecurityHeaders
+from lightbox.web.security import RefuseNul, SecurityHeaders
 
 
 async def _home(_request: object) -> Response:
@@ -61,6 +61,7 @@ def create_app(archive: Archive) -> Starlette:
     dicomweb = [*qido.routes, *stow.routes, *manage.routes, *wado.routes]
     middleware = [
         Middleware(RequestLog, metrics=metrics),
+        Middleware(RefuseNul),
         Middleware(AuditTrail, auditor=archive.audit),
     ]
     if archive.settings.cors_origins:

@@ -164,7 +164,7 @@ async def launch(request: Request) -> Response:
 @html_errors
 async def delete_study(request: Request) -> Response:
     principal = page_principal(request)
-    form = await request.form()
+    form = await context.form(request)
     if form.get("confirm") != "yes":
         raise BadRequest("tick the box to confirm that the study is to be deleted")
     await context.blocking(

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import Response
 
 from lightbox.archive import Archive
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
-from lightbox.errors import Forbidden, NotAcceptable, Unauthenticated
+from lightbox.errors import BadRequest, Forbidden, NotAcceptable, Unauthenticated
 from lightbox.services.audit import Caller
 from lightbox.services.auth import Authenticator, Principal
 from lightbox.services.retrieve import InstanceCache
@@ -141,6 +142,16 @@ def dicom_json(request: Request, payload: bytes, headers: dict[str, str] | None 
     if not any(c.media_type.lower() in _JSON_CHOICES for c in parse_accept(accept)):
         raise NotAcceptable(f"this resource is available as {DICOM_JSON}")
     return Response(resolve(request, payload), media_type=DICOM_JSON, headers=headers)
+
+
+async def form(request: Request) -> FormData:
+    """The request's form, refused if a field holds a NUL character: no name,
+    passcode or UID here has one, and PostgreSQL cannot store or compare one."""
+    fields = await request.form()
+    for key, value in fields.multi_items():
+        if "\x00" in key or (isinstance(value, str) and "\x00" in value):
+            raise BadRequest("a form field holds a NUL character")
+    return fields
 
 
 async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

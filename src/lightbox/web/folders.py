@@ -38,7 +38,7 @@ async def folder_list(request: Request) -> Response:
     error = None
     if request.method == "POST":
         context.require_same_origin(request)
-        form = await request.form()
+        form = await context.form(request)
         try:
             made = await context.blocking(
                 folders.create_folder, archive, principal, str(form.get("name", "")),
@@ -175,7 +175,7 @@ async def folder_action(request: Request) -> Response:
     if handler is None:
         raise NotFound("no such folder action")
     folder = request.path_params["id"]
-    form = await request.form()
+    form = await context.form(request)
     try:
         notice = await handler(request, principal, folder, form)
     except (BadRequest, Conflict, Forbidden) as exc:
@@ -208,7 +208,7 @@ async def invitation(request: Request) -> Response:
     error = None
     if request.method == "POST":
         context.require_same_origin(request)
-        form = await request.form()
+        form = await context.form(request)
         caller = context.caller(request)
         try:
             if signed_in is not None and form.get("join"):

@@ -25,7 +25,7 @@ def _frame(text: str) -> int | None:
 async def mark(request: Request) -> Response:
     # Cookie callers pass the same-origin check inside ``principal``.
     principal = context.principal(request)
-    form = await request.form()
+    form = await context.form(request)
     fields = {k: str(form.get(k, "")).strip() for k in ("study", "series", "sop", "frame")}
     await context.blocking(
         keyimages.mark_key_image, context.archive(request), principal,

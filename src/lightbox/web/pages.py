@@ -85,7 +85,7 @@ async def login_page(request: Request) -> Response:
     if request.method == "GET":
         return render(request, "login.html", next_url=next_url, error=None)
     context.require_same_origin(request)
-    form = await request.form()
+    form = await context.form(request)
     name, password = str(form.get("username", "")), str(form.get("password", ""))
     next_url = safe_next(str(form.get("next", "")) or None)
     archive = context.archive(request)

@@ -1,4 +1,5 @@
-"""Security headers on every response, and whether a request counts as HTTPS.
+"""Security headers on every response, whether a request counts as HTTPS, and
+URLs that hold a NUL character refused before any route sees them.
 
 ``SecurityHeaders`` wraps the whole application (the frames fast path and the
 server-error handler included), so no response leaves without
@@ -11,6 +12,7 @@ sending it there would pin a plain-HTTP deployment's name to HTTPS.
 from __future__ import annotations
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # One year, no preload and no includeSubDomains: other hosts under the same
@@ -55,3 +57,21 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class RefuseNul:
+    """ASGI middleware: a path or query string holding a NUL character (``%00``)
+    is a 400. No UID, token, id or DICOM text value has one, and PostgreSQL
+    cannot bind one, so without this every route would need its own check."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
+        ):
+            response = JSONResponse({"error": "a NUL character in the URL"}, status_code=400)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -121,7 +121,7 @@ async def passcode_form(request: Request) -> Response:
     same_origin(request)
     link = await open_link(request)
     token = request.path_params["token"]
-    form = await request.form()
+    form = await context.form(request)
     try:
         unlock, expires_at = await _unlock(request, link, str(form.get("passcode", "")))
     except (Unauthenticated, Forbidden) as exc:
@@ -155,7 +155,7 @@ async def unlock_api(request: Request) -> Response:
     ``Authorization: Bearer`` on the link's DICOMweb root."""
     link = await context.blocking(
         sharing.resolve, context.archive(request), request.path_params["token"])
-    form = await request.form()
+    form = await context.form(request)
     unlock, expires_at = await _unlock(request, link, str(form.get("passcode", "")))
     return JSONResponse({"token": unlock, "expires": expires_at.isoformat()},
                         headers={"Cache-Control": "no-store"})
@@ -194,7 +194,7 @@ def _checked(form_value: object) -> bool:
 async def create(request: Request) -> Response:
     principal = pages.page_principal(request)
     context.require_same_origin(request)
-    form = await request.form()
+    form = await context.form(request)
     passcode = str(form.get("passcode", "")) or None
     made = await context.blocking(
         sharing.create_share, context.archive(request), principal,
