@@ -683,8 +683,12 @@ def test_index_work_overlaps_the_fsync_and_commits_after_it(
     events: list[str] = []
     real_fsync, real_insert = ingest.fsync_file, index.insert_instances
 
+    index_worked = threading.Event()
+
     def slow_fsync(path: Path) -> None:
-        time.sleep(0.3)
+        # Not done before the index work is: a fsync that held the index work
+        # back would wait out the timeout and come first in ``events``.
+        index_worked.wait(30)
         real_fsync(path)
         with archive.db.read() as conn:
             seen = conn.execute(select(instances.c.pk).where(
@@ -694,6 +698,7 @@ def test_index_work_overlaps_the_fsync_and_commits_after_it(
     def recording_insert(conn: Any, rows: Any) -> None:
         events.append("index work")
         real_insert(conn, rows)
+        index_worked.set()
 
     monkeypatch.setattr(ingest, "fsync_file", slow_fsync)
     monkeypatch.setattr(index, "insert_instances", recording_insert)
@@ -725,8 +730,10 @@ def test_synced_parts_share_one_directory_sync_that_the_commit_waits_for(
     events: list[str] = []
     real_sync, real_insert = archive.blobs.sync, index.insert_instances
 
+    index_worked = threading.Event()
+
     def slow_sync(keys: Any) -> None:
-        time.sleep(0.3)
+        index_worked.wait(30)  # as in the test above
         real_sync(keys)
         with archive.db.read() as conn:
             seen = conn.execute(select(instances.c.pk)).first()
@@ -735,6 +742,7 @@ def test_synced_parts_share_one_directory_sync_that_the_commit_waits_for(
     def recording_insert(conn: Any, rows: Any) -> None:
         events.append("index work")
         real_insert(conn, rows)
+        index_worked.set()
 
     monkeypatch.setattr(archive.blobs, "sync", slow_sync)
     monkeypatch.setattr(index, "insert_instances", recording_insert)

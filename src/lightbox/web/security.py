@@ -1,5 +1,5 @@
 """Security headers on every response, whether a request counts as HTTPS, and
-URLs that hold a NUL character refused before any route sees them.
+paths that hold a NUL character refused before any route sees them.
 
 ``SecurityHeaders`` wraps the whole application (the frames fast path and the
 server-error handler included), so no response leaves without
@@ -14,6 +14,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lightbox.web.errors import warning_value
 
 # One year, no preload and no includeSubDomains: other hosts under the same
 # name may not serve HTTPS, and preloading is the operator's decision.
@@ -60,18 +62,20 @@ class SecurityHeaders:
 
 
 class RefuseNul:
-    """ASGI middleware: a path or query string holding a NUL character (``%00``)
-    is a 400. No UID, token, id or DICOM text value has one, and PostgreSQL
-    cannot bind one, so without this every route would need its own check."""
+    """ASGI middleware: a path holding a NUL character (``%00``) is a 400, as a
+    domain error would be. No UID, token or id in a path has one, and
+    PostgreSQL cannot bind one, so without this every route taking a path
+    parameter would need its own check. (Query parameters are read by their
+    routes, which answer a bad value on their own terms: a page with its form.)"""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (
-            "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
-        ):
-            response = JSONResponse({"error": "a NUL character in the URL"}, status_code=400)
+        if scope["type"] == "http" and "\x00" in scope["path"]:
+            reason = "a NUL character in the path"
+            response = JSONResponse({"error": reason}, status_code=400,
+                                    headers={"Warning": warning_value(reason)})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
