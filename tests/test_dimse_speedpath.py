@@ -4,8 +4,10 @@ index transactions, and several processes writing to one index."""
 from __future__ import annotations
 
 import copy
+import logging
 import multiprocessing
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -16,7 +18,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -30,6 +32,7 @@ from sqlalchemy import func, select
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, store, streaming
 from lightbox.dimse.status import Store, status_dataset
+from lightbox.dimse.streaming import C_STORE_RQ_FIELD
 from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest
@@ -413,3 +416,73 @@ def test_each_association_gets_its_own_contexts_sharing_only_the_uids() -> None:
         assert all(x is y for x, y in zip(a.transfer_syntax, b.transfer_syntax, strict=True))
     theirs[1].transfer_syntax = [ExplicitVRLittleEndian]
     assert len(ours[1].transfer_syntax) == len(contexts.TRANSFER_SYNTAXES)
+
+
+def _raw_association(port: int) -> socket.socket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(association_request("LIGHTBOX", CTImageStorage))
+    assert read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
+    return raw
+
+
+def _store_response(raw: socket.socket) -> Any:
+    answer = read_pdu(raw)
+    assert answer[0] == 0x04, answer[:16]
+    return decode(BytesIO(answer[12:]), True, True)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("garbled", [b"1.2.3.4\xfd", b"1.2.abc."])
+def test_a_request_uid_that_is_no_uid_is_refused_and_the_association_goes_on(
+    archive: Archive, garbled: bytes
+) -> None:
+    """An Affected SOP Instance UID with a byte outside ASCII (streamed or not,
+    it would go into the File Meta Information) or letters: a failure status
+    naming it, nothing kept; the next C-STORE on the association is stored."""
+    bad = ct_dataset(size=8, sop=generate_uid(prefix=ROOT))
+    wire = _wire_store(bad, 16384)
+    uid = bad.SOPInstanceUID.encode()
+    # The command set names the instance first; the dataset keeps its own UID.
+    wire = wire.replace(uid, (garbled + b"\x00" * len(uid))[:len(uid)], 1)
+    good = ct_dataset(size=8, sop=generate_uid(prefix=ROOT))
+    with scp(archive) as server, _raw_association(server.port) as raw:
+        raw.sendall(wire)
+        refused = _store_response(raw)
+        assert refused.Status == Store.CANNOT_UNDERSTAND
+        assert "is not a valid UID" in refused.ErrorComment
+        raw.sendall(_wire_store(good, 16384))
+        assert _store_response(raw).Status == Store.SUCCESS
+        raw.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+        assert read_pdu(raw)[0] == 0x06
+    with archive.db.read() as conn:
+        kept = conn.execute(select(instances.c.sop_instance_uid)).scalars().all()
+    assert kept == [good.SOPInstanceUID]
+    assert not archive.blobs.staged()
+
+
+def test_a_command_set_that_cannot_be_decoded_aborts_quietly(
+    archive: Archive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A C-STORE-RQ without its Command Data Set Type: pynetdicom's decoder
+    raises on it. The association is aborted (an invalid PDU) with a warning,
+    not a traceback from a dying thread, and the SCP serves the next one."""
+    command = BytesIO()
+    request = Dataset()
+    request.CommandGroupLength = 0
+    request.AffectedSOPClassUID = CTImageStorage
+    request.CommandField = C_STORE_RQ_FIELD
+    request.MessageID = 1
+    request.Priority = 0
+    request.AffectedSOPInstanceUID = generate_uid(prefix=ROOT)
+    command.write(encode(request, True, True))
+    data = command.getvalue()
+    item = struct.pack(">LBB", len(data) + 2, 1, 0x03) + data
+    pdu = struct.pack(">BxL", 0x04, len(item)) + item
+    with caplog.at_level(logging.WARNING), scp(archive) as server:
+        with _raw_association(server.port) as raw:
+            raw.sendall(pdu)
+            assert read_pdu(raw)[0] == 0x07  # A-ABORT
+        dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
+    assert any("unreadable P-DATA" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.exc_info]
+    assert _count(archive) == 0

@@ -25,6 +25,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
 
 from lightbox.archive import Archive
+from lightbox.dicom import uids
 from lightbox.dimse import contexts, streaming
 from lightbox.dimse.status import STORE_FAILURES, Store, status_dataset
 from lightbox.services import folders
@@ -51,6 +52,13 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str,
     """
     request = cast(C_STORE, event.request)
     sop_instance = str(request.AffectedSOPInstanceUID or "")
+    refused = _request_uid_problem(request)
+    if refused is not None:
+        streamed = streaming.staged(request)
+        if streamed is not None and streamed.path is not None:
+            streamed.path.unlink(missing_ok=True)
+        log.info("C-STORE from %s refused: %s", source, refused)
+        return status_dataset(Store.CANNOT_UNDERSTAND, refused), None
     staged: Path | None = None
     try:
         staged = _staged(archive, event, calling_ae)
@@ -92,6 +100,18 @@ def open_staged(archive: Archive, request: streaming.StoreRequest) -> tuple[int,
         path.unlink(missing_ok=True)
         raise
     return fd, path
+
+
+def _request_uid_problem(request: C_STORE) -> str | None:
+    """Why the request's own UIDs cannot name a stored instance, if they cannot.
+    (They go into the File Meta Information; the dataset must repeat them.)"""
+    for what, value in (("SOP Class", request.AffectedSOPClassUID),
+                        ("SOP Instance", request.AffectedSOPInstanceUID)):
+        text = str(value or "")
+        if text and not uids.is_valid_uid(text):
+            shown = text[:80].encode("ascii", "backslashreplace").decode()
+            return f"Affected {what} UID {shown!r} is not a valid UID"
+    return None
 
 
 def _staged(archive: Archive, event: Event, calling_ae: str) -> Path:

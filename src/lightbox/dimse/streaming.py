@@ -315,6 +315,7 @@ class StreamingDIMSE(DIMSEServiceProvider):
             and command.number(0x0100) == C_STORE_RQ_FIELD
             and command.number(0x0800) not in (None, NO_DATA_SET)
             and context_id in self.assoc._accepted_cx
+            and command.text(0x0002).isascii() and command.text(0x1000).isascii()
         ):
             self._incoming = self._open(context_id, command)
             return

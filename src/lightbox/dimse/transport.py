@@ -319,13 +319,17 @@ class _UnpolledDUL(DULServiceProvider):
                 if (not inbox.pending or self._kill_thread or not self.event_queue.empty()
                         or self.to_provider_queue.qsize()):
                     return
-        except streaming.MalformedPDU as exc:
-            log.warning("dicom association with %s: %s", self.assoc.requestor.ae_title, exc)
-            dimse.discard_incoming()
-            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
         except OSError:
             dimse.discard_incoming()
             self.event_queue.put("Evt17")  # connection closed
+        except Exception as exc:  # whatever the peer sent, the association ends here
+            # MalformedPDU, or a command set pynetdicom cannot decode (it raises
+            # AttributeError, ValueError and more for one that lacks elements
+            # or holds garbage): an invalid PDU, not an error of ours.
+            log.warning("dicom association with %s: unreadable P-DATA (%s: %s); aborting",
+                        self.assoc.requestor.ae_title, type(exc).__name__, exc)
+            dimse.discard_incoming()
+            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
