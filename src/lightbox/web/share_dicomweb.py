@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from lightbox.dicom import uids
 from lightbox.dicom.attributes import QueryLevel, lookup
 from lightbox.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from lightbox.index.instances import StoredInstance
 from lightbox.services import shared_study, sharing
 from lightbox.services.auth import Principal
 from lightbox.services.sharing import ShareLink
@@ -200,14 +201,19 @@ async def _instances(request: Request) -> Response:
         shared_study.shown_instances, archive, link, context.principal(request),
         study, series, sop)
     chosen = [(i, wado._choose_syntax(i, choices)) for i in found]
+
+    def convert(instance: StoredInstance, syntax: str) -> bytes:
+        return shared_study.instance_deidentified(archive, link, instance, syntax)
+
+    chosen, first = await wado.first_sendable(chosen, convert, keep_stored=False)
     boundary = new_boundary()
 
     async def body() -> AsyncIterator[bytes]:
-        for instance, syntax in chosen:
-            data = await context.blocking(
-                shared_study.instance_deidentified, archive, link, instance, syntax)
+        async for _n, _instance, syntax, data in wado.sendable(
+            chosen, first, convert, keep_stored=False
+        ):
             yield part_header(boundary, f"application/dicom; transfer-syntax={syntax}")
-            yield data + b"\r\n"
+            yield (data or b"") + b"\r\n"
         yield closing(boundary)
 
     media = f'multipart/related; type="application/dicom"; boundary={boundary}'

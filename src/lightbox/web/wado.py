@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -12,7 +13,7 @@ from starlette.routing import Route
 
 from lightbox.dicom import render, uids
 from lightbox.dicom.frames import cut
-from lightbox.errors import BadRequest, NotAcceptable, NotFound
+from lightbox.errors import BadRequest, NotAcceptable, NotFound, Unavailable
 from lightbox.index.instances import StoredInstance
 from lightbox.services import pixels, retrieve
 from lightbox.web import context
@@ -21,6 +22,10 @@ from lightbox.web.multipart import closing, new_boundary, part_header
 
 MAX_FRAMES_PER_REQUEST = 10_000
 CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
+Chosen = list[tuple[StoredInstance, str]]
+Convert = Callable[[StoredInstance, str], bytes]
 
 
 def _uids(request: Request) -> tuple[str, str | None, str | None]:
@@ -80,25 +85,79 @@ async def retrieve_instances(request: Request) -> Response:
     # Decided for every instance before the first byte goes out: a 406 after
     # the 200 has started would only be a broken stream.
     chosen = [(instance, _choose_syntax(instance, choices)) for instance in found]
+
+    def convert(instance: StoredInstance, _syntax: str) -> bytes:
+        return pixels.explicit_little_endian(archive, instance)
+
+    chosen, first = await first_sendable(chosen, convert, keep_stored=True)
     boundary = new_boundary()
-    ahead = retrieve.ReadAhead(found)
+    ahead = retrieve.ReadAhead([instance for instance, _ in chosen])
 
     async def body() -> AsyncIterator[bytes]:
         end = b""  # of the part before, sent with the next one's header
-        for n, (instance, syntax) in enumerate(chosen):
+        async for n, instance, syntax, data in sendable(chosen, first, convert, keep_stored=True):
             if keys := ahead.keys_for(n):
                 await context.blocking(archive.blobs.prefetch, keys)
             yield end + part_header(boundary, f"application/dicom; transfer-syntax={syntax}")
-            if syntax == instance.transfer_syntax_uid:
+            if data is None:
                 async for chunk in _file_chunks(archive, instance):
                     yield chunk
             else:
-                yield await context.blocking(pixels.explicit_little_endian, archive, instance)
+                yield data
             end = b"\r\n"
         yield end + closing(boundary)
 
     media = f'multipart/related; type="application/dicom"; boundary={boundary}'
     return StreamingResponse(body(), media_type=media)
+
+
+async def first_sendable(
+    chosen: Chosen, convert: Convert, *, keep_stored: bool
+) -> tuple[Chosen, bytes | None]:
+    """Before a multipart retrieve starts: ``chosen`` without the leading
+    instances that cannot be converted (pixel data no decoder can read), and
+    the first one's bytes (None: its stored file, as it is, when
+    ``keep_stored`` and its syntax is the stored one). When none can be, the
+    first one's error: the caller gets it as an error status, not an empty 200.
+    """
+    failure: Unavailable | None = None
+    for n, (instance, syntax) in enumerate(chosen):
+        if keep_stored and syntax == instance.transfer_syntax_uid:
+            return chosen[n:], None
+        try:
+            return chosen[n:], await context.blocking(convert, instance, syntax)
+        except Unavailable as exc:
+            _left_out(instance, exc)
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return [], None
+
+
+async def sendable(
+    chosen: Chosen, first: bytes | None, convert: Convert, *, keep_stored: bool
+) -> AsyncIterator[tuple[int, StoredInstance, str, bytes | None]]:
+    """(position, instance, syntax, bytes or None for the stored file) for
+    each instance that can be sent, after :func:`first_sendable`. One that
+    cannot be converted, once the 200 is out, is left out of the answer
+    (logged) rather than cutting the stream, and with it the rest, short."""
+    for n, (instance, syntax) in enumerate(chosen):
+        if n == 0:
+            yield n, instance, syntax, first
+            continue
+        if keep_stored and syntax == instance.transfer_syntax_uid:
+            yield n, instance, syntax, None
+            continue
+        try:
+            data = await context.blocking(convert, instance, syntax)
+        except Unavailable as exc:
+            _left_out(instance, exc)
+            continue
+        yield n, instance, syntax, data
+
+
+def _left_out(instance: StoredInstance, exc: Unavailable) -> None:
+    log.warning("retrieve: instance %s left out: %s", instance.sop_instance_uid, exc.message)
 
 
 async def _file_chunks(archive: Any, instance: StoredInstance) -> AsyncIterator[bytes]:

@@ -1,0 +1,102 @@
+"""Retrieving instances whose compressed pixel data no decoder can read.
+
+Asked for in Explicit VR Little Endian (the default of WADO-RS), such an
+instance cannot be produced. Alone, that is an error status with the reason.
+In a study, the others are sent and it is left out: the 200 is out before the
+instance's turn comes, and cutting the stream there would lose the rest too.
+As stored (``transfer-syntax=*``) every instance comes back byte for byte.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+from lightbox.services import sharing
+from lightbox.services.auth import Principal
+from tests.conftest import RunningServer
+from tests.factories import ROOT, ct_dataset, stow_body, to_bytes
+from tests.test_dicomweb_client import _raw_parts
+
+ALL_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+DECODED = {"Accept": 'multipart/related; type="application/dicom"'}  # Explicit VR Little Endian
+
+
+def _broken_jpeg(study: str, series: str, number: int) -> Dataset:
+    """A JPEG Baseline instance whose one fragment is a JPEG header and noise."""
+    ds = ct_dataset(study=study, series=series, instance_number=number, size=16)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xdb\x00\x43" + bytes(range(200)) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+@pytest.fixture
+def study(server: RunningServer) -> tuple[str, list[Dataset]]:
+    """Four instances in one series: broken, fine, broken, fine."""
+    uid, series = str(generate_uid(prefix=ROOT)), str(generate_uid(prefix=ROOT))
+    datasets = [
+        _broken_jpeg(uid, series, 1),
+        ct_dataset(study=uid, series=series, instance_number=2, size=16),
+        _broken_jpeg(uid, series, 3),
+        ct_dataset(study=uid, series=series, instance_number=4, size=16),
+    ]
+    body, content_type = stow_body([to_bytes(ds) for ds in datasets])
+    stored = httpx.post(server.dicomweb + "/studies", content=body, timeout=60,
+                        headers={**server.headers, "Content-Type": content_type})
+    assert stored.status_code == 200, stored.text
+    return uid, datasets
+
+
+def _instance_path(ds: Dataset) -> str:
+    return (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+
+
+def test_the_others_of_a_study_are_sent_and_the_broken_ones_left_out(
+    server: RunningServer, study: tuple[str, list[Dataset]]
+) -> None:
+    uid, datasets = study
+    client = DICOMwebClient(url=server.dicomweb, headers=server.headers)
+    decoded = client.retrieve_study(uid)
+    assert sorted(int(ds.InstanceNumber) for ds in decoded) == [2, 4]
+    # The server is fine afterwards, and the stored bytes are all there.
+    as_stored = _raw_parts(server, f"/studies/{uid}", ALL_AS_STORED)
+    assert sorted(as_stored) == sorted(to_bytes(ds) for ds in datasets)
+
+
+def test_a_broken_instance_alone_is_an_error_with_the_reason(
+    server: RunningServer, study: tuple[str, list[Dataset]]
+) -> None:
+    _uid, datasets = study
+    answer = httpx.get(server.dicomweb + _instance_path(datasets[0]),
+                       headers={**server.headers, **DECODED}, timeout=60)
+    assert answer.status_code == 503
+    assert "cannot decompress" in answer.json()["error"]
+    fine = httpx.get(server.dicomweb + _instance_path(datasets[1]),
+                     headers={**server.headers, **DECODED}, timeout=60)
+    assert fine.status_code == 200
+
+
+def test_a_de_identified_share_leaves_the_broken_ones_out_too(
+    server: RunningServer, study: tuple[str, list[Dataset]]
+) -> None:
+    uid, _datasets = study
+    made = sharing.create_share(server.archive, Principal("admin", True), study=uid,
+                                deidentify=True)
+    root = f"{server.url}/s/{made.token}/dicom-web"
+    client = DICOMwebClient(url=root)
+    public = client.search_for_studies()[0]["0020000D"]["Value"][0]
+    assert sorted(int(ds.InstanceNumber) for ds in client.retrieve_study(public)) == [2, 4]
+    instances = sorted(client.search_for_instances(public),
+                       key=lambda i: int(i["00200013"]["Value"][0]))
+    first = instances[0]
+    path = (f"/studies/{public}/series/{first['0020000E']['Value'][0]}"
+            f"/instances/{first['00080018']['Value'][0]}")
+    assert httpx.get(root + path, headers=DECODED, timeout=60).status_code == 503
