@@ -100,3 +100,25 @@ def test_a_de_identified_share_leaves_the_broken_ones_out_too(
     path = (f"/studies/{public}/series/{first['0020000E']['Value'][0]}"
             f"/instances/{first['00080018']['Value'][0]}")
     assert httpx.get(root + path, headers=DECODED, timeout=60).status_code == 503
+
+
+def test_a_list_of_frames_that_cannot_be_decoded_is_an_error_not_a_cut_stream(
+    server: RunningServer,
+) -> None:
+    ds = _broken_jpeg(str(generate_uid(prefix=ROOT)), str(generate_uid(prefix=ROOT)), 1)
+    noise = b"\xff\xd8\xff\xdb\x00\x43" + bytes(range(200)) + b"\xff\xd9"
+    ds.PixelData = encapsulate([noise, noise])
+    ds.NumberOfFrames = 2
+    body, content_type = stow_body([to_bytes(ds)])
+    assert httpx.post(server.dicomweb + "/studies", content=body, timeout=60,
+                      headers={**server.headers, "Content-Type": content_type}
+                      ).status_code == 200
+    decoded = 'multipart/related; type="application/octet-stream"'  # native frames
+    answer = httpx.get(server.dicomweb + _instance_path(ds) + "/frames/1,2", timeout=60,
+                       headers={**server.headers, "Accept": decoded})
+    assert answer.status_code == 503
+    assert "cannot decode frame 1" in answer.json()["error"]
+    stored = httpx.get(server.dicomweb + _instance_path(ds) + "/frames/1,2", timeout=60,
+                       headers={**server.headers, "Accept": decoded + "; transfer-syntax=*"})
+    assert stored.status_code == 200
+    assert stored.content.count(noise) == 2

@@ -286,10 +286,14 @@ async def frames(request: Request) -> Response:
         raise NotFound(f"frame {missing[0]} not in instance "
                        f"(it has {instance.number_of_frames})")
 
+    # The first frame too: pixel data that cannot be decoded is then an error
+    # status (the frames of an instance share their codec), not a 200 cut short.
+    first = await _frame(archive, instance, numbers[0], form)
+
     async def body() -> AsyncIterator[bytes]:
         # One frame at a time: a list of thousands of frames never sits in memory.
-        for number in numbers:
-            frame = await _frame(archive, instance, number, form)
+        for n, number in enumerate(numbers):
+            frame = first if n == 0 else await _frame(archive, instance, number, form)
             part_type = form.part_type(frame.transfer_syntax_uid)
             yield b"".join((part_header(boundary, part_type), frame.data, b"\r\n"))
         yield closing(boundary)
