@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from lightbox.archive import Archive
+from lightbox.dimse import contexts
 from lightbox.dimse.scp import DicomServer
 from tests.conftest import free_port
 
@@ -48,6 +50,27 @@ def scp(archive: Archive, port: int | None = None) -> Iterator[DicomServer]:
         yield server
     finally:
         server.stop()
+
+
+def commitment_requester(port: int, on_report: Any) -> tuple[Association, threading.Event]:
+    """COMMITSCU associated with our SCP for Storage Commitment, answering each
+    N-EVENT-REPORT with ``on_report``; the event is set once an answer to a
+    report has been sent (a release requested before that would make
+    pynetdicom refuse to send it)."""
+    answered = threading.Event()
+
+    def on_sent(event: Any) -> None:
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered.set()
+
+    ae = AE(ae_title="COMMITSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(contexts.STORAGE_COMMITMENT)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX",
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report),
+                                       (evt.EVT_DIMSE_SENT, on_sent)])
+    assert assoc.is_established
+    return assoc, answered
 
 
 def dcmtk(

@@ -23,14 +23,13 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_context, evt
+from pynetdicom import build_context
 from pynetdicom.association import Association
-from pynetdicom.events import Event
 
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, scu
 from lightbox.services import nodes
-from tests.dimse_peers import scp, storescp
+from tests.dimse_peers import commitment_requester, scp, storescp
 from tests.factories import ROOT, ct_dataset
 
 ANSWER_DELAY = 0.05  # how much later than the reactor the send takes its answer
@@ -98,21 +97,9 @@ def test_the_answer_to_a_commitment_report_reaches_our_scp(
     """Lightbox as SCP sends an N-EVENT-REPORT from another thread on the
     requester's association; the requester's answer must reach that thread."""
     archive = committed
-    answered = threading.Event()
-
-    def on_sent(event: Event) -> None:
-        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
-            answered.set()
-
-    ae = AE(ae_title="COMMITSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(contexts.STORAGE_COMMITMENT)
     info = _request_for_unknown_instance()
     with caplog.at_level(logging.INFO, logger="lightbox"), scp(archive) as server:
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX",
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda e: (0, None)),
-                                           (evt.EVT_DIMSE_SENT, on_sent)])
-        assert assoc.is_established
+        assoc, answered = commitment_requester(server.port, lambda e: (0, None))
         try:
             [ours] = server._ae.active_associations if server._ae else []
             _make_reactor_late(ours)

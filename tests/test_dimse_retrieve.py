@@ -27,7 +27,7 @@ from lightbox.dimse.status import CommitmentFailure, EventType, Retrieve
 from lightbox.services import nodes, retrieve
 from lightbox.services.ingest import Offer, Status, store_instances
 from tests.conftest import free_port, serving
-from tests.dimse_peers import dcmtk, make_corpus, scp, storescp
+from tests.dimse_peers import commitment_requester, dcmtk, make_corpus, scp, storescp
 from tests.factories import ROOT, stow_body
 
 
@@ -226,26 +226,13 @@ def test_storage_commitment_reports_on_the_same_association(
     archive, _study_uid, files = study
     info, expected = _commitment_request(files)
     reports: list[tuple[int, Dataset]] = []
-    answered = threading.Event()
 
     def on_report(event: Event) -> tuple[int, None]:
         reports.append((int(event.event_type or 0), event.event_information))
         return 0, None
 
-    def on_sent(event: Event) -> None:
-        # Released only once the answer to the report is sent: a release
-        # requested before that would make pynetdicom refuse to send it.
-        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
-            answered.set()
-
-    ae = AE(ae_title="COMMITSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(contexts.STORAGE_COMMITMENT)
     with scp(archive) as server:
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX",
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report),
-                                           (evt.EVT_DIMSE_SENT, on_sent)])
-        assert assoc.is_established
+        assoc, answered = commitment_requester(server.port, on_report)
         try:
             status, _reply = assoc.send_n_action(
                 info, 1, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)

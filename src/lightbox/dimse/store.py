@@ -28,6 +28,7 @@ from lightbox.archive import Archive
 from lightbox.dicom import uids
 from lightbox.dimse import contexts, streaming
 from lightbox.dimse.status import STORE_FAILURES, Store, status_dataset
+from lightbox.errors import BadRequest
 from lightbox.services import folders
 from lightbox.services.auth import Principal
 from lightbox.services.ingest import Offer, Outcome, Prepared, Status, commit, discard, prepare
@@ -107,10 +108,11 @@ def _request_uid_problem(request: C_STORE) -> str | None:
     (They go into the File Meta Information; the dataset must repeat them.)"""
     for what, value in (("SOP Class", request.AffectedSOPClassUID),
                         ("SOP Instance", request.AffectedSOPInstanceUID)):
-        text = str(value or "")
-        if text and not uids.is_valid_uid(text):
-            shown = text[:80].encode("ascii", "backslashreplace").decode()
-            return f"Affected {what} UID {shown!r} is not a valid UID"
+        if value:
+            try:
+                uids.require_uid(str(value), f"Affected {what} UID")
+            except BadRequest as exc:
+                return exc.message
     return None
 
 

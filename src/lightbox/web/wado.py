@@ -116,16 +116,13 @@ async def first_sendable(
 ) -> tuple[Chosen, bytes | None]:
     """Before a multipart retrieve starts: ``chosen`` without the leading
     instances that cannot be converted (pixel data no decoder can read), and
-    the first one's bytes (None: its stored file, as it is, when
-    ``keep_stored`` and its syntax is the stored one). When none can be, the
+    the first one's payload (see :func:`_payload`). When none can be, the
     first one's error: the caller gets it as an error status, not an empty 200.
     """
     failure: Unavailable | None = None
     for n, (instance, syntax) in enumerate(chosen):
-        if keep_stored and syntax == instance.transfer_syntax_uid:
-            return chosen[n:], None
         try:
-            return chosen[n:], await context.blocking(convert, instance, syntax)
+            return chosen[n:], await _payload(instance, syntax, convert, keep_stored)
         except Unavailable as exc:
             _left_out(instance, exc)
             failure = failure or exc
@@ -137,23 +134,27 @@ async def first_sendable(
 async def sendable(
     chosen: Chosen, first: bytes | None, convert: Convert, *, keep_stored: bool
 ) -> AsyncIterator[tuple[int, StoredInstance, str, bytes | None]]:
-    """(position, instance, syntax, bytes or None for the stored file) for
-    each instance that can be sent, after :func:`first_sendable`. One that
-    cannot be converted, once the 200 is out, is left out of the answer
-    (logged) rather than cutting the stream, and with it the rest, short."""
+    """(position, instance, syntax, payload) for each instance that can be
+    sent, after :func:`first_sendable`. One that cannot be converted, once the
+    200 is out, is left out of the answer (logged) rather than cutting the
+    stream, and with it the rest, short."""
     for n, (instance, syntax) in enumerate(chosen):
-        if n == 0:
-            yield n, instance, syntax, first
-            continue
-        if keep_stored and syntax == instance.transfer_syntax_uid:
-            yield n, instance, syntax, None
-            continue
         try:
-            data = await context.blocking(convert, instance, syntax)
+            data = first if n == 0 else await _payload(instance, syntax, convert, keep_stored)
         except Unavailable as exc:
             _left_out(instance, exc)
             continue
         yield n, instance, syntax, data
+
+
+async def _payload(
+    instance: StoredInstance, syntax: str, convert: Convert, keep_stored: bool
+) -> bytes | None:
+    """The instance's bytes in ``syntax``; None for its stored file as it is
+    (with ``keep_stored``, when that is the syntax), which costs no thread trip."""
+    if keep_stored and syntax == instance.transfer_syntax_uid:
+        return None
+    return await context.blocking(convert, instance, syntax)
 
 
 def _left_out(instance: StoredInstance, exc: Unavailable) -> None:
