@@ -4,6 +4,7 @@ pynetdicom), read back over WADO-RS; bad input and broken connections."""
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -145,6 +146,25 @@ def test_unknown_caller_is_rejected_when_policy_is_none(archive: Archive) -> Non
         assert "Rejected" in refused.stdout + refused.stderr
         nodes.add_node(archive, name="here", ae_title="ECHOSCU", host="127.0.0.1", port=104)
         dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(server.port))
+
+
+def test_every_association_and_its_outcome_is_logged(
+    archive: Archive, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accepted, rejected, and how each ended with what it did."""
+    strict = with_settings(archive, dicom_accept_unknown="none")
+    nodes.add_node(archive, name="here", ae_title="STORESCU", host="127.0.0.1", port=104)
+    write(ct_dataset(), tmp_path / "one.dcm")
+    with caplog.at_level(logging.INFO, logger="lightbox"), scp(strict) as server:
+        dcmtk("storescu", "-aet", "STORESCU", "-aec", "LIGHTBOX", "127.0.0.1",
+              str(server.port), str(tmp_path / "one.dcm"))
+        dcmtk("echoscu", "-aet", "STRANGER", "-aec", "LIGHTBOX", "127.0.0.1",
+              str(server.port), check=False)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lightbox.dimse")]
+    assert any("from STORESCU@127.0.0.1" in m and " accepted, " in m for m in lines), lines
+    assert any("from STORESCU@127.0.0.1" in m and " released after " in m
+               and "C-STORE stored 1" in m for m in lines), lines
+    assert any("from STRANGER@127.0.0.1" in m and " rejected: " in m for m in lines), lines
 
 
 # --- pynetdicom as SCU: cases DCMTK would refuse to send --------------------------
