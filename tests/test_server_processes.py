@@ -171,3 +171,38 @@ def test_a_child_that_fails_at_start_stops_the_server(tmp_path: Path) -> None:
                           timeout=60, check=True)
     assert done.stdout.strip() == "failed: broken ended while starting (status 3)"
     assert time.monotonic() - started < 20  # the steady child was stopped, not waited for
+
+
+def test_sigterm_to_every_process_at_once_stops_them_cleanly(tmp_path: Path) -> None:
+    # A service manager stopping the server signals every process of its group.
+    with served(tmp_path / "data", tmp_path) as server:
+        pid = server.proc.pid
+        everyone = [pid, *_children(pid), *(h for w in _named(pid, "lightbox-http")
+                                            for h in _named(w, "lightbox-header"))]
+        for each in everyone:
+            os.kill(each, signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        _wait_for("every process ended", lambda: not any(map(_running, everyone)), 10)
+    output = server.log.read_text()
+    assert "Traceback" not in output and "failed" not in output, output
+
+
+def test_one_process_server_stops_on_sigterm_with_status_0(tmp_path: Path) -> None:
+    http, dicom = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lightbox", "serve", "--data", str(tmp_path / "data"),
+             "--workers", "1", "--http-port", str(http), "--dicom-port", str(dicom)],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = Served(proc, http, dicom, log)
+    try:
+        _wait_for("the server answers", server.healthy)
+        dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(dicom))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    # uvicorn raises the signal again once it has shut down; the SCP and the
+    # archive are then closed in order, not cut off by it.
+    assert proc.wait(timeout=30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()

@@ -6,8 +6,10 @@ import functools
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import ssl
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -17,10 +19,12 @@ from lightbox.archive import Archive
 from lightbox.child import start_child
 from lightbox.dimse.scp import DicomServer, serve_process
 from lightbox.errors import BadRequest
-from lightbox.services import readahead
+from lightbox.services import nodes, readahead
 from lightbox.settings import Settings
 from lightbox.supervisor import Child, Supervisor
 from lightbox.web.app import create_asgi
+
+log = logging.getLogger("lightbox.server")
 
 # HTTPS: forward-secret AEAD suites only (TLS 1.3 suites are configured apart).
 # uvicorn would otherwise ask for "TLSv1", which admits CBC and SHA-1 suites.
@@ -77,6 +81,7 @@ def serve(settings: Settings) -> None:
     tls = https_options(settings)  # before anything starts: a bad pair stops here
     allocator.keep_buffers()
     archive = Archive.open(settings)
+    check_declared_nodes(archive)
     archive.blobs.clear_staging()
     if settings.http_workers > 1:
         archive.close()  # each worker opens its own: no connection crosses a fork
@@ -85,6 +90,7 @@ def serve(settings: Settings) -> None:
     # The helper first: it is forked, and this process starts threads below.
     readahead.helper.fork()
     dicom = DicomServer(archive) if settings.dicom_port != 0 else None
+    exit_after_uvicorn()
     try:
         if dicom is not None:
             dicom.start()
@@ -94,6 +100,30 @@ def serve(settings: Settings) -> None:
             dicom.stop()
         readahead.helper.stop()
         archive.close()
+
+
+def check_declared_nodes(archive: Archive) -> None:
+    """Stop the start for a node declared in the settings that acts as no user;
+    say which registered nodes the declared ones hide."""
+    problems = nodes.missing_users(archive)
+    if problems:
+        archive.close()
+        raise BadRequest("; ".join(problems))
+    for name in nodes.shadowed(archive):
+        log.warning("node %r declared in the settings hides the registered node of that name",
+                    name)
+
+
+def exit_after_uvicorn() -> None:
+    """Once uvicorn has shut down on SIGTERM or SIGINT it raises that signal again;
+    let it end this process through its ``finally`` blocks (DIMSE associations
+    finished, the archive closed) with status 0, rather than be killed by it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _orderly_exit)
+
+
+def _orderly_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def uvicorn_options(settings: Settings, tls: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +185,7 @@ def http_worker(settings: Settings, options: dict[str, Any], sock: socket.socket
     start_child(f"lightbox-http{number}", parent)
     readahead.helper.fork()  # before uvicorn starts any thread
     archive = Archive.open(settings, migrate=False)
+    exit_after_uvicorn()
     try:
         config = uvicorn.Config(create_asgi(archive), **options)
         uvicorn.Server(config).run(sockets=[sock])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lightbox.dicom.node import Node, as_tables, declared_nodes
 from lightbox.errors import BadRequest
 
 ENV_PREFIX = "LIGHTBOX_"
@@ -33,6 +35,10 @@ class Settings:
     dicom_max_associations: int = 32
     dicom_max_pdu: int = 1024 * 1024  # largest PDU we accept, in bytes
     dicom_find_max_results: int = 10_000  # C-FIND matches returned per request
+    # Known nodes declared here ([nodes.NAME] tables in the config file, or
+    # LIGHTBOX_NODES as a JSON object of the same tables), besides those that
+    # `lightbox node add` registers in the index.
+    nodes: tuple[Node, ...] = field(default_factory=tuple)
     tls_cert: str = ""  # PEM certificate chain: DICOM TLS on dicom_port when set
     tls_key: str = ""  # PEM private key of tls_cert
     tls_ca: str = ""  # PEM CA bundle: verify peers' certificates (SCP: require one)
@@ -92,7 +98,9 @@ def environment(settings: Settings) -> dict[str, str]:
     out = {}
     for item in fields(settings):
         value = getattr(settings, item.name)
-        if isinstance(value, tuple):
+        if item.name == "nodes":
+            value = json.dumps(as_tables(value))
+        elif isinstance(value, tuple):
             value = ",".join(value)
         out[ENV_PREFIX + item.name.upper()] = str(value)
     return out
@@ -108,6 +116,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return str(value).strip().lower() in ("1", "true", "yes", "on")
         if kind in (Path, "Path"):
             return Path(str(value))
+        if kind == "tuple[Node, ...]":
+            return declared_nodes(_json_tables(name, value) if isinstance(value, str) else value)
         if kind in ("tuple[str, ...]",):
             if isinstance(value, list | tuple):
                 return tuple(str(v) for v in value)
@@ -115,6 +125,23 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
     except ValueError as exc:
         raise BadRequest(f"setting {name}: {value!r} is not valid") from exc
     return str(value)
+
+
+def _json_tables(name: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise BadRequest(f"setting {name}: not a JSON object of node tables: {exc}") from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise BadRequest(f"config file {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"config file {path}: not valid TOML: {exc}") from exc
 
 
 def load(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -125,12 +152,11 @@ def load(config_file: Path | None = None, overrides: dict[str, Any] | None = Non
         Path(os.environ[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in os.environ else None
     )
     if path is not None:
-        with open(path, "rb") as fh:
-            for key, value in tomllib.load(fh).items():
-                key = key.replace("-", "_")
-                if key not in known:
-                    raise BadRequest(f"{path}: unknown setting {key!r}")
-                values[key] = value
+        for key, value in _read_toml(path).items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise BadRequest(f"{path}: unknown setting {key!r}")
+            values[key] = value
     for key in known:
         env = os.environ.get(ENV_PREFIX + key.upper())
         if env is not None:

@@ -3,97 +3,51 @@ the callers it trusts.
 
 A node is named by the operator (``pacs``, ``ct-scanner``); its AE title, host
 and port are what DIMSE needs. A calling peer is a known node when its AE title
-and its network address both match one.
+and its network address both match one. Nodes are registered in the index
+(``lightbox node add``) or declared in the settings (the config file's
+``[nodes.NAME]`` tables, or ``LIGHTBOX_NODES``);
+a declared node hides a registered one of the same name.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 
 from lightbox.archive import Archive
-from lightbox.errors import BadRequest
+from lightbox.dicom.node import Node, checked, require_ae_title
+from lightbox.errors import BadRequest, Conflict, NotFound
 from lightbox.index import accounts
 from lightbox.index import nodes as index
 from lightbox.index.nodes import NodeRow
 
-MAX_NAME = 64
-MAX_AE_TITLE = 16
-MAX_HOST = 255
+__all__ = ["Node", "require_ae_title"]
 
-
-@dataclass(frozen=True)
-class Node:
-    """A DICOM peer: where to reach it and whether to speak TLS to it."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    tls: bool = False
-    acts_as: str | None = None  # a user whose grants limit what the node may read
-
-    def __str__(self) -> str:
-        scheme = " (TLS)" if self.tls else ""
-        who = f" as user {self.acts_as}" if self.acts_as else ""
-        return f"{self.name}: {self.ae_title}@{self.host}:{self.port}{scheme}{who}"
+WHERE = "the config file's [nodes.NAME] tables or LIGHTBOX_NODES"
 
 
 def _from_row(row: NodeRow) -> Node:
     return Node(row.name, row.ae_title, row.host, row.port, row.tls, row.acts_as)
 
 
-def require_ae_title(value: str) -> str:
-    """An AE title as PS3.5 allows it (1-16 characters of the default repertoire,
-    no backslash or control characters, not only spaces); returned stripped,
-    since leading and trailing spaces are not significant."""
-    stripped = value.strip()
-    if not stripped or len(value) > MAX_AE_TITLE:
-        raise BadRequest(f"an AE title needs 1 to {MAX_AE_TITLE} characters, got {value!r}")
-    if any(not (" " <= ch <= "~") or ch == "\\" for ch in value):
-        raise BadRequest(f"AE title {value!r} may hold only printable ASCII without backslash")
-    return stripped
-
-
-def _require_name(name: str) -> str:
-    ok = name and len(name) <= MAX_NAME and all(ch.isalnum() or ch in "._-" for ch in name)
-    if not ok:
-        raise BadRequest(
-            f"a node name needs 1 to {MAX_NAME} letters, digits, '.', '_' or '-', got {name!r}"
-        )
-    return name
-
-
-def _require_host(host: str) -> str:
-    if not host or len(host) > MAX_HOST or any(ch.isspace() or ch == "/" for ch in host):
-        raise BadRequest(f"not a host name or address: {host!r}")
-    return host
-
-
-def _require_port(port: int) -> int:
-    if not 1 <= port <= 65535:
-        raise BadRequest(f"a port is between 1 and 65535, got {port}")
-    return port
+def _declared(archive: Archive) -> dict[str, Node]:
+    return {node.name: node for node in archive.settings.nodes}
 
 
 def add_node(
     archive: Archive, *, name: str, ae_title: str, host: str, port: int, tls: bool = False,
     acts_as: str | None = None,
 ) -> Node:
-    """Register a node; BadRequest for invalid fields, Conflict when the name is taken.
+    """Register a node; BadRequest for invalid fields, Conflict when the name is taken
+    (in the index or the config file).
 
     With ``acts_as`` (a user name), what the node may find and retrieve is
     what that user may see; without, it reads the whole archive.
     """
-    row = NodeRow(
-        name=_require_name(name),
-        ae_title=require_ae_title(ae_title),
-        host=_require_host(host),
-        port=_require_port(port),
-        tls=tls,
-        acts_as=acts_as,
-    )
+    node = checked(name, ae_title, host, port, tls, acts_as)
+    if node.name in _declared(archive):
+        raise Conflict(f"a node named {node.name!r} is declared in the settings ({WHERE})")
+    row = NodeRow(node.name, node.ae_title, node.host, node.port, node.tls, node.acts_as)
     with archive.db.write() as conn:
         if acts_as is not None:
             accounts.get_user(conn, acts_as)  # NotFound for an unknown user
@@ -101,26 +55,64 @@ def add_node(
     return _from_row(row)
 
 
+def _merged(archive: Archive, registered: list[NodeRow]) -> list[Node]:
+    """Registered and declared nodes by name; a declared node hides a registered
+    one of its name (the settings are what the operator last said)."""
+    declared = _declared(archive)
+    found = {row.name: _from_row(row) for row in registered if row.name not in declared}
+    return sorted([*found.values(), *declared.values()], key=lambda node: node.name)
+
+
 def list_nodes(archive: Archive) -> list[Node]:
+    """Every known node, registered or declared, by name."""
     with archive.db.read() as conn:
-        return [_from_row(r) for r in index.list_nodes(conn)]
+        return _merged(archive, index.list_nodes(conn))
 
 
 def get_node(archive: Archive, name: str) -> Node:
     """The node called ``name``; NotFound when there is none."""
+    declared = _declared(archive).get(name)
+    if declared is not None:
+        return declared
     with archive.db.read() as conn:
         return _from_row(index.get_node(conn, name))
 
 
 def remove_node(archive: Archive, name: str) -> None:
+    """Forget a registered node; NotFound for none, BadRequest for a declared one."""
+    if name in _declared(archive):
+        raise BadRequest(f"node {name!r} is declared in the settings; remove it from {WHERE}")
     with archive.db.write() as conn:
         index.remove_node(conn, name)
 
 
 def nodes_with_ae_title(archive: Archive, ae_title: str) -> list[Node]:
-    """Every node registered under ``ae_title`` (usually one), by name."""
+    """Every known node under ``ae_title`` (usually one), by name."""
+    title = ae_title.strip()
     with archive.db.read() as conn:
-        return [_from_row(r) for r in index.nodes_with_ae_title(conn, ae_title.strip())]
+        found = _merged(archive, index.nodes_with_ae_title(conn, title))
+    return [node for node in found if node.ae_title == title]
+
+
+def shadowed(archive: Archive) -> list[str]:
+    """Names of registered nodes that a node declared in the settings hides."""
+    with archive.db.read() as conn:
+        return [row.name for row in index.list_nodes(conn) if row.name in _declared(archive)]
+
+
+def missing_users(archive: Archive) -> list[str]:
+    """Problems with declared nodes that act as a user who does not exist."""
+    problems = []
+    with archive.db.read() as conn:
+        for node in archive.settings.nodes:
+            if node.acts_as is None:
+                continue
+            try:
+                accounts.get_user(conn, node.acts_as)
+            except NotFound:
+                problems.append(f"node {node.name!r} in the settings acts as user "
+                                f"{node.acts_as!r}, who does not exist")
+    return problems
 
 
 def identify(archive: Archive, ae_title: str, address: str) -> Node | None:

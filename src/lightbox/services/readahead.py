@@ -100,11 +100,15 @@ class Forked:
         self.stdin: IO[bytes] | None = open(requests_out, "wb")  # noqa: SIM115
         self.stdout: IO[bytes] | None = open(answers_in, "rb")  # noqa: SIM115
         self.returncode: int | None = None
+        self._reaping = threading.Lock()
 
     def wait(self) -> int:
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+        # The answer thread waits for the helper when it ends, and stop() may at
+        # the same time: one reaps it, the other takes its status.
+        with self._reaping:
+            if self.returncode is None:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def kill(self) -> None:
