@@ -165,4 +165,38 @@ def load(config_file: Path | None = None, overrides: dict[str, Any] | None = Non
         if value is not None:
             values[key] = value
     coerced = {k: _coerce(k, known[k], v) for k, v in values.items()}
+    for key, value in coerced.items():
+        _check(key, value)
     return replace(Settings(), **coerced)
+
+
+# Settings with a few allowed values (the first ones are named in messages; the
+# rest are accepted spellings) and numbers with bounds, checked as they are
+# read so that a typo stops the command that read them, not a process later.
+_CHOICES = {
+    "dicom_accept_unknown": ("loopback", "all", "none", "true", "yes", "1", "false", "no", "0"),
+    "smtp_security": ("starttls", "tls", "none"),
+    "log_level": ("debug", "info", "warning", "error", "critical"),
+}
+_NAMED_CHOICES = {"dicom_accept_unknown": 3}
+_PORT = (0, 65535)
+_BOUNDS = {
+    "http_port": _PORT, "dicom_port": _PORT, "smtp_port": (1, 65535), "workers": (0, 64),
+    "dicom_acse_timeout": (1, 86_400), "dicom_dimse_timeout": (1, 86_400),
+    "dicom_network_timeout": (1, 86_400), "dicom_connection_timeout": (1, 86_400),
+    "dicom_max_associations": (1, 10_000), "dicom_max_pdu": (4096, 2**32 - 1),
+    "dicom_find_max_results": (1, 10**9), "qido_max_results": (1, 10**9),
+    "max_upload_bytes": (1, 2**63 - 1), "max_instance_bytes": (1, 2**63 - 1),
+    "max_parts": (1, 10**9),
+}
+
+
+def _check(name: str, value: Any) -> None:
+    choices = _CHOICES.get(name)
+    if choices is not None and str(value).strip().lower() not in choices:
+        named = choices[:_NAMED_CHOICES.get(name, len(choices))]
+        raise BadRequest(f"setting {name}: {value!r} is not one of {', '.join(named)}")
+    bounds = _BOUNDS.get(name)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise BadRequest(f"setting {name}: {value} is not between {bounds[0]:,} and "
+                         f"{bounds[1]:,}")

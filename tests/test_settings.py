@@ -1,0 +1,79 @@
+"""Settings as every command reads them: a value that cannot work stops the
+command with a message naming the setting, before anything is opened."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lightbox import settings as settings_module
+from lightbox.cli.main import main
+
+BAD_VALUES = [
+    ("DICOM_ACCEPT_UNKNOWN", "foo",
+     "dicom_accept_unknown: 'foo' is not one of loopback, all, none"),
+    ("LOG_LEVEL", "loud", "log_level: 'loud' is not one of debug, info, warning"),
+    ("SMTP_SECURITY", "maybe", "smtp_security: 'maybe' is not one of starttls, tls, none"),
+    ("HTTP_PORT", "70000", "http_port: 70000 is not between 0 and 65,535"),
+    ("DICOM_PORT", "-1", "dicom_port: -1 is not between 0 and 65,535"),
+    ("SMTP_PORT", "0", "smtp_port: 0 is not between 1 and 65,535"),
+    ("DICOM_MAX_PDU", "10", "dicom_max_pdu: 10 is not between 4,096 and 4,294,967,295"),
+    ("DICOM_DIMSE_TIMEOUT", "0", "dicom_dimse_timeout: 0 is not between 1 and 86,400"),
+    ("QIDO_MAX_RESULTS", "0", "qido_max_results: 0 is not between 1"),
+    ("MAX_PARTS", "-5", "max_parts: -5 is not between 1"),
+    ("WORKERS", "-1", "workers: -1 is not between 0 and 64"),
+    ("WORKERS", "two", "setting workers: 'two' is not valid"),
+]
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in list(os.environ):
+        if key.startswith(settings_module.ENV_PREFIX):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_VALUES)
+def test_a_setting_that_cannot_work_stops_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_environment: pytest.MonkeyPatch,
+    name: str, value: str, message: str,
+) -> None:
+    clean_environment.setenv(settings_module.ENV_PREFIX + name, value)
+    data = tmp_path / "data"
+    assert main(["stats", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightbox: setting ") and message in err, err
+    assert not data.exists()
+
+
+def test_choices_are_read_whatever_their_case(clean_environment: pytest.MonkeyPatch) -> None:
+    clean_environment.setenv("LIGHTBOX_DICOM_ACCEPT_UNKNOWN", " ALL ")
+    clean_environment.setenv("LIGHTBOX_LOG_LEVEL", "Warning")
+    loaded = settings_module.load()
+    assert (loaded.dicom_accept_unknown, loaded.log_level) == (" ALL ", "Warning")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "No such file or directory"),
+    ("http_port = \n", "not valid TOML"),
+    ("htp_port = 8042\n", "unknown setting 'htp_port'"),
+    ("http_port = 99999\n", "http_port: 99999 is not between 0 and 65,535"),
+    (b"\xff\xfe", "not valid TOML"),
+])
+def test_a_config_file_that_cannot_be_read_stops_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_environment: pytest.MonkeyPatch,
+    text: str | bytes | None, message: str,
+) -> None:
+    config = tmp_path / "lightbox.toml"
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    elif text is not None:
+        config.write_text(text)
+    data = tmp_path / "data"
+    assert main(["stats", "--config", str(config), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightbox: ") and message in err, err
+    assert not data.exists()
