@@ -80,3 +80,56 @@ def test_serve_runs_the_scp_next_to_http_and_stops_cleanly(tmp_path: Path) -> No
     assert code == 0, output
     assert "DICOM SCP ARCHIVE1 listening" in output
     assert "from ECHOSCU@127.0.0.1" in output and "released" in output
+
+
+BAD_SCU_ARGUMENTS = [
+    (["find", "-k", "StudyDate=2024"], "StudyDate must be YYYYMMDD or a range"),
+    (["find", "-k", "Rows=abc"], "Rows must be an integer"),
+    (["find", "-k", "SliceThickness=thick"], "SliceThickness: Invalid value for VR DS"),
+    (["find", "-k", "PatientID=" + "9" * 65], "exceeds the maximum length of 64"),
+    (["find", "-k", "StudyInstanceUID=1.2.x"], "not a valid UID"),
+    (["find", "-k", "=1"], "a key needs a keyword or tag"),
+    (["find", "-k", "NotAKeyword=1"], "not a DICOM keyword or tag"),
+    (["find", "-k", "PatientName=a\tb"], "cannot be a matching value"),
+    (["move", "--study", "../../etc"], "not a valid UID"),
+    (["move", "--study", "1.2.3", "--to", "A\\B"], "without backslash"),
+    (["get", "--study", "1.2.3.x"], "not a valid UID"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_SCU_ARGUMENTS)
+def test_bad_scu_arguments_are_refused_before_any_connection(
+    archive: Archive, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.2)
+        node = f"PEER@127.0.0.1:{listener.getsockname()[1]}"
+        code, output = _run(archive, capsys, argv[0], node, *argv[1:])
+        with pytest.raises(TimeoutError):
+            listener.accept()[0].close()  # nobody connected
+    assert code == 2 and output.startswith("lightbox: ") and message in output, output
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ("A" * 17 + "@127.0.0.1:104", "an AE title needs 1 to 16 characters"),
+    ("PEER@127.0.0.1:99999", "a port is between 1 and 65535"),
+    ("@127.0.0.1:104", "an AE title needs 1 to 16 characters"),
+    ("nosuchnode", "no node named 'nosuchnode'"),
+])
+def test_a_bad_ad_hoc_node_is_named_in_the_message(
+    archive: Archive, capsys: pytest.CaptureFixture[str], node: str, message: str
+) -> None:
+    code, output = _run(archive, capsys, "echo", node)
+    assert code == 2 and message in output and "Traceback" not in output, output
+
+
+def test_an_unreachable_node_is_one_clear_message(
+    archive: Archive, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    assert _run(archive, capsys, "node", "add", "gone", "--aet", "GONE", "--host",
+                "127.0.0.1", "--port", str(port))[0] == 0
+    code, output = _run(archive, capsys, "echo", "gone")
+    assert code == 2
+    assert (f"lightbox: node gone (GONE@127.0.0.1:{port}) could not be associated"
+            in output), output

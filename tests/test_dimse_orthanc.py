@@ -124,3 +124,22 @@ def test_orthanc_moves_a_study_out_of_lightbox(
         assert back.StudyInstanceUID == study
         assert back.PixelData == sent.PixelData
         assert {e.tag for e in back} == {e.tag for e in sent}
+
+
+def test_find_sends_a_name_beyond_ascii_in_utf8(
+    archive: Archive, peer: Peer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two names of as many letters, neither Latin-1: sent in any other character
+    # set they would become the same string of nine replacement characters.
+    for n, name in enumerate(("Διονυσιος", "Αλεξανδρα")):
+        path = write(ct_dataset(study=f"{ROOT}60{n + 1}", patient_id=f"PAT-GR{n}",
+                                patient_name=name, SpecificCharacterSet="ISO_IR 192"),
+                     tmp_path / f"{n}.dcm")
+        dcmtk("storescu", "-aec", peer.orthanc.aet, "127.0.0.1", str(peer.orthanc.dicom_port),
+              str(path))
+    _cli(archive, capsys, "node", "add", "orthanc", "--aet", "ORTHANC", "--host", "127.0.0.1",
+         "--port", str(peer.orthanc.dicom_port))
+    found = _cli(archive, capsys, "find", "orthanc", "-k", "PatientName=Διονυσιος",
+                 "-k", "PatientID")
+    assert f"{ROOT}601" in found and "PatientID=PAT-GR0" in found, found
+    assert "1 match(es)" in found, found

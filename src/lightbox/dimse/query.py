@@ -12,11 +12,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
+from pydicom.valuerep import PersonName, validate_value
 
 from lightbox.dicom import uids
 from lightbox.dicom.attributes import (
@@ -25,7 +26,7 @@ from lightbox.dicom.attributes import (
     STUDY_ROOT_REQUIRED_KEYS,
     QueryLevel,
 )
-from lightbox.dicom.query import Query
+from lightbox.dicom.query import Query, parse_match
 from lightbox.dimse import contexts
 from lightbox.errors import BadRequest
 
@@ -218,6 +219,8 @@ def parse_key(text: str) -> tuple[int, str]:
     """``Keyword=value``, ``0010,0020=value`` or ``00100020=value`` -> (tag, value)."""
     name, _, value = text.partition("=")
     name = name.strip().strip("()")
+    if not name:
+        raise BadRequest(f"a key needs a keyword or tag before '=', got {text!r}")
     tag: int | None
     if "," in name:
         group, _, element = name.partition(",")
@@ -243,19 +246,55 @@ def identifier(level: QueryLevel, keys: Iterable[tuple[int, str]]) -> Dataset:
     """A C-FIND / C-MOVE identifier at ``level`` with the given (tag, value) keys."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level.value
+    keys = list(keys)
+    if any(not value.isascii() for _, value in keys):
+        ds.SpecificCharacterSet = UTF8
     for tag, value in keys:
         try:
             vr = dictionary_VR(tag)
         except KeyError as exc:
             raise BadRequest(f"unknown DICOM tag {tag:08X}") from exc
         vr = vr.split(" or ")[0]
-        if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+        _check_key(tag, vr, value)
+        if vr in ("US", "SS", "UL", "SL"):
             ds.add_new(tag, vr, int(value) if value else None)
+        elif vr in ("FL", "FD"):
+            ds.add_new(tag, vr, float(value) if value else None)
         elif vr == "SQ":
             ds.add_new(tag, vr, [])
         else:
             ds.add_new(tag, vr, value)
     return ds
+
+
+def _check_key(tag: int, vr: str, value: str) -> None:
+    """BadRequest for a value that the identifier cannot carry: one the query
+    model would refuse (a malformed date range, an invalid UID…), a number that
+    is not one, a control character, a value longer than any VR allows."""
+    name = keyword_for_tag(tag) or f"{tag:08X}"
+    if not value:
+        return
+    if vr == "SQ" or any(ch < " " for ch in value) or len(value) > 1024:
+        raise BadRequest(f"{name}: {value!r} cannot be a matching value")
+    attribute = BY_TAG.get(tag)
+    if attribute is not None:
+        parse_match(attribute, value)
+    try:
+        if vr in ("US", "SS", "UL", "SL"):
+            int(value)
+        elif vr in ("FL", "FD"):
+            float(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name} ({vr}) needs a number, got {value!r}") from exc
+    for piece in value.split("\\"):
+        # A wildcard or a range is a matching value no VR's own rules describe.
+        if "*" in piece or "?" in piece or (vr in ("DA", "TM", "DT") and "-" in piece):
+            continue
+        try:
+            validate_value(vr, piece, config.RAISE)
+        except ValueError as exc:
+            reason = str(exc).split(". Please see")[0].rstrip(".")
+            raise BadRequest(f"{name}: {reason}") from exc
 
 
 def default_keys(level: QueryLevel) -> list[tuple[int, str]]:

@@ -21,18 +21,19 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
+from lightbox.dicom.node import require_ae_title, require_host, require_port
 from lightbox.dimse import contexts, query, store, tls, transport
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.retrieve import dataset_to_send
 from lightbox.dimse.status import General, Retrieve
-from lightbox.errors import LightboxError, NotFound, Unavailable
+from lightbox.errors import BadRequest, LightboxError, NotFound, Unavailable
 from lightbox.index.instances import StoredInstance
 from lightbox.services import nodes, retrieve
 from lightbox.services.nodes import Node
 
 log = logging.getLogger("lightbox.dimse")
 
-_AD_HOC = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})")
+_AD_HOC = re.compile(r"(?P<aet>[^@]*)@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
 _PENDING = {0xFF00, 0xFF01}
 
 
@@ -49,7 +50,12 @@ def resolve_node(archive: Archive, text: str) -> Node:
         if found is None:
             raise
         host = found["host"].strip("[]")
-        return Node(text, nodes.require_ae_title(found["aet"]), host, int(found["port"]))
+        try:
+            fields = (require_ae_title(found["aet"]), require_host(host),
+                      require_port(int(found["port"])))
+        except BadRequest as exc:
+            raise BadRequest(f"{text}: {exc.message}") from exc
+        return Node(text, *fields)  # named as given: a registered name has no '@'
 
 
 def new_ae(archive: Archive) -> AE:
@@ -75,8 +81,11 @@ def association(
         evt_handlers=evt_handlers,
     )
     if not assoc.is_established:
-        how = "rejected the association" if assoc.is_rejected else "could not be associated"
-        raise DimseFailure(f"{node} {how}")
+        where = node.name if "@" in node.name else (
+            f"node {node.name} ({node.ae_title}@{node.host}:{node.port})")
+        how = "rejected the association" if assoc.is_rejected else (
+            "could not be associated (no connection, or no answer in time)")
+        raise DimseFailure(f"{where} {how}")
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         transport.no_delay(assoc.dul.socket.socket)
     transport.guard_reactor(assoc)
@@ -154,10 +163,12 @@ def _study_identifier(study_uid: str) -> Dataset:
 
 def move(archive: Archive, node: Node, study_uid: str, destination: str) -> RetrieveResult:
     """C-MOVE a study from ``node`` to the AE ``destination`` (the node must know it)."""
+    identifier = _study_identifier(study_uid)  # BadRequest before any association
+    destination = require_ae_title(destination)
     result = RetrieveResult()
     model = contexts.STUDY_ROOT_MOVE
     with association(archive, node, [build_context(model)]) as assoc:
-        for status, found in assoc.send_c_move(_study_identifier(study_uid), destination, model):
+        for status, found in assoc.send_c_move(identifier, destination, model):
             if _code(status) in _PENDING:
                 continue
             _final(result, status, found)
@@ -180,6 +191,7 @@ def _classes_in_study(archive: Archive, node: Node, study_uid: str) -> list[str]
 
 def get(archive: Archive, node: Node, study_uid: str) -> RetrieveResult:
     """C-GET a study from ``node``; received instances are stored as by our SCP."""
+    identifier = _study_identifier(study_uid)  # BadRequest before any association
     model = contexts.STUDY_ROOT_GET
     classes = _classes_in_study(archive, node, study_uid) or list(
         contexts.COMMON_STORAGE_SOP_CLASSES)
@@ -196,7 +208,7 @@ def get(archive: Archive, node: Node, study_uid: str) -> RetrieveResult:
     result = RetrieveResult()
     handlers = [(evt.EVT_C_STORE, on_store)]
     with association(archive, node, proposed, ext_neg=roles, evt_handlers=handlers) as assoc:
-        for status, found in assoc.send_c_get(_study_identifier(study_uid), model):
+        for status, found in assoc.send_c_get(identifier, model):
             if _code(status) in _PENDING:
                 continue
             _final(result, status, found)
