@@ -188,7 +188,7 @@ def test_declared_nodes_may_call_and_receive_when_unknown_callers_may_not(
 
 def _serve(tmp_path: Path, config: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "lightbox", "serve", "--config", str(config),
-            "--data", str(tmp_path / "data"), "--workers", "1"]
+            "--data", str(tmp_path / "data"), "--workers", "2"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
     log = (tmp_path / "serve.log").open("wb")
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
