@@ -9,6 +9,8 @@ As stored (``transfer-syntax=*``) every instance comes back byte for byte.
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
@@ -16,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
+from lightbox import logs
 from lightbox.services import sharing
 from lightbox.services.auth import Principal
 from tests.conftest import RunningServer
@@ -122,3 +125,21 @@ def test_a_list_of_frames_that_cannot_be_decoded_is_an_error_not_a_cut_stream(
                        headers={**server.headers, "Accept": decoded + "; transfer-syntax=*"})
     assert stored.status_code == 200
     assert stored.content.count(noise) == 2
+
+
+def test_each_failure_is_logged_once_with_its_reason_and_no_traceback(
+    server: RunningServer, study: tuple[str, list[Dataset]], caplog: pytest.LogCaptureFixture
+) -> None:
+    _uid, datasets = study
+    logs.quiet_decoder_attempts()  # as every server process sets its logging up
+    path = _instance_path(datasets[0])
+    with caplog.at_level(logging.INFO):
+        for suffix, accept in (("/rendered", "image/jpeg"), ("/thumbnail", "image/png")):
+            answer = httpx.get(server.dicomweb + path + suffix, timeout=60,
+                               headers={**server.headers, "Accept": accept})
+            assert answer.status_code == 503
+    assert not [r for r in caplog.records if r.exc_info is not None]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightbox.web.errors"]
+    assert len(lines) == 2 and all("cannot decode frame 1" in line for line in lines), lines
+    assert lines[0].startswith(f"GET /dicom-web{path}/rendered: ")
+    assert "pylibjpeg" in lines[0] and "pillow" in lines[0]  # each plugin's reason, once

@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-from lightbox import allocator
+from lightbox import allocator, logs
 from lightbox.archive import Archive
 from lightbox.child import start_child
 from lightbox.dimse.scp import DicomServer, serve_process
@@ -73,11 +73,7 @@ def serve(settings: Settings) -> None:
     as many DIMSE processes (one core each for parallel associations), which
     share its imported modules' memory (see supervisor).
     """
-    # force: the CLI has configured WARNING already, and the server logs at log_level.
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
-    # pynetdicom logs every PDU at INFO; our association log says what happened.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
+    logs.configure(settings.log_level)
     tls = https_options(settings)  # before anything starts: a bad pair stops here
     allocator.keep_buffers()
     archive = Archive.open(settings)

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from lightbox import logs
 from lightbox import settings as settings_module
 from lightbox.archive import Archive
 from lightbox.errors import LightboxError
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logs.quiet_decoder_attempts()
     commands = {**COMMANDS, **dimse.commands(_open), **audit.commands(_open),
                 **share.commands(_open), **folders.commands(_open)}
     try:

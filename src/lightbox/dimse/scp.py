@@ -31,6 +31,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from lightbox import logs
 from lightbox.archive import Archive
 from lightbox.child import start_child
 from lightbox.dimse import commitment, contexts, find, retrieve, store, tls, transport
@@ -253,8 +254,7 @@ def serve_process(settings: Settings, listener: socket.socket, loads: Any, slot:
     the process that started it dies. ``loads`` is a shared array of the
     associations each process serves; ``slot`` is this one's index in it."""
     start_child(f"lightbox-dicom{slot + 1}", parent)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", force=True)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logs.configure(settings.log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     archive = Archive.open(settings, migrate=False)

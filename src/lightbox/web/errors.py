@@ -52,6 +52,8 @@ def _status_of(exc: errors.LightboxError) -> int:
 async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.LightboxError)
     status = _status_of(exc)
+    if status == 503:  # the request was fine; what it needs is not there now
+        log.warning("%s %s: %s", request.method, redact(request.url.path), exc.message)
     headers = {"WWW-Authenticate": 'Bearer realm="lightbox"'} if status == 401 else None
     # The Warning header carries the reason for clients that only look at headers.
     hdrs = dict(headers or {})

@@ -1,0 +1,31 @@
+"""Logging as every Lightbox process sets it up: one line per event, our own
+messages saying what happened, the libraries' chatter below that kept out."""
+
+from __future__ import annotations
+
+import logging
+
+# Where pydicom logs each decoding plugin's failure on a frame.
+_DECODER_ATTEMPTS = "pydicom.pixels.decoders.base"
+
+
+def configure(level: str) -> None:
+    """Log at ``level`` (a server process; replaces what the CLI set up)."""
+    logging.basicConfig(level=level.upper(), format="%(message)s", force=True)
+    # pynetdicom logs every PDU at INFO; our association log says what happened.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
+    quiet_decoder_attempts()
+
+
+def quiet_decoder_attempts() -> None:
+    """Drop the traceback pydicom logs for each decoding plugin that fails on a
+    frame: the error naming every plugin's reason reaches our code, which
+    answers it (a 503 with the reason, an instance left out) and logs it once."""
+    attempts = logging.getLogger(_DECODER_ATTEMPTS)
+    if _not_an_attempt not in attempts.filters:
+        attempts.addFilter(_not_an_attempt)
+
+
+def _not_an_attempt(record: logging.LogRecord) -> bool:
+    return record.exc_info is None  # its other messages (a plugin changed...) stay
