@@ -54,16 +54,26 @@ def test_choices_are_read_whatever_their_case(clean_environment: pytest.MonkeyPa
     clean_environment.setenv("LIGHTBOX_LOG_LEVEL", "Warning")
     loaded = settings_module.load()
     assert (loaded.dicom_accept_unknown, loaded.log_level) == (" ALL ", "Warning")
+    clean_environment.setenv("LIGHTBOX_OVERWRITE", "Off")
+    clean_environment.setenv("LIGHTBOX_HTTP_PORT", " 8043 ")
+    assert not settings_module.load().overwrite
+    assert settings_module.load().http_port == 8043
 
 
 @pytest.mark.parametrize(("text", "message"), [
+    ("http_port = 8042.5\n", "setting http_port: 8042.5 is not valid"),
+    ("workers = true\n", "setting workers: True is not valid"),
+    ('overwrite = "maybe"\n', "setting overwrite: 'maybe' is not true or false"),
+    ("aet = [1]\n", "setting aet: [1] is not valid"),
+    ("public_url = 2024-01-01\n", "setting public_url: datetime.date(2024, 1, 1) is not valid"),
+    ("cors_origins = 5\n", "setting cors_origins: 5 is not valid"),
     (None, "No such file or directory"),
     ("http_port = \n", "not valid TOML"),
     ("htp_port = 8042\n", "unknown setting 'htp_port'"),
     ("http_port = 99999\n", "http_port: 99999 is not between 0 and 65,535"),
     (b"\xff\xfe", "not valid TOML"),
 ])
-def test_a_config_file_that_cannot_be_read_stops_the_command(
+def test_a_config_file_that_cannot_be_read_or_used_stops_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_environment: pytest.MonkeyPatch,
     text: str | bytes | None, message: str,
 ) -> None:

@@ -106,25 +106,40 @@ def environment(settings: Settings) -> dict[str, str]:
     return out
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(name: str, kind: Any, value: Any) -> Any:
-    try:
-        if kind in (int, "int"):
+    """A setting's value as its field holds it, from TOML's types or the
+    environment's text; BadRequest for one of another kind (a fraction for a
+    port, a word that is not yes or no, a list for a path)."""
+    wrong = BadRequest(f"setting {name}: {value!r} is not valid")
+    if kind in (int, "int"):
+        if isinstance(value, bool | float):
+            raise wrong
+        try:
             return int(value)
-        if kind in (bool, "bool"):
-            if isinstance(value, bool):
-                return value
-            return str(value).strip().lower() in ("1", "true", "yes", "on")
-        if kind in (Path, "Path"):
-            return Path(str(value))
-        if kind == "tuple[Node, ...]":
-            return declared_nodes(_json_tables(name, value) if isinstance(value, str) else value)
-        if kind in ("tuple[str, ...]",):
-            if isinstance(value, list | tuple):
-                return tuple(str(v) for v in value)
-            return tuple(v.strip() for v in str(value).split(",") if v.strip())
-    except ValueError as exc:
-        raise BadRequest(f"setting {name}: {value!r} is not valid") from exc
-    return str(value)
+        except ValueError as exc:
+            raise wrong from exc
+    if kind in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise BadRequest(f"setting {name}: {value!r} is not true or false")
+        return text in _TRUE
+    if kind == "tuple[Node, ...]":
+        return declared_nodes(_json_tables(name, value) if isinstance(value, str) else value)
+    if kind in ("tuple[str, ...]",):
+        if isinstance(value, list | tuple):
+            return tuple(str(v) for v in value)
+        if not isinstance(value, str):
+            raise wrong
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if not isinstance(value, str | int | os.PathLike) or isinstance(value, bool):
+        raise wrong  # a table, a list, a date or a fraction where text or a path is due
+    text = str(os.fspath(value)) if isinstance(value, os.PathLike) else str(value)
+    return Path(text) if kind in (Path, "Path") else text
 
 
 def _json_tables(name: str, value: str) -> Any:
