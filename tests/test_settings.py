@@ -25,6 +25,8 @@ BAD_VALUES = [
     ("MAX_PARTS", "-5", "max_parts: -5 is not between 1"),
     ("WORKERS", "-1", "workers: -1 is not between 0 and 64"),
     ("WORKERS", "two", "setting workers: 'two' is not valid"),
+    ("AET", "A\\B", "setting aet: AE title 'A\\\\B' may hold only printable ASCII"),
+    ("AET", "ABCDEFGHIJKLMNOPQ", "setting aet: an AE title needs 1 to 16 characters"),
 ]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from lightbox.dicom.node import Node, as_tables, declared_nodes
+from lightbox.dicom.node import Node, as_tables, declared_nodes, require_ae_title
 from lightbox.errors import BadRequest
 
 ENV_PREFIX = "LIGHTBOX_"
@@ -207,6 +207,11 @@ _BOUNDS = {
 
 
 def _check(name: str, value: Any) -> None:
+    if name == "aet":
+        try:
+            require_ae_title(value)
+        except BadRequest as exc:
+            raise BadRequest(f"setting aet: {exc.message}") from exc
     choices = _CHOICES.get(name)
     if choices is not None and str(value).strip().lower() not in choices:
         named = choices[:_NAMED_CHOICES.get(name, len(choices))]
