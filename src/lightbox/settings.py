@@ -9,6 +9,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from lightbox.dicom.node import Node, as_tables, declared_nodes, require_ae_title
 from lightbox.errors import BadRequest
 
@@ -113,33 +116,46 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
     """A setting's value as its field holds it, from TOML's types or the
     environment's text; BadRequest for one of another kind (a fraction for a
     port, a word that is not yes or no, a list for a path)."""
-    wrong = BadRequest(f"setting {name}: {value!r} is not valid")
+    if isinstance(value, str) and "\x00" in value:
+        raise BadRequest(f"setting {name}: holds a NUL character")
     if kind in (int, "int"):
-        if isinstance(value, bool | float):
-            raise wrong
-        try:
-            return int(value)
-        except ValueError as exc:
-            raise wrong from exc
+        return _integer(name, value)
     if kind in (bool, "bool"):
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text not in _TRUE + _FALSE:
-            raise BadRequest(f"setting {name}: {value!r} is not true or false")
-        return text in _TRUE
+        return _switch(name, value)
     if kind == "tuple[Node, ...]":
         return declared_nodes(_json_tables(name, value) if isinstance(value, str) else value)
     if kind in ("tuple[str, ...]",):
         if isinstance(value, list | tuple):
             return tuple(str(v) for v in value)
         if not isinstance(value, str):
-            raise wrong
+            raise _wrong(name, value)
         return tuple(v.strip() for v in value.split(",") if v.strip())
     if not isinstance(value, str | int | os.PathLike) or isinstance(value, bool):
-        raise wrong  # a table, a list, a date or a fraction where text or a path is due
+        raise _wrong(name, value)  # a table, a list, a date or a fraction for text or a path
     text = str(os.fspath(value)) if isinstance(value, os.PathLike) else str(value)
     return Path(text) if kind in (Path, "Path") else text
+
+
+def _wrong(name: str, value: Any) -> BadRequest:
+    return BadRequest(f"setting {name}: {value!r} is not valid")
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _wrong(name, value)
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise _wrong(name, value) from exc
+
+
+def _switch(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise BadRequest(f"setting {name}: {value!r} is not true or false")
+    return text in _TRUE
 
 
 def _json_tables(name: str, value: str) -> Any:
@@ -207,6 +223,8 @@ _BOUNDS = {
 
 
 def _check(name: str, value: Any) -> None:
+    if name == "database" and value:
+        _check_database(value)
     if name == "aet":
         try:
             require_ae_title(value)
@@ -220,3 +238,15 @@ def _check(name: str, value: Any) -> None:
     if bounds is not None and not bounds[0] <= value <= bounds[1]:
         raise BadRequest(f"setting {name}: {value} is not between {bounds[0]:,} and "
                          f"{bounds[1]:,}")
+
+
+def _check_database(url: str) -> None:
+    """An SQLAlchemy URL of a database Lightbox runs on (SQLite or PostgreSQL)."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError as exc:
+        raise BadRequest(f"setting database: {url!r} is not a database URL "
+                         "(postgresql://user@host/name, or empty for SQLite)") from exc
+    if backend not in ("sqlite", "postgresql"):
+        raise BadRequest(f"setting database: {backend!r} is not supported "
+                         "(postgresql://…, or empty for SQLite in the data folder)")
