@@ -10,6 +10,7 @@ import pytest
 
 from lightbox import settings as settings_module
 from lightbox.cli.main import main
+from tests.conftest import free_port
 
 BAD_VALUES = [
     ("DICOM_ACCEPT_UNKNOWN", "foo",
@@ -94,3 +95,24 @@ def test_a_config_file_that_cannot_be_read_or_used_stops_the_command(
     err = capsys.readouterr().err
     assert err.startswith("lightbox: ") and message in err, err
     assert not data.exists()
+
+
+def test_an_archive_that_cannot_be_opened_is_named_in_the_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_environment: pytest.MonkeyPatch,
+) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    cases = [
+        (["--data", str(a_file)], f"data folder {a_file} is a file, not a folder"),
+        (["--data", str(tmp_path / "d1"), "--database",
+          f"sqlite:///{tmp_path}/missing/index.sqlite"], "cannot be opened"),
+        # Nothing listens on that port; the password is not shown.
+        (["--data", str(tmp_path / "d2"), "--database",
+          f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/lightbox"],
+         "database postgresql://someone:***@127.0.0.1:"),
+    ]
+    for argv, message in cases:
+        assert main(["stats", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lightbox: ") and message in err, err
+        assert "s3cret" not in err and "Traceback" not in err

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from lightbox.errors import BadRequest, Unavailable
 from lightbox.index.db import Database
 from lightbox.services.atna import SyslogSender
 from lightbox.services.audit import Auditor
@@ -28,10 +32,26 @@ class Archive:
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Archive:
-        settings.data.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.database_url)
+        """The archive the settings name; BadRequest when its data folder cannot
+        be made, Unavailable when its database cannot be reached."""
+        try:
+            settings.data.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            raise BadRequest(f"data folder {settings.data} is a file, not a folder") from exc
+        except OSError as exc:
+            raise BadRequest(f"data folder {settings.data}: {exc.strerror or exc}") from exc
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
+        try:
+            db = Database(settings.database_url)
+        except OSError as exc:  # SQLite's folder, for its write lock
+            raise BadRequest(f"database {where}: {exc.strerror or exc}") from exc
         if migrate:
-            db.migrate()
+            try:
+                db.migrate()
+            except OperationalError as exc:
+                db.dispose()
+                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                raise Unavailable(f"database {where} cannot be opened: {reason}") from exc
         return cls(settings=settings, db=db, blobs=FileBlobStore(settings.blob_root))
 
     def close(self) -> None:
