@@ -112,8 +112,8 @@ def check_declared_nodes(archive: Archive) -> None:
 
 def exit_after_uvicorn() -> None:
     """Once uvicorn has shut down on SIGTERM or SIGINT it raises that signal again;
-    let it end this process through its ``finally`` blocks (DIMSE associations
-    finished, the archive closed) with status 0, rather than be killed by it."""
+    let it end this process through its ``finally`` blocks (the SCP stopped, the
+    archive closed) with status 0, rather than be killed by it."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _orderly_exit)
 
