@@ -57,6 +57,9 @@ def test_choices_are_read_whatever_their_case(clean_environment: pytest.MonkeyPa
     clean_environment.setenv("LIGHTBOX_LOG_LEVEL", "Warning")
     loaded = settings_module.load()
     assert (loaded.dicom_accept_unknown, loaded.log_level) == (" ALL ", "Warning")
+    clean_environment.setenv("LIGHTBOX_PUBLIC_URL", "https://[::1]:8443/pacs/")
+    clean_environment.setenv("LIGHTBOX_CORS_ORIGINS", "*, https://viewer.example.org:8443")
+    assert settings_module.load().cors_origins == ("*", "https://viewer.example.org:8443")
     clean_environment.setenv("LIGHTBOX_OVERWRITE", "Off")
     clean_environment.setenv("LIGHTBOX_HTTP_PORT", " 8043 ")
     assert not settings_module.load().overwrite
@@ -75,6 +78,10 @@ def test_choices_are_read_whatever_their_case(clean_environment: pytest.MonkeyPa
     ('aet = "A\\u0000B"\n', "setting aet: holds a NUL character"),
     ('database = " "\n', "setting database: ' ' is not a database URL"),
     ('database = "mysql://db/x"\n', "setting database: 'mysql' is not supported"),
+    ('public_url = "javascript:alert(1)"\n', "setting public_url: 'javascript:alert(1)' is not"),
+    ('public_url = "https://images.example.org/?next=x"\n', "is not an http(s) URL"),
+    ('public_url = "https://user:pw@images.example.org"\n', "is not an http(s) URL"),
+    ('cors_origins = ["https://viewer.example.org/app"]\n', "is not an origin such as"),
     (None, "No such file or directory"),
     ("http_port = \n", "not valid TOML"),
     ("htp_port = 8042\n", "unknown setting 'htp_port'"),

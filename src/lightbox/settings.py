@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -225,6 +226,12 @@ _BOUNDS = {
 def _check(name: str, value: Any) -> None:
     if name == "database" and value:
         _check_database(value)
+    if name == "public_url" and value:
+        _check_url(name, value, path=True)
+    if name == "cors_origins":
+        for origin in value:
+            if origin != "*":
+                _check_url(name, origin, path=False)
     if name == "aet":
         try:
             require_ae_title(value)
@@ -250,3 +257,21 @@ def _check_database(url: str) -> None:
     if backend not in ("sqlite", "postgresql"):
         raise BadRequest(f"setting database: {backend!r} is not supported "
                          "(postgresql://…, or empty for SQLite in the data folder)")
+
+
+def _check_url(name: str, value: str, *, path: bool) -> None:
+    """An http(s) URL of a host: with a path for ``public_url``, as a bare origin
+    (``https://viewer.example.org``) for ``cors_origins``."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise BadRequest(f"setting {name}: {value!r} is not a URL: {exc}") from exc
+    what = "an http(s) URL such as https://images.example.org" if path else (
+        "an origin such as https://viewer.example.org (scheme, host and port only)")
+    bad = (parts.scheme not in ("http", "https") or not parts.hostname
+           or parts.username is not None or parts.query or parts.fragment
+           or (not path and parts.path not in ("", "/"))
+           or any(ch.isspace() or ch in "<>\"'\\" for ch in value))
+    if bad or (port is not None and not 1 <= port <= 65535):
+        raise BadRequest(f"setting {name}: {value!r} is not {what}")
