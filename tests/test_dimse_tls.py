@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from pynetdicom.association import Association
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, scu
 from lightbox.services import nodes
+from tests.conftest import free_port
 from tests.dimse_peers import scp, with_settings
 
 Key = ec.EllipticCurvePrivateKey
@@ -132,3 +136,21 @@ def test_tls_with_client_certificates(archive: Archive, pki: Path) -> None:
         assert again.is_established
         again.release()
         stalled.close()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tls-cert", "server.pem"], "DICOM TLS needs both tls_cert and tls_key"),
+    (["--tls-cert", "missing.pem", "--tls-key", "server.key"], "cannot load TLS certificate"),
+    (["--tls-cert", "server.pem", "--tls-key", "client.key"], "cannot load TLS certificate"),
+])
+def test_serve_refuses_an_unusable_dicom_tls_pair_before_it_starts(
+    tmp_path: Path, pki: Path, flags: list[str], message: str
+) -> None:
+    argv = [sys.executable, "-m", "lightbox", "serve", "--data", str(tmp_path / "data"),
+            "--http-port", str(free_port()), "--dicom-port", str(free_port()),
+            *(str(pki / f) if f.endswith((".pem", ".key")) else f for f in flags)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("lightbox: ") and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "DIMSE process" not in done.stderr

@@ -17,6 +17,7 @@ import uvicorn
 from lightbox import allocator, logs
 from lightbox.archive import Archive
 from lightbox.child import start_child
+from lightbox.dimse import tls as dicom_tls
 from lightbox.dimse.scp import DicomServer, serve_process
 from lightbox.errors import BadRequest
 from lightbox.services import nodes, readahead
@@ -75,6 +76,8 @@ def serve(settings: Settings) -> None:
     """
     logs.configure(settings.log_level)
     tls = https_options(settings)  # before anything starts: a bad pair stops here
+    if settings.dicom_port:
+        dicom_tls.server_context(settings)  # so does a bad DICOM TLS pair, not a child
     allocator.keep_buffers()
     archive = Archive.open(settings)
     check_declared_nodes(archive)
