@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 
@@ -74,6 +75,56 @@ def test_import_reads_zip_archives_without_trusting_member_names(tmp_path: Path)
     result = run(tmp_path / "data", "import", "--quiet", str(archive))
     assert "stored 2" in result.stdout, result.stdout + result.stderr
     assert not (tmp_path / "escape.dcm").exists()
+
+
+def test_import_skips_what_it_cannot_or_must_not_open_and_says_why(tmp_path: Path) -> None:
+    files = study_files(tmp_path / "src", 3)
+    os.mkfifo(tmp_path / "pipe.dcm")  # opening it would wait for a writer forever
+    inner = tmp_path / "inner.zip"
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.write(files[0], "a.dcm")
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        zf.write(files[1], "series/b.dcm")
+        zf.write(inner, "inner.zip")  # a zip in a zip is not opened
+        zf.writestr("readme.txt", "not an image")
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(damaged, "w") as zf:
+        zf.write(files[2], "c.dcm")
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside c.dcm's bytes: its CRC no longer matches
+    damaged.write_bytes(bytes(data))
+    (tmp_path / "cd").mkdir()
+    (tmp_path / "cd" / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + b"\xff" * 40)
+
+    argv = [str(p) for p in (tmp_path / "pipe.dcm", "/dev/zero", outer, damaged,
+                             tmp_path / "cd" / "DICOMDIR")]
+    result = run(tmp_path / "data", "import", "--quiet", *argv)
+    out = result.stdout
+    assert "stored 1, duplicate 0, rejected 0, skipped 6" in out, out + result.stderr
+    assert f"{tmp_path / 'pipe.dcm'}: not a regular file" in out
+    assert "/dev/zero: not a regular file" in out
+    assert f"{outer}:inner.zip: a zip archive inside another" in out
+    assert f"{outer}:readme.txt: not a DICOM file" in out  # named as the user knows it
+    assert f"{damaged}: zip archive cannot be read further: Bad CRC-32" in out
+    assert "DICOMDIR: DICOMDIR refers to no file in its folder" in out
+    assert "Traceback" not in result.stderr
+
+
+def test_a_zip_member_larger_than_an_instance_may_be_is_not_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = study_files(tmp_path / "src", 1, size=8)[0]
+    big = write(ct_dataset(size=64), tmp_path / "big.dcm")
+    assert small.stat().st_size < 4096 < big.stat().st_size
+    archive = tmp_path / "two.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(small, "small.dcm")
+        zf.write(big, "big.dcm")
+    monkeypatch.setenv("LIGHTBOX_MAX_INSTANCE_BYTES", "4096")
+    result = run(tmp_path / "data", "import", "--quiet", str(archive))
+    assert "stored 1, duplicate 0, rejected 0, skipped 1" in result.stdout, result.stdout
+    assert f"{archive}:big.dcm: larger than 4,096 bytes" in result.stdout
 
 
 def test_import_follows_a_dicomdir(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from lightbox.archive import Archive
+from lightbox.errors import BadRequest
 from lightbox.index import audit as index
 from lightbox.services import atna, audit
 
@@ -53,7 +54,12 @@ def commands(open_archive: Opener) -> dict[str, Callable[[argparse.Namespace], i
                 print(f"audit trail broken: {verdict.problem}", file=sys.stderr)
                 return 1
             if args.output:
-                with open(args.output, "w", encoding="utf-8") as out:
+                try:
+                    out = open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+                except OSError as exc:
+                    raise BadRequest(f"cannot write {args.output}: "
+                                     f"{exc.strerror or exc}") from exc
+                with out:
                     count = _export(archive, out, args.format)
                 print(f"exported {count} events to {args.output}", file=sys.stderr)
             else:

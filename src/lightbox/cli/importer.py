@@ -28,6 +28,15 @@ class Summary:
     counts: Counter[str] = field(default_factory=Counter)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Files unpacked from a zip archive, by the name they are reported under.
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, path: Path) -> str:
+        """How the user knows ``path``: ``archive.zip:member`` for an unpacked one."""
+        return self.labels.get(str(path), str(path))
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped.append((self.label(path), reason))
 
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome.status.value] += 1
@@ -56,36 +65,85 @@ def _dicomdir_files(path: Path) -> Iterator[Path]:
                 yield candidate
 
 
-def _unzip(path: Path, into: Path) -> Iterator[Path]:
+def _unzip(path: Path, into: Path, limit: int, summary: Summary) -> Iterator[Path]:
+    """The members of a zip archive as files in ``into``; a member larger than
+    ``limit`` (an instance Lightbox would refuse) is skipped, not written out."""
     with zipfile.ZipFile(path) as archive:
         for i, member in enumerate(archive.infolist()):
             if member.is_dir():
                 continue
+            where = f"{path}:{member.filename}"
+            if member.file_size > limit:
+                summary.skipped.append((where, f"larger than {limit:,} bytes"))
+                continue
             # Members are written under generated names: a name in the zip is never a path.
             target = into / f"{i:08d}.dcm"
+            summary.labels[str(target)] = where
+            written = 0
             with archive.open(member) as src, open(target, "wb") as out:
-                while chunk := src.read(1024 * 1024):
+                while written <= limit and (chunk := src.read(1024 * 1024)):
                     out.write(chunk)
+                    written += len(chunk)
+            if written > limit:  # the member's header understated it
+                target.unlink()
+                summary.skipped.append((where, f"larger than {limit:,} bytes"))
+                continue
             yield target
 
 
-def collect(paths: Iterable[Path], summary: Summary, scratch: ExitStack) -> Iterator[Path]:
-    """Every candidate DICOM file under ``paths``; non-DICOM files go to ``summary``."""
+def collect(paths: Iterable[Path], summary: Summary, scratch: ExitStack, *,
+            limit: int = 1 << 62, nested: bool = False) -> Iterator[Path]:
+    """Every candidate DICOM file under ``paths``; the rest go to ``summary``
+    with the reason. Zip archives and DICOMDIRs are opened one level deep: what
+    they hold is not opened again (a zip that holds itself would never end)."""
     for path in paths:
         if path.is_dir():
             for root, _dirs, files in os.walk(path):
-                yield from collect((Path(root) / f for f in sorted(files)), summary, scratch)
-        elif zipfile.is_zipfile(path):
-            into = Path(scratch.enter_context(tempfile.TemporaryDirectory()))
-            yield from collect(_unzip(path, into), summary, scratch)
+                yield from collect((Path(root) / f for f in sorted(files)), summary, scratch,
+                                   limit=limit, nested=nested)
         elif not path.exists():
-            summary.skipped.append((str(path), "no such file"))
+            summary.skip(path, "no such file")
+        elif not path.is_file():  # a device or a pipe would be read forever, or block
+            summary.skip(path, "not a regular file")
+        elif zipfile.is_zipfile(path):
+            if nested:
+                summary.skip(path, "a zip archive inside another or a DICOMDIR")
+                continue
+            yield from _zip_members(path, summary, scratch, limit)
         elif not _is_part10(path):
-            summary.skipped.append((str(path), "not a DICOM file"))
+            summary.skip(path, "not a DICOM file")
         elif path.name.upper() == "DICOMDIR":
-            yield from collect(_dicomdir_files(path), summary, scratch)
+            if nested:
+                summary.skip(path, "a DICOMDIR inside another or a zip archive")
+                continue
+            yield from collect(_referred(path, summary), summary, scratch, limit=limit,
+                               nested=True)
         else:
             yield path
+
+
+def _referred(path: Path, summary: Summary) -> list[Path]:
+    """The files a DICOMDIR refers to; none, with the reason, when it cannot be read."""
+    try:
+        referred = list(_dicomdir_files(path))
+    except Exception as exc:  # pydicom raises many kinds on a damaged file
+        summary.skip(path, f"DICOMDIR cannot be read: {exc}")
+        return []
+    if not referred:
+        summary.skip(path, "DICOMDIR refers to no file in its folder")
+    return referred
+
+
+def _zip_members(path: Path, summary: Summary, scratch: ExitStack, limit: int) -> Iterator[Path]:
+    into = Path(scratch.enter_context(tempfile.TemporaryDirectory()))
+    try:
+        yield from collect(_unzip(path, into, limit, summary), summary, scratch, limit=limit,
+                           nested=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
+            OSError, ValueError) as exc:
+        # A damaged archive (bad CRC, truncated, unknown compression, encrypted):
+        # what came out before stays; the rest is named here.
+        summary.skip(path, f"zip archive cannot be read further: {exc}")
 
 
 def _batches(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
@@ -110,9 +168,11 @@ def import_paths(
         ThreadPoolExecutor(workers) as pool,
         tqdm(unit="file", disable=not progress, desc="importing") as bar,
     ):
-        files = (p for p in collect(paths, summary, scratch) if _first(p.resolve(), seen))
+        limit = archive.settings.max_instance_bytes
+        files = (p for p in collect(paths, summary, scratch, limit=limit)
+                 if _first(p.resolve(), seen))
         futures = [
-            pool.submit(store_instances, archive, [Offer(p, str(p)) for p in batch])
+            pool.submit(store_instances, archive, [Offer(p, summary.label(p)) for p in batch])
             for batch in _batches(files, BATCH)
         ]
         for future in futures:
