@@ -205,9 +205,14 @@ def load(config_file: Path | None = None, overrides: dict[str, Any] | None = Non
 # Settings with a few allowed values (the first ones are named in messages; the
 # rest are accepted spellings) and numbers with bounds, checked as they are
 # read so that a typo stops the command that read them, not a process later.
+# dicom_accept_unknown's values, and the switch-like spellings taken for two of them.
+ACCEPT_UNKNOWN = {"loopback": "loopback", "all": "all", "none": "none",
+                  "true": "all", "yes": "all", "1": "all", "false": "none", "no": "none",
+                  "0": "none"}
+SMTP_SECURITY = ("starttls", "tls", "none")
 _CHOICES = {
-    "dicom_accept_unknown": ("loopback", "all", "none", "true", "yes", "1", "false", "no", "0"),
-    "smtp_security": ("starttls", "tls", "none"),
+    "dicom_accept_unknown": tuple(ACCEPT_UNKNOWN),
+    "smtp_security": SMTP_SECURITY,
     "log_level": ("debug", "info", "warning", "error", "critical"),
 }
 _NAMED_CHOICES = {"dicom_accept_unknown": 3}

@@ -17,6 +17,7 @@ from lightbox.index import accounts
 from lightbox.services import nodes
 from lightbox.services.auth import Principal, principal_of
 from lightbox.services.nodes import Node
+from lightbox.settings import ACCEPT_UNKNOWN
 
 
 class Service(enum.Enum):
@@ -38,13 +39,10 @@ class AcceptUnknown(enum.Enum):
     NONE = "none"
 
 
-_SYNONYMS = {"true": "all", "yes": "all", "1": "all", "false": "none", "no": "none", "0": "none"}
-
-
 def accept_unknown(value: str) -> AcceptUnknown:
     text = value.strip().lower()
     try:
-        return AcceptUnknown(_SYNONYMS.get(text, text))
+        return AcceptUnknown(ACCEPT_UNKNOWN.get(text, text))
     except ValueError as exc:
         raise BadRequest(
             f"dicom_accept_unknown must be loopback, all or none, got {value!r}"

@@ -30,7 +30,7 @@ from lightbox.index.folders import InvitationRow, Member
 from lightbox.services import access, folders
 from lightbox.services.audit import Caller, Event
 from lightbox.services.auth import EMAIL, Principal, hash_password
-from lightbox.settings import Settings
+from lightbox.settings import SMTP_SECURITY, Settings
 
 log = logging.getLogger("lightbox.invitations")
 
@@ -110,8 +110,8 @@ def send_invitation(settings: Settings, email: str, url: str, inviter: str,
         f"The link works once and expires in {INVITATION_LIFETIME.days} days.\n"
     )
     security = settings.smtp_security.strip().lower()
-    if security not in ("starttls", "tls", "none"):
-        raise BadRequest("smtp_security must be starttls, tls or none")
+    if security not in SMTP_SECURITY:
+        raise BadRequest(f"smtp_security must be {', '.join(SMTP_SECURITY)}")
     context = ssl.create_default_context()
     smtp: smtplib.SMTP
     if security == "tls":
