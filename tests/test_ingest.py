@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import shutil
@@ -25,7 +26,7 @@ from lightbox.archive import Archive
 from lightbox.index import instances as index
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import ingest, retrieve
-from lightbox.services.ingest import Offer, Outcome, Status, store_instances
+from lightbox.services.ingest import FailureReason, Offer, Outcome, Status, store_instances
 from tests.factories import ROOT, ct_dataset, to_bytes, write
 
 
@@ -676,10 +677,11 @@ def _unsynced(archive: Archive, ds: pydicom.Dataset) -> Offer:
 def test_index_work_overlaps_the_fsync_and_commits_after_it(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The index transaction does its work while the blob is fsynced, and
-    commits only once the blob is durable: readers do not see the instance
-    before that."""
-    ds = ct_dataset()
+    """In a batch, the index transaction does its work while the blobs are
+    fsynced, and commits only once they are durable: readers do not see the
+    instances before that."""
+    batch = [ct_dataset(), ct_dataset()]
+    ds = batch[0]
     events: list[str] = []
     real_fsync, real_insert = ingest.fsync_file, index.insert_instances
 
@@ -702,9 +704,63 @@ def test_index_work_overlaps_the_fsync_and_commits_after_it(
 
     monkeypatch.setattr(ingest, "fsync_file", slow_fsync)
     monkeypatch.setattr(index, "insert_instances", recording_insert)
-    assert single(store_instances(archive, [_unsynced(archive, ds)])).status is Status.STORED
-    assert events == ["index work", "fsync, not indexed yet"]
+    outcomes = store_instances(archive, [_unsynced(archive, d) for d in batch])
+    assert [o.status for o in outcomes] == [Status.STORED, Status.STORED]
+    assert events == ["index work", "fsync, not indexed yet", "fsync, not indexed yet"]
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
+
+
+def test_one_file_is_fsynced_while_its_header_is_read_and_indexed_after(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of one unsynced file (a C-STORE): its header is read on another
+    thread while the calling thread fsyncs the blob, and the index sees the
+    instance only once the blob is durable."""
+    ds = ct_dataset()
+    events: list[str] = []
+    real_fsync, real_read = ingest.fsync_file, ingest.read_instance
+    caller = threading.get_ident()
+    header_read = threading.Event()
+
+    def slow_fsync(path: Path) -> None:
+        # Returns only once the header was read elsewhere meanwhile (or after
+        # the timeout, which the events below would then show).
+        events.append("fsync in the caller" if threading.get_ident() == caller else "fsync")
+        header_read.wait(30)
+        real_fsync(path)
+        with archive.db.read() as conn:
+            seen = conn.execute(select(instances.c.pk)).first()
+        events.append("fsynced, indexed" if seen else "fsynced, not indexed yet")
+
+    def recording_read(path: Path, size: int | None = None) -> Any:
+        where = "header read aside" if threading.get_ident() != caller else "header read"
+        record = real_read(path, size)
+        events.append(where)
+        header_read.set()
+        return record
+
+    monkeypatch.setattr(ingest, "fsync_file", slow_fsync)
+    monkeypatch.setattr(ingest, "read_instance", recording_read)
+    assert single(store_instances(archive, [_unsynced(archive, ds)])).status is Status.STORED
+    assert events == ["fsync in the caller", "header read aside", "fsynced, not indexed yet"]
+    assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
+
+
+def test_one_file_whose_fsync_fails_is_refused_and_leaves_nothing(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = ct_dataset()
+
+    def failing_fsync(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ingest, "fsync_file", failing_fsync)
+    outcome = single(store_instances(archive, [_unsynced(archive, ds)]))
+    assert (outcome.status, outcome.reason) == (Status.REJECTED, "storage is not writable")
+    assert outcome.failure is FailureReason.OUT_OF_RESOURCES
+    with archive.db.read() as conn:
+        assert conn.execute(select(instances.c.pk)).first() is None
+    assert blob_files(archive) == {} and staging_files(archive) == []
 
 
 def _assert_refused_alone(archive: Archive, outcomes: list[Outcome], kept: pydicom.Dataset) -> None:

@@ -23,7 +23,7 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,10 @@ def prepare(
     offers = [offer if offer.header_if_read() is not None else _with_preamble(archive, offer)
               for offer in offers]
     adopted = [_adopt(archive, offer) for offer in offers]
+    if len(offers) == 1 and not offers[0].synced:
+        path, key = adopted[0]
+        if key is not None:
+            return [_prepare_alone(archive, offers[0], path, key, expected_study)]
     # Staged files whose bytes are synced need only their new names made
     # durable: one directory sync for all of them, on the pool too, while
     # this thread checks the headers and the index transaction does its work.
@@ -191,6 +195,44 @@ def prepare(
         for offer, (path, key), blob in reversed(list(zip(offers, adopted, durable, strict=True)))
     ]
     return checked[::-1]
+
+
+def _prepare_alone(archive: Archive, offer: Offer, path: Path, key: str,
+                   expected_study: str | None) -> Prepared:
+    """A batch of one file whose bytes are not synced yet (a C-STORE, say), now
+    the blob ``key``: the other way round from a batch. Its header is read on
+    the pool while this thread makes the blob durable, since an fsync lets go
+    of the interpreter lock for its whole wait and the header read starts at
+    once. Handed to the pool, the fsync would start only when this thread's
+    parsing let go of the lock, most of a millisecond later; the index
+    transaction would then wait for it."""
+    header = offer.header_if_read()
+    reading = _pool.submit(_read_aside, path) if header is None else None
+    durable: Future[str] = Future()
+    try:
+        fsync_file(path)
+        archive.blobs.sync([key])
+        durable.set_result(key)
+    except OSError as exc:
+        durable.set_exception(exc)
+    if reading is not None:
+        header = reading.result()
+    prepared = _prepared(archive, replace(offer, header=header), path, key, durable,
+                         expected_study)
+    if durable.exception() is not None:
+        archive.blobs.delete(key)  # only now: the header was being read from it
+    return prepared
+
+
+def _read_aside(path: Path) -> Header:
+    """The header of ``path`` as ``Offer.header`` holds it (None: ingest reads
+    it again, and says why it cannot)."""
+    try:
+        return read_instance(path)
+    except InvalidInstance as exc:
+        return exc
+    except OSError:
+        return None
 
 
 def _sync_names(archive: Archive, keys: list[str]) -> set[str]:
