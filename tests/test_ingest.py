@@ -746,6 +746,23 @@ def test_one_file_is_fsynced_while_its_header_is_read_and_indexed_after(
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
 
 
+def test_one_file_whose_header_read_breaks_leaves_nothing(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error nobody expected while the header is read aside reaches the
+    caller (a C-STORE answers 0x0110), and the blob made durable meanwhile
+    is removed."""
+    def broken_read(path: Path, size: int | None = None) -> Any:
+        raise RuntimeError("a bug in the header reader")
+
+    monkeypatch.setattr(ingest, "read_instance", broken_read)
+    with pytest.raises(RuntimeError, match="a bug in the header reader"):
+        store_instances(archive, [_unsynced(archive, ct_dataset())])
+    with archive.db.read() as conn:
+        assert conn.execute(select(instances.c.pk)).first() is None
+    assert blob_files(archive) == {} and staging_files(archive) == []
+
+
 def test_one_file_whose_fsync_fails_is_refused_and_leaves_nothing(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -215,10 +215,14 @@ def _prepare_alone(archive: Archive, offer: Offer, path: Path, key: str,
         durable.set_result(key)
     except OSError as exc:
         durable.set_exception(exc)
-    if reading is not None:
-        header = reading.result()
-    prepared = _prepared(archive, replace(offer, header=header), path, key, durable,
-                         expected_study)
+    try:
+        if reading is not None:
+            header = reading.result()
+        prepared = _prepared(archive, replace(offer, header=header), path, key, durable,
+                             expected_study)
+    except BaseException:
+        archive.blobs.delete(key)  # a failure the caller reports: nothing is left stored
+        raise
     if durable.exception() is not None:
         archive.blobs.delete(key)  # only now: the header was being read from it
     return prepared
