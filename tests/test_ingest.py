@@ -763,6 +763,25 @@ def test_one_file_whose_header_read_breaks_leaves_nothing(
     assert blob_files(archive) == {} and staging_files(archive) == []
 
 
+def test_a_batch_whose_header_read_breaks_leaves_nothing(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_read, calls = ingest.read_instance, []
+
+    def breaks_second(path: Path, size: int | None = None) -> Any:
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the header reader")
+        return real_read(path, size)
+
+    monkeypatch.setattr(ingest, "read_instance", breaks_second)
+    with pytest.raises(RuntimeError, match="a bug in the header reader"):
+        store_instances(archive, [_unsynced(archive, ct_dataset()) for _ in range(3)])
+    with archive.db.read() as conn:
+        assert conn.execute(select(instances.c.pk)).first() is None
+    assert blob_files(archive) == {} and staging_files(archive) == []
+
+
 def test_one_file_whose_fsync_fails_is_refused_and_leaves_nothing(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:

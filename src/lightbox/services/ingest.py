@@ -13,6 +13,7 @@ next one: one commit, one fsync, for all of them ("group commit").
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -190,10 +191,18 @@ def prepare(
     ]
     # Last first: headers still being read ahead come in order, so while this
     # thread reads the last ones itself, the helper finishes the earlier ones.
-    checked = [
-        _prepared(archive, offer, path, key, blob, expected_study)
-        for offer, (path, key), blob in reversed(list(zip(offers, adopted, durable, strict=True)))
-    ]
+    try:
+        checked = [
+            _prepared(archive, offer, path, key, blob, expected_study)
+            for offer, (path, key), blob in reversed(list(zip(offers, adopted, durable,
+                                                                strict=True)))
+        ]
+    except BaseException:
+        # A failure the caller reports (nothing else raises here): no blob stays.
+        for made in durable:
+            with contextlib.suppress(Exception):
+                archive.blobs.delete(made.result())
+        raise
     return checked[::-1]
 
 
