@@ -25,7 +25,7 @@ from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
-from lightbox.dimse import contexts
+from lightbox.dimse import contexts, store
 from lightbox.dimse.scp import DicomServer
 from lightbox.dimse.status import Store
 from lightbox.index.schema import instances
@@ -33,6 +33,7 @@ from lightbox.services import nodes
 from tests.conftest import serving
 from tests.dimse_peers import association_request, dcmtk, make_corpus, read_pdu, scp, with_settings
 from tests.factories import ROOT, ct_dataset, video_dataset, write
+from tests.test_ingest import blob_files
 
 ALL_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 # Real-world files in many transfer syntaxes, with the storescu option that proposes
@@ -224,6 +225,29 @@ def test_store_failures_name_the_reason_and_store_nothing(
     assert unreadable.ErrorComment
     assert _count(archive) == 0
     assert _staging_is_empty(archive)
+    assert blob_files(archive) == {}
+
+
+def test_a_failure_between_the_blob_and_the_index_leaves_no_blob(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something nobody expected after the blob is durable and before it is
+    indexed: the peer hears 0x0110, and the blob is removed."""
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug between the blob and the index")
+
+    monkeypatch.setattr(store, "_check_identity", broken)
+    contexts.configure_pynetdicom()
+    with scp(archive) as server:
+        assoc = _associate(server, CTImageStorage)
+        try:
+            status = assoc.send_c_store(_file(tmp_path / "c.dcm", ct_dataset()))
+        finally:
+            assoc.release()
+    assert status.Status == Store.PROCESSING_FAILURE
+    assert _count(archive) == 0
+    assert _staging_is_empty(archive)
+    assert blob_files(archive) == {}
 
 
 def test_unknown_sop_class_is_refused_at_negotiation(archive: Archive) -> None:

@@ -61,6 +61,7 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str,
         log.info("C-STORE from %s refused: %s", source, refused)
         return status_dataset(Store.CANNOT_UNDERSTAND, refused), None
     staged: Path | None = None
+    prepared: list[Prepared] = []  # blobs made, to remove if it fails before the commit
     try:
         staged = _staged(archive, event, calling_ae)
         offer = Offer(staged, source, staged=True, synced=False)
@@ -69,13 +70,13 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str,
         _check_identity(prepared[0], request)
         if principal is not None:
             prepared = folders.screen_uploads(archive, principal, prepared)
-        outcome = commit(archive, prepared)[0]
+        committing, prepared = prepared, []
+        outcome = commit(archive, committing)[0]
         if principal is not None and outcome.status is not Status.REJECTED:
             folders.file_uploads(archive, principal, [outcome.study_instance_uid or ""])
         elif principal is not None and outcome.study_instance_uid:
             folders.file_uploads(archive, principal, [], offered=[outcome.study_instance_uid])
     except _Mismatch as exc:
-        discard(prepared)
         return status_dataset(Store.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
     except OSError as exc:
         log.error("C-STORE of %s from %s: cannot stage: %s", sop_instance, source, exc)
@@ -86,6 +87,7 @@ def receive(archive: Archive, event: Event, *, calling_ae: str, source: str,
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)
+        discard(prepared)  # what was not handed to the commit
     return _status(outcome), outcome
 
 
