@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     stats = sub.add_parser("stats", help="counts and sizes")
     _common(stats)
+    check = sub.add_parser(
+        "check", help="compare the index with the stored files; exit 1 if an instance's "
+        "file is missing or damaged")
+    _common(check)
+    check.add_argument("--remove-orphans", action="store_true",
+                       help="remove stored files no instance refers to, written over an hour ago")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     from lightbox.cli import audit, dimse, folders, share
 
     folders.add_parsers(sub, _common)
@@ -243,8 +250,44 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lightbox.services import integrity
+
+    archive = _open(args)
+    with tqdm(unit=" entries", disable=args.quiet or not sys.stderr.isatty(),
+              desc="checking") as bar:
+        report = integrity.check(archive, remove_orphans=args.remove_orphans,
+                                 progress=bar.update)
+    print(f"{_n(report.instances, 'instance')}, {_n(report.blobs, 'stored file')}")
+    for damaged in report.damaged:
+        found = "missing" if damaged.on_disk is None else f"{damaged.on_disk} bytes"
+        print(f"damaged: instance {damaged.sop_instance_uid}: file {damaged.key} "
+              f"{found}, indexed as {damaged.indexed} bytes")
+    if report.orphans:
+        print(f"orphans: {_n(report.orphans, 'stored file')} ({report.orphan_bytes} bytes) "
+              "that no instance refers to")
+    if report.young:
+        print(f"{_n(report.young, 'newer file')} that no instance refers to yet: not judged "
+              "(written within the hour)")
+    if report.removed:
+        _audit(archive, "orphans_removed", {"files": report.removed,
+                                            "bytes": report.removed_bytes})
+        print(f"removed {_n(report.removed, 'orphan')} ({report.removed_bytes} bytes)")
+    elif report.orphans:
+        print("remove them with: lightbox check --remove-orphans")
+    print("ok" if report.ok else _n(len(report.damaged), "damaged instance"))
+    return 0 if report.ok else 1
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 COMMANDS: dict[str, Any] = {
     "serve": cmd_serve,
+    "check": cmd_check,
     "demo": cmd_demo,
     "import": cmd_import,
     "user": cmd_user,

@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -31,7 +31,11 @@ def new_key() -> str:
 
 
 def _is_key(key: str) -> bool:
-    return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+    return len(key) == 32 and _is_hex(key)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 class BlobStore(Protocol):
@@ -67,6 +71,10 @@ class BlobStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove a blob; a missing blob is not an error."""
+        ...
+
+    def listing(self) -> Iterator[tuple[str, int, float]]:
+        """Every blob, in key order: its key, size and modification time."""
         ...
 
 
@@ -174,6 +182,26 @@ class FileBlobStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
+
+    def listing(self) -> Iterator[tuple[str, int, float]]:
+        # Keys sort by their folder first (the folder is the key's first six
+        # digits), so one folder at a time is enough to keep in memory.
+        # Anything else in the tree (other names, links, folders) is not a blob.
+        with os.scandir(self.root) as top:
+            folders = sorted(e.name for e in top if len(e.name) == 6 and _is_hex(e.name)
+                             and e.is_dir(follow_symlinks=False))
+        for folder in folders:
+            found = []
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.root / folder) as it:
+                for entry in it:
+                    if not (_is_key(entry.name) and entry.name.startswith(folder)
+                            and entry.is_file(follow_symlinks=False)):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((entry.name, st.st_size, st.st_mtime))
+            found.sort()
+            yield from found
 
     def close(self) -> None:
         """Remove the spare files this process made ahead (see ``SpareFiles``)."""

@@ -28,7 +28,7 @@ ACTIONS = (
     "login", "logout", "query", "view", "frames", "retrieve", "download", "export",
     "upload", "import", "delete", "access_denied", "share_create", "share_open",
     "share_unlock", "share_download", "share_revoke", "user_add", "user_disable",
-    "user_enable", "token_create", "token_revoke", "audit_export",
+    "user_enable", "token_create", "token_revoke", "audit_export", "orphans_removed",
 )
 EXPORTS = {
     "json": ("application/x-ndjson", "jsonl"),

@@ -1,0 +1,164 @@
+"""Does the blob store hold what the index says, and nothing else?
+
+``lightbox check`` walks the index and the blob store side by side, both in
+key order, so that its memory stays flat whatever their size:
+
+- an instance whose blob is missing, or of another size than indexed, is a
+  problem (its bytes are lost or damaged; the command exits 1);
+- a blob that no instance refers to is an orphan. Orphans are what an
+  interruption leaves between a blob and its index row: a power cut after a
+  blob's fsync and before its index commit, or after a deletion's commit and
+  before its blobs are removed. Nobody can retrieve them; they only take
+  space. Those older than ``ORPHAN_AGE`` may be removed: a younger one may
+  belong to an ingest still under way, or to one indexed after the walk of
+  the index began.
+
+Everything found is checked again before it is reported or removed, since
+the archive may be storing and deleting meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from lightbox.archive import Archive
+from lightbox.index.schema import instances
+
+ORPHAN_AGE = 3600.0  # seconds since a blob was written before it may be judged an orphan
+_BATCH = 500  # keys per look-up when checking findings again
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """An indexed instance whose blob is missing (``on_disk`` None) or of another size."""
+
+    sop_instance_uid: str
+    key: str
+    indexed: int
+    on_disk: int | None
+
+
+@dataclass
+class Report:
+    instances: int = 0
+    blobs: int = 0
+    damaged: list[Damaged] = field(default_factory=list)
+    orphans: int = 0  # old enough to judge
+    orphan_bytes: int = 0
+    young: int = 0  # unreferenced, but too recent to judge
+    removed: int = 0
+    removed_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+Progress = Callable[[int], object]
+"""Told how many more blobs and rows have been compared."""
+
+
+def check(archive: Archive, *, remove_orphans: bool = False, orphan_age: float = ORPHAN_AGE,
+          progress: Progress | None = None) -> Report:
+    """Compare the index with the blob store; remove old orphans on request."""
+    report = Report()
+    suspects: list[Damaged] = []
+    orphans: list[tuple[str, int]] = []
+    started = time.time()
+    with archive.db.read() as conn:
+        query = select(instances.c.blob_key, instances.c.size, instances.c.sop_instance_uid)
+        # Byte order on both databases, as the store lists its keys.
+        order = instances.c.blob_key.collate("C") if not archive.db.is_sqlite else (
+            instances.c.blob_key)
+        rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
+            query.order_by(order))
+        indexed = ((str(k), int(n), str(uid)) for k, n, uid in rows)
+        for row, blob in _merge(indexed, archive.blobs.listing()):
+            if progress is not None:
+                progress(1)
+            if row is not None:
+                report.instances += 1
+                key, size, uid = row
+                if blob is None or blob[1] != size:
+                    suspects.append(Damaged(uid, key, size, None if blob is None else blob[1]))
+            if blob is not None:
+                report.blobs += 1
+                if row is None:
+                    key, size, mtime = blob
+                    if started - mtime < orphan_age:
+                        report.young += 1
+                    else:
+                        orphans.append((key, size))
+    report.damaged = _still_damaged(archive, suspects)
+    for key, size in _still_unreferenced(archive, orphans):
+        report.orphans += 1
+        report.orphan_bytes += size
+        if remove_orphans:
+            archive.blobs.delete(key)
+            report.removed += 1
+            report.removed_bytes += size
+    return report
+
+
+Row = tuple[str, int, str]
+Blob = tuple[str, int, float]
+
+
+def _merge(rows: Iterable[Row], blobs: Iterable[Blob]) -> Iterator[tuple[Row | None, Blob | None]]:
+    """Pairs of an index row and the blob of the same key, either None when
+    the other side has no such key; both inputs in key order."""
+    row_iter, blob_iter = iter(rows), iter(blobs)
+    row, blob = next(row_iter, None), next(blob_iter, None)
+    while row is not None or blob is not None:
+        if blob is None or (row is not None and row[0] < blob[0]):
+            yield row, None
+            row = next(row_iter, None)
+        elif row is None or blob[0] < row[0]:
+            yield None, blob
+            blob = next(blob_iter, None)
+        else:
+            yield row, blob
+            # Two rows may share a blob (never made so, but a copy of the index could).
+            row = next(row_iter, None)
+            if row is None or row[0] != blob[0]:
+                blob = next(blob_iter, None)
+
+
+def _still_damaged(archive: Archive, suspects: Sequence[Damaged]) -> list[Damaged]:
+    """The suspects still indexed under the same key whose blob is still wrong
+    (a deletion may have removed both meanwhile)."""
+    indexed = _referenced(archive, [s.key for s in suspects])
+    found = []
+    for suspect in suspects:
+        if suspect.key not in indexed:
+            continue
+        try:
+            size: int | None = os.stat(archive.blobs.path(suspect.key)).st_size
+        except FileNotFoundError:
+            size = None
+        if size != suspect.indexed:
+            found.append(Damaged(suspect.sop_instance_uid, suspect.key, suspect.indexed, size))
+    return found
+
+
+def _still_unreferenced(
+    archive: Archive, blobs: Sequence[tuple[str, int]]
+) -> list[tuple[str, int]]:
+    referenced = _referenced(archive, [key for key, _ in blobs])
+    return [(key, size) for key, size in blobs if key not in referenced]
+
+
+def _referenced(archive: Archive, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` some instance row refers to now."""
+    found: set[str] = set()
+    with archive.db.read() as conn:
+        for start in range(0, len(keys), _BATCH):
+            batch = keys[start:start + _BATCH]
+            found.update(conn.execute(
+                select(instances.c.blob_key).where(instances.c.blob_key.in_(batch))).scalars())
+    return found
