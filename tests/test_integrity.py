@@ -36,18 +36,19 @@ def _store(archive: Archive, count: int) -> dict[str, str]:
         return {str(uid): str(key) for uid, key in rows}
 
 
-def _age(path: Path, seconds: float) -> None:
-    then = time.time() - seconds
-    os.utime(path, (then, then))
-
-
-def _orphan(archive: Archive, key: str, data: bytes, age: float) -> Path:
-    """A file at blob key ``key`` that no instance refers to, written ``age`` seconds ago."""
+def _orphan(archive: Archive, key: str, data: bytes) -> Path:
+    """A file at blob key ``key`` that no instance refers to."""
     path = archive.blobs.path(key)
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
-    _age(path, age)
     return path
+
+
+AGE = 0.5  # seconds: a blob's age counts from its ctime, which a test cannot set back
+
+
+def _aged() -> None:
+    time.sleep(AGE + 0.2)
 
 
 def test_a_sound_archive_checks_out(archive: Archive) -> None:
@@ -78,31 +79,48 @@ def test_old_orphans_are_counted_and_removed_on_request_young_ones_and_strangers
 ) -> None:
     keys = _store(archive, 2)
     prefix = next(iter(keys.values()))[:6]
-    old = _orphan(archive, prefix + "f" * 26, b"old", 2 * HOUR)
-    older = _orphan(archive, "000000" + "a" * 26, b"older", 30 * HOUR)  # a folder of its own
-    young = _orphan(archive, prefix + "e" * 26, b"young", 60)
+    old = _orphan(archive, prefix + "f" * 26, b"old")
+    older = _orphan(archive, "000000" + "a" * 26, b"older")  # a folder of its own
     # Not blobs: other names, a link named like a key, a folder named like one.
     strangers = [archive.blobs.root / prefix / "notes.txt", archive.blobs.root / "README"]
     for path in strangers:
         path.write_text("not a blob")
-        _age(path, 2 * HOUR)
     link = archive.blobs.root / prefix / (prefix + "d" * 26)
     link.symlink_to(archive.blobs.path(next(iter(keys.values()))))
     (archive.blobs.root / "abcdef").mkdir()
     (archive.blobs.root / "abcdef" / ("abcdef" + "c" * 26)).mkdir()
+    _aged()
+    young = _orphan(archive, prefix + "e" * 26, b"young")
 
-    looked = integrity.check(archive)
+    looked = integrity.check(archive, orphan_age=AGE)
     assert looked.ok and (looked.instances, looked.blobs) == (2, 5)
     assert (looked.orphans, looked.orphan_bytes, looked.young) == (2, len(b"old") + 5, 1)
     assert looked.removed == 0 and old.exists() and older.exists()
+    assert integrity.check(archive).orphans == 0  # an hour, by default
 
-    removed = integrity.check(archive, remove_orphans=True)
+    removed = integrity.check(archive, remove_orphans=True, orphan_age=AGE)
     assert (removed.removed, removed.removed_bytes) == (2, len(b"old") + 5)
     assert not old.exists() and not older.exists()
     assert young.exists() and link.is_symlink() and all(p.exists() for p in strangers)
     assert all(archive.blobs.path(k).exists() for k in keys.values())
-    again = integrity.check(archive)
+    again = integrity.check(archive, orphan_age=60)
     assert again.ok and (again.orphans, again.young, again.blobs) == (0, 1, 3)
+
+
+def test_an_old_file_that_just_became_a_blob_is_not_an_orphan(archive: Archive) -> None:
+    """The parts of a long upload are written well before they are renamed
+    into the store: age counts from the rename."""
+    keys = _store(archive, 1)
+    written = archive.blobs.staging_dir() / "long-upload-part"
+    written.write_bytes(b"part")
+    then = time.time() - 2 * HOUR
+    os.utime(written, (then, then))
+    _aged()
+    path = archive.blobs.path(next(iter(keys.values()))[:6] + "b" * 26)
+    written.rename(path)
+    report = integrity.check(archive, remove_orphans=True, orphan_age=AGE)
+    assert (report.orphans, report.young, report.removed) == (0, 1, 0)
+    assert path.exists()
 
 
 def test_what_changes_during_the_walk_is_not_reported(
@@ -143,14 +161,21 @@ def test_the_command_exits_1_on_damage_and_removes_orphans(archive: Archive) -> 
     assert sound.returncode == 0, sound.stderr
     assert sound.stdout.splitlines() == ["2 instances, 2 stored files", "ok"]
 
-    orphan = _orphan(archive, next(iter(keys.values()))[:6] + "f" * 26, b"x" * 10, 2 * HOUR)
-    found = run()
+    orphan = _orphan(archive, next(iter(keys.values()))[:6] + "f" * 26, b"x" * 10)
+    fresh = run()
+    assert fresh.returncode == 0
+    assert ("1 newer file that no instance refers to yet: not judged (stored within 1h)"
+            in fresh.stdout)
+    _aged()
+    found = run("--older-than", f"{AGE}s")
     assert found.returncode == 0
     assert "orphans: 1 stored file (10 bytes) that no instance refers to" in found.stdout
     assert "lightbox check --remove-orphans" in found.stdout
-    removed = run("--remove-orphans")
+    removed = run("--remove-orphans", "--older-than", f"{AGE}s")
     assert removed.returncode == 0 and "removed 1 orphan (10 bytes)" in removed.stdout
     assert not orphan.exists()
+    bad = run("--older-than", "soon")
+    assert bad.returncode != 0 and "not a duration" in bad.stderr
 
     uid, key = next(iter(keys.items()))
     archive.blobs.path(key).unlink()

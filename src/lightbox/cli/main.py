@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "file is missing or damaged")
     _common(check)
     check.add_argument("--remove-orphans", action="store_true",
-                       help="remove stored files no instance refers to, written over an hour ago")
+                       help="remove stored files no instance refers to (see --older-than)")
+    check.add_argument("--older-than", default="1h", metavar="AGE",
+                       help="judge only files stored longer ago than AGE (default 1h; "
+                       "shorter only while nothing is being stored)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     from lightbox.cli import audit, dimse, folders, share
 
@@ -255,11 +258,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from lightbox.services import integrity
 
+    age = auth.parse_duration(args.older_than).total_seconds()
     archive = _open(args)
     with tqdm(unit=" entries", disable=args.quiet or not sys.stderr.isatty(),
               desc="checking") as bar:
         report = integrity.check(archive, remove_orphans=args.remove_orphans,
-                                 progress=bar.update)
+                                 orphan_age=age, progress=bar.update)
     print(f"{_n(report.instances, 'instance')}, {_n(report.blobs, 'stored file')}")
     for damaged in report.damaged:
         found = "missing" if damaged.on_disk is None else f"{damaged.on_disk} bytes"
@@ -270,7 +274,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               "that no instance refers to")
     if report.young:
         print(f"{_n(report.young, 'newer file')} that no instance refers to yet: not judged "
-              "(written within the hour)")
+              f"(stored within {args.older_than})")
     if report.removed:
         _audit(archive, "orphans_removed", {"files": report.removed,
                                             "bytes": report.removed_bytes})

@@ -11,7 +11,9 @@ key order, so that its memory stays flat whatever their size:
   before its blobs are removed. Nobody can retrieve them; they only take
   space. Those older than ``ORPHAN_AGE`` may be removed: a younger one may
   belong to an ingest still under way, or to one indexed after the walk of
-  the index began.
+  the index began. A blob's age counts from its rename into the store (its
+  ctime), not from when its bytes were written: the parts of a long upload
+  are written long before they become blobs and are indexed.
 
 Everything found is checked again before it is reported or removed, since
 the archive may be storing and deleting meanwhile.
@@ -89,8 +91,8 @@ def check(archive: Archive, *, remove_orphans: bool = False, orphan_age: float =
             if blob is not None:
                 report.blobs += 1
                 if row is None:
-                    key, size, mtime = blob
-                    if started - mtime < orphan_age:
+                    key, size, since = blob
+                    if started - since < orphan_age:
                         report.young += 1
                     else:
                         orphans.append((key, size))
@@ -132,10 +134,16 @@ def _merge(rows: Iterable[Row], blobs: Iterable[Blob]) -> Iterator[tuple[Row | N
 def _still_damaged(archive: Archive, suspects: Sequence[Damaged]) -> list[Damaged]:
     """The suspects still indexed under the same key whose blob is still wrong
     (a deletion may have removed both meanwhile)."""
-    indexed = _referenced(archive, [s.key for s in suspects])
+    indexed: set[tuple[str, str]] = set()
+    with archive.db.read() as conn:
+        for start in range(0, len(suspects), _BATCH):
+            uids = [s.sop_instance_uid for s in suspects[start:start + _BATCH]]
+            indexed.update((str(uid), str(key)) for uid, key in conn.execute(
+                select(instances.c.sop_instance_uid, instances.c.blob_key)
+                .where(instances.c.sop_instance_uid.in_(uids))))
     found = []
     for suspect in suspects:
-        if suspect.key not in indexed:
+        if (suspect.sop_instance_uid, suspect.key) not in indexed:
             continue
         try:
             size: int | None = os.stat(archive.blobs.path(suspect.key)).st_size
@@ -149,16 +157,12 @@ def _still_damaged(archive: Archive, suspects: Sequence[Damaged]) -> list[Damage
 def _still_unreferenced(
     archive: Archive, blobs: Sequence[tuple[str, int]]
 ) -> list[tuple[str, int]]:
-    referenced = _referenced(archive, [key for key, _ in blobs])
-    return [(key, size) for key, size in blobs if key not in referenced]
-
-
-def _referenced(archive: Archive, keys: Sequence[str]) -> set[str]:
-    """Which of ``keys`` some instance row refers to now."""
-    found: set[str] = set()
+    """The blobs that no instance row refers to now (a look-up by key reads the
+    whole table, the key having no index of its own: orphans are few)."""
+    referenced: set[str] = set()
     with archive.db.read() as conn:
-        for start in range(0, len(keys), _BATCH):
-            batch = keys[start:start + _BATCH]
-            found.update(conn.execute(
-                select(instances.c.blob_key).where(instances.c.blob_key.in_(batch))).scalars())
-    return found
+        for start in range(0, len(blobs), _BATCH):
+            keys = [key for key, _ in blobs[start:start + _BATCH]]
+            referenced.update(str(k) for k in conn.execute(
+                select(instances.c.blob_key).where(instances.c.blob_key.in_(keys))).scalars())
+    return [(key, size) for key, size in blobs if key not in referenced]

@@ -74,7 +74,8 @@ class BlobStore(Protocol):
         ...
 
     def listing(self) -> Iterator[tuple[str, int, float]]:
-        """Every blob, in key order: its key, size and modification time."""
+        """Every blob, in key order: its key, size, and when it became a blob
+        (or last changed: a file's ctime, which its rename into place sets)."""
         ...
 
 
@@ -199,7 +200,7 @@ class FileBlobStore:
                         continue
                     with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
                         st = entry.stat(follow_symlinks=False)
-                        found.append((entry.name, st.st_size, st.st_mtime))
+                        found.append((entry.name, st.st_size, st.st_ctime))
             found.sort()
             yield from found
 
