@@ -637,6 +637,27 @@ def test_unreadable_offers_are_rejected_alone(archive: Archive, tmp_path: Path) 
     assert list(blob_files(archive).values()) == [to_bytes(good)]
 
 
+def test_a_pixel_description_with_a_mangled_vr_is_refused_with_the_reason(
+    archive: Archive,
+) -> None:
+    """BitsAllocated whose VR bytes are not a VR (a bit flipped on the way):
+    refused as unreadable, alone or in a batch, not an internal error."""
+    good = ct_dataset()
+    encoded = to_bytes(ct_dataset())
+    element = b"\x28\x00\x00\x01US"  # (0028,0100) BitsAllocated, explicit VR
+    assert encoded.count(element) == 1
+    mangled = encoded.replace(element, b"\x28\x00\x00\x01U\x97")
+    alone = single(store_instances(archive, [_unsynced_bytes(archive, mangled)]))
+    batch = store_instances(archive, [staged(archive, mangled), staged(archive, to_bytes(good))])
+    for outcome in (alone, batch[0]):
+        assert outcome.status is Status.REJECTED
+        assert outcome.failure is FailureReason.CANNOT_UNDERSTAND
+        assert outcome.reason is not None and "unreadable DICOM value" in outcome.reason
+    assert batch[1].status is Status.STORED
+    assert list(blob_files(archive).values()) == [to_bytes(good)]
+    assert staging_files(archive) == []
+
+
 def test_many_tiny_frames_cost_a_constant_layout(archive: Archive) -> None:
     """A million 1-byte frames (a 1 MB upload) must not become a million index
     entries: native frames are recorded as offset, size and count."""
@@ -671,7 +692,11 @@ def test_layout_encoding_round_trips() -> None:
 
 def _unsynced(archive: Archive, ds: pydicom.Dataset) -> Offer:
     """A staged offer whose bytes ingest must still fsync (as C-STORE hands them over)."""
-    return dataclasses.replace(staged(archive, to_bytes(ds)), synced=False)
+    return _unsynced_bytes(archive, to_bytes(ds))
+
+
+def _unsynced_bytes(archive: Archive, data: bytes) -> Offer:
+    return dataclasses.replace(staged(archive, data), synced=False)
 
 
 def test_index_work_overlaps_the_fsync_and_commits_after_it(

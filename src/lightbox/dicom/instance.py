@@ -117,7 +117,11 @@ def read_instance(path: Path, size: int | None = None) -> InstanceRecord:
                 "a DICOMDIR indexes files and is not itself an image: import its folder"
             )
         sop_class, sop, study, series = (_check_uid(ds, keyword) for keyword in _REQUIRED_UIDS)
-        layout, pixel_vr = _pixel_layout(fp, ds, syntax, size)
+        try:
+            # Reads the elements that describe the pixels (BitsAllocated, say).
+            layout, pixel_vr = _pixel_layout(fp, ds, syntax, size)
+        except _PARSE_ERRORS as exc:
+            raise InvalidInstance(f"unreadable DICOM value: {exc}") from exc
     try:
         # Nested sequences are only parsed here, so their errors surface here.
         obj = dicomjson.to_dict(ds, uri_prefix=_INSTANCE, pixel_vr=pixel_vr)
