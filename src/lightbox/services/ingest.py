@@ -167,8 +167,9 @@ def prepare(
     headers one after the other: the disk waits overlap with the parsing, and
     only one thread does Python work (several parsing at once only fight over
     the interpreter lock). The file's data is synced after the rename so that
-    the directory's sync finds nothing left to write. Nothing is indexed
-    until ``commit``.
+    the directory's sync finds nothing left to write. A batch of one file
+    whose bytes are not synced yet goes the other way round (see
+    ``_prepare_alone``). Nothing is indexed until ``commit``.
     """
     # A header read ahead was read from a file with its preamble.
     offers = [offer if offer.header_if_read() is not None else _with_preamble(archive, offer)
