@@ -183,3 +183,18 @@ def test_demo_loads_samples_and_serves_them(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_an_empty_list_says_so_on_stderr_and_prints_no_rows(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for command, nothing in ((("node", "list"), "no nodes"), (("token", "list"), "no tokens"),
+                             (("user", "list"), "no users"),
+                             (("share", "list"), "no share links")):
+        done = run(data, *command)
+        assert done.returncode == 0, done.stderr
+        assert (done.stdout, done.stderr.strip()) == ("", nothing), command
+    added = run(data, "node", "add", "pacs", "--aet", "PACS", "--host", "127.0.0.1",
+                "--port", "104")
+    assert added.returncode == 0, added.stderr
+    listed = run(data, "node", "list")
+    assert "PACS" in listed.stdout and listed.stderr == ""

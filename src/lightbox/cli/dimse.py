@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightbox.archive import Archive
+from lightbox.cli.listing import print_rows
 from lightbox.dicom.attributes import QueryLevel
 from lightbox.dimse import query, scu
 from lightbox.services import nodes
@@ -61,8 +62,7 @@ def commands(open_archive: Opener) -> dict[str, Callable[[argparse.Namespace], i
                                    port=args.port, tls=args.tls, acts_as=args.user)
             print(f"added {added}")
         elif args.action == "list":
-            for found in nodes.list_nodes(archive):
-                print(found)
+            print_rows((str(found) for found in nodes.list_nodes(archive)), "no nodes")
         else:
             nodes.remove_node(archive, args.name)
             print(f"removed {args.name}")

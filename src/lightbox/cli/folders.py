@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from lightbox.archive import Archive
+from lightbox.cli.listing import print_rows
 from lightbox.cli.share import base_url
+from lightbox.index.folders import FolderEntry
 from lightbox.services import auth, folders, invitations, sharing
 from lightbox.services.audit import Caller
 
@@ -53,18 +55,21 @@ def _org(archive: Archive, args: argparse.Namespace) -> int:
         auth.add_organisation(archive, args.name)
         print(f"organisation {args.name} added")
         return 0
-    for name, users in auth.list_organisations(archive).items():
-        print(f"{name}\t{', '.join(users) or '-'}")
+    print_rows((f"{name}\t{', '.join(users) or '-'}"
+                for name, users in auth.list_organisations(archive).items()), "no organisations")
     return 0
+
+
+def _folder_row(e: FolderEntry) -> str:
+    kind = "inbox" if e.folder.inbox_of else "folder"
+    return (f"{e.folder.public_id}\t{kind}\t{e.role or 'admin'}\t{e.studies} studies\t"
+            f"{e.members} collaborators\t{e.folder.name}")
 
 
 def _folder(archive: Archive, args: argparse.Namespace) -> int:
     principal = sharing.acting_as(archive, args.user)
     if args.action == "list":
-        for e in folders.list_folders(archive, principal):
-            kind = "inbox" if e.folder.inbox_of else "folder"
-            print(f"{e.folder.public_id}\t{kind}\t{e.role or 'admin'}\t{e.studies} studies\t"
-                  f"{e.members} collaborators\t{e.folder.name}")
+        print_rows(map(_folder_row, folders.list_folders(archive, principal)), "no folders")
     elif args.action == "create":
         made = folders.create_folder(archive, principal, args.name, caller=CLI)
         print(made.public_id)

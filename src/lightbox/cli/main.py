@@ -20,7 +20,9 @@ from sqlalchemy import func, select
 from lightbox import logs
 from lightbox import settings as settings_module
 from lightbox.archive import Archive
+from lightbox.cli.listing import print_rows
 from lightbox.errors import LightboxError
+from lightbox.index import accounts
 from lightbox.services import auth
 
 
@@ -179,10 +181,8 @@ def cmd_user(args: argparse.Namespace) -> int:
     archive = _open(args)
     if args.action == "list":
         orgs = {u: org for org, users in auth.list_organisations(archive).items() for u in users}
-        for user in auth.list_users(archive):
-            role = "admin" if user.is_admin else "member"
-            state = "disabled" if user.disabled else "active"
-            print(f"{user.name}\t{role}\t{state}\t{orgs.get(user.name, '-')}\t{user.email or '-'}")
+        print_rows((_user_row(user, orgs.get(user.name, "-"))
+                    for user in auth.list_users(archive)), "no users")
         return 0
     if args.action == "disable":
         auth.disable_user(archive, args.name, not args.enable)
@@ -196,13 +196,22 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_row(user: accounts.User, organisation: str) -> str:
+    role = "admin" if user.is_admin else "member"
+    state = "disabled" if user.disabled else "active"
+    return f"{user.name}\t{role}\t{state}\t{organisation}\t{user.email or '-'}"
+
+
+def _token_row(t: accounts.TokenInfo) -> str:
+    until = t.expires_at.isoformat(timespec="minutes") if t.expires_at else "never"
+    state = "revoked" if t.revoked else "active"
+    return f"{t.id}\t{t.user}\t{t.label or '-'}\texpires {until}\t{state}"
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     archive = _open(args)
     if args.action == "list":
-        for t in auth.list_tokens(archive, args.user):
-            until = t.expires_at.isoformat(timespec="minutes") if t.expires_at else "never"
-            state = "revoked" if t.revoked else "active"
-            print(f"{t.id}\t{t.user}\t{t.label or '-'}\texpires {until}\t{state}")
+        print_rows(map(_token_row, auth.list_tokens(archive, args.user)), "no tokens")
         return 0
     if args.action == "revoke":
         auth.revoke_token_id(archive, args.id)

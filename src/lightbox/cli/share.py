@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightbox.archive import Archive
+from lightbox.cli.listing import print_rows
 from lightbox.errors import BadRequest
 from lightbox.services import sharing
 from lightbox.services.auth import parse_duration
@@ -88,13 +89,17 @@ def _detail(link: sharing.ShareLink) -> dict[str, object]:
 
 def _list(archive: Archive, args: argparse.Namespace) -> int:
     principal = sharing.acting_as(archive, None)
-    for link in sharing.list_shares(archive, principal, args.study):
-        flags = ",".join(name for name, on in (
-            ("passcode", link.has_passcode), ("download", link.allow_download),
-            ("deidentified", link.deidentify)) if on) or "-"
-        print(f"{link.id}  {link.state():<8} {link.expires_at:%Y-%m-%d}  "
-              f"{link.access.value:<9} {flags:<30} {link.creator:<16} {link.study_instance_uid}")
+    print_rows((_share_row(link) for link in sharing.list_shares(archive, principal, args.study)),
+               "no share links")
     return 0
+
+
+def _share_row(link: sharing.ShareLink) -> str:
+    flags = ",".join(name for name, on in (
+        ("passcode", link.has_passcode), ("download", link.allow_download),
+        ("deidentified", link.deidentify)) if on) or "-"
+    return (f"{link.id}  {link.state():<8} {link.expires_at:%Y-%m-%d}  "
+            f"{link.access.value:<9} {flags:<30} {link.creator:<16} {link.study_instance_uid}")
 
 
 def _revoke(archive: Archive, args: argparse.Namespace) -> int:
