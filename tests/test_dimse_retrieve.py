@@ -19,11 +19,13 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from sqlalchemy import select
 
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, scu
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.status import CommitmentFailure, EventType, Retrieve
+from lightbox.index.schema import instances
 from lightbox.services import nodes, retrieve
 from lightbox.services.ingest import Offer, Status, store_instances
 from tests.conftest import free_port, serving
@@ -244,6 +246,50 @@ def test_storage_commitment_reports_on_the_same_association(
     assert event_type == EventType.FAILURES_EXIST
     assert report.TransactionUID == info.TransactionUID
     assert _outcomes(report) == expected
+
+
+def test_storage_commitment_refuses_an_instance_whose_file_is_gone(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    """Indexed is not enough: an instance whose file went missing (or shrank)
+    since it was stored fails with Processing Failure, and the others commit."""
+    archive, _study_uid, files = study
+    kept, gone, cut = (pydicom.dcmread(f, stop_before_pixels=True) for f in files[:3])
+    with archive.db.read() as conn:
+        rows = conn.execute(select(instances.c.sop_instance_uid, instances.c.blob_key))
+        keys = {str(uid): str(key) for uid, key in rows}
+    archive.blobs.path(keys[gone.SOPInstanceUID]).unlink()
+    with open(archive.blobs.path(keys[cut.SOPInstanceUID]), "r+b") as fh:
+        fh.truncate(1000)
+    info = Dataset()
+    info.TransactionUID = generate_uid(prefix=ROOT)
+    info.ReferencedSOPSequence = []
+    for ds in (kept, gone, cut):
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        info.ReferencedSOPSequence.append(item)
+    reports: list[Dataset] = []
+
+    def on_report(event: Event) -> tuple[int, None]:
+        reports.append(event.event_information)
+        return 0, None
+
+    with scp(archive) as server:
+        assoc, answered = commitment_requester(server.port, on_report)
+        try:
+            status, _reply = assoc.send_n_action(
+                info, 1, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)
+            assert status.Status == 0
+            assert answered.wait(10)
+        finally:
+            assoc.release()
+    [report] = reports
+    assert _outcomes(report) == {
+        str(kept.SOPInstanceUID): None,
+        str(gone.SOPInstanceUID): CommitmentFailure.PROCESSING_FAILURE,
+        str(cut.SOPInstanceUID): CommitmentFailure.PROCESSING_FAILURE,
+    }
 
 
 def test_storage_commitment_reports_on_a_new_association_after_release(

@@ -37,6 +37,7 @@ FAILURE_REASONS = {
     Problem.NOT_STORED: CommitmentFailure.NO_SUCH_OBJECT_INSTANCE,
     Problem.CLASS_MISMATCH: CommitmentFailure.CLASS_INSTANCE_CONFLICT,
     Problem.INVALID: CommitmentFailure.PROCESSING_FAILURE,
+    Problem.DAMAGED: CommitmentFailure.PROCESSING_FAILURE,
 }
 
 

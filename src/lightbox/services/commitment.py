@@ -1,13 +1,16 @@
 """Storage commitment: which of a list of SOP instances the archive holds safely.
 
-An instance is committed when the index has it with the same SOP Class:
-ingest acknowledges nothing before the blob and its index row are durable, so
-presence in the index is the commitment.
+An instance is committed when the index has it with the same SOP Class and
+its file is there, of the size indexed. Ingest acknowledges nothing before
+the blob and its index row are durable; the file is looked at too, so that
+a file lost since (a disk replaced, a hand in the data folder) is reported
+as a failure and the sender keeps its copy.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,8 +18,10 @@ from lightbox.archive import Archive
 from lightbox.dicom import uids
 from lightbox.dicom.attributes import QueryLevel
 from lightbox.dicom.query import Query
-from lightbox.services import search
+from lightbox.services import integrity, search
 from lightbox.services.auth import Principal
+
+log = logging.getLogger(__name__)
 
 _SOP_CLASS = "00080016"
 _SOP_INSTANCE = "00080018"
@@ -27,6 +32,7 @@ class Problem(enum.Enum):
     NOT_STORED = "no such instance"
     CLASS_MISMATCH = "stored with another SOP Class"
     INVALID = "not a valid reference"
+    DAMAGED = "stored, but its file is missing or damaged"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ def commit(
     valid = [r for r in references
              if uids.is_valid_uid(r.sop_instance_uid) and uids.is_valid_uid(r.sop_class_uid)]
     held = _stored_classes(archive, principal, [r.sop_instance_uid for r in valid])
+    lost = {d.sop_instance_uid for d in integrity.damaged(archive, list(held))}
+    for uid in sorted(lost):
+        log.error("storage commitment: instance %s is indexed but its file is missing or "
+                  "damaged (run 'lightbox check')", uid)
     committed: list[Reference] = []
     failed: list[tuple[Reference, Problem]] = []
     for ref in references:
@@ -61,6 +71,8 @@ def commit(
             failed.append((ref, Problem.NOT_STORED))
         elif stored != ref.sop_class_uid:
             failed.append((ref, Problem.CLASS_MISMATCH))
+        elif ref.sop_instance_uid in lost:
+            failed.append((ref, Problem.DAMAGED))
         else:
             committed.append(ref)
     return Commitment(transaction_uid, committed, failed)

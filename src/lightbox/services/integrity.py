@@ -96,7 +96,8 @@ def check(archive: Archive, *, remove_orphans: bool = False, orphan_age: float =
                         report.young += 1
                     else:
                         orphans.append((key, size))
-    report.damaged = _still_damaged(archive, suspects)
+    # Still indexed and still wrong (a deletion may have removed both meanwhile).
+    report.damaged = damaged(archive, [s.sop_instance_uid for s in suspects])
     for key, size in _still_unreferenced(archive, orphans):
         report.orphans += 1
         report.orphan_bytes += size
@@ -131,26 +132,25 @@ def _merge(rows: Iterable[Row], blobs: Iterable[Blob]) -> Iterator[tuple[Row | N
                 blob = next(blob_iter, None)
 
 
-def _still_damaged(archive: Archive, suspects: Sequence[Damaged]) -> list[Damaged]:
-    """The suspects still indexed under the same key whose blob is still wrong
-    (a deletion may have removed both meanwhile)."""
-    indexed: set[tuple[str, str]] = set()
+def damaged(archive: Archive, sop_instance_uids: Sequence[str]) -> list[Damaged]:
+    """Those of the indexed instances ``sop_instance_uids`` whose file is
+    missing or of another size than indexed (storage commitment asks this
+    of every instance it is to confirm)."""
+    rows: list[tuple[str, str, int]] = []
     with archive.db.read() as conn:
-        for start in range(0, len(suspects), _BATCH):
-            uids = [s.sop_instance_uid for s in suspects[start:start + _BATCH]]
-            indexed.update((str(uid), str(key)) for uid, key in conn.execute(
-                select(instances.c.sop_instance_uid, instances.c.blob_key)
+        for start in range(0, len(sop_instance_uids), _BATCH):
+            uids = list(sop_instance_uids[start:start + _BATCH])
+            rows.extend((str(uid), str(key), int(size)) for uid, key, size in conn.execute(
+                select(instances.c.sop_instance_uid, instances.c.blob_key, instances.c.size)
                 .where(instances.c.sop_instance_uid.in_(uids))))
     found = []
-    for suspect in suspects:
-        if (suspect.sop_instance_uid, suspect.key) not in indexed:
-            continue
+    for uid, key, indexed in rows:
         try:
-            size: int | None = os.stat(archive.blobs.path(suspect.key)).st_size
+            size: int | None = os.stat(archive.blobs.path(key)).st_size
         except FileNotFoundError:
             size = None
-        if size != suspect.indexed:
-            found.append(Damaged(suspect.sop_instance_uid, suspect.key, suspect.indexed, size))
+        if size != indexed:
+            found.append(Damaged(uid, key, indexed, size))
     return found
 
 
