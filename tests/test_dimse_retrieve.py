@@ -222,11 +222,9 @@ def _outcomes(report: Dataset) -> dict[str, int | None]:
     return found
 
 
-def test_storage_commitment_reports_on_the_same_association(
-    study: tuple[Archive, str, list[Path]]
-) -> None:
-    archive, _study_uid, files = study
-    info, expected = _commitment_request(files)
+def _commit_on_one_association(archive: Archive, info: Dataset) -> tuple[int, Dataset]:
+    """Request commitment and wait for the report on the same association:
+    the report's event type and its information."""
     reports: list[tuple[int, Dataset]] = []
 
     def on_report(event: Event) -> tuple[int, None]:
@@ -242,7 +240,16 @@ def test_storage_commitment_reports_on_the_same_association(
             assert answered.wait(10)
         finally:
             assoc.release()
-    [(event_type, report)] = reports
+    [report] = reports
+    return report
+
+
+def test_storage_commitment_reports_on_the_same_association(
+    study: tuple[Archive, str, list[Path]]
+) -> None:
+    archive, _study_uid, files = study
+    info, expected = _commitment_request(files)
+    event_type, report = _commit_on_one_association(archive, info)
     assert event_type == EventType.FAILURES_EXIST
     assert report.TransactionUID == info.TransactionUID
     assert _outcomes(report) == expected
@@ -269,22 +276,7 @@ def test_storage_commitment_refuses_an_instance_whose_file_is_gone(
         item.ReferencedSOPClassUID = ds.SOPClassUID
         item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
         info.ReferencedSOPSequence.append(item)
-    reports: list[Dataset] = []
-
-    def on_report(event: Event) -> tuple[int, None]:
-        reports.append(event.event_information)
-        return 0, None
-
-    with scp(archive) as server:
-        assoc, answered = commitment_requester(server.port, on_report)
-        try:
-            status, _reply = assoc.send_n_action(
-                info, 1, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)
-            assert status.Status == 0
-            assert answered.wait(10)
-        finally:
-            assoc.release()
-    [report] = reports
+    _event_type, report = _commit_on_one_association(archive, info)
     assert _outcomes(report) == {
         str(kept.SOPInstanceUID): None,
         str(gone.SOPInstanceUID): CommitmentFailure.PROCESSING_FAILURE,

@@ -771,6 +771,13 @@ def test_one_file_is_fsynced_while_its_header_is_read_and_indexed_after(
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
 
 
+def _assert_nothing_left(archive: Archive) -> None:
+    """No instance indexed, no blob, nothing in staging."""
+    with archive.db.read() as conn:
+        assert conn.execute(select(instances.c.pk)).first() is None
+    assert blob_files(archive) == {} and staging_files(archive) == []
+
+
 def test_one_file_whose_header_read_breaks_leaves_nothing(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -783,9 +790,7 @@ def test_one_file_whose_header_read_breaks_leaves_nothing(
     monkeypatch.setattr(ingest, "read_instance", broken_read)
     with pytest.raises(RuntimeError, match="a bug in the header reader"):
         store_instances(archive, [_unsynced(archive, ct_dataset())])
-    with archive.db.read() as conn:
-        assert conn.execute(select(instances.c.pk)).first() is None
-    assert blob_files(archive) == {} and staging_files(archive) == []
+    _assert_nothing_left(archive)
 
 
 def test_a_batch_whose_header_read_breaks_leaves_nothing(
@@ -802,9 +807,7 @@ def test_a_batch_whose_header_read_breaks_leaves_nothing(
     monkeypatch.setattr(ingest, "read_instance", breaks_second)
     with pytest.raises(RuntimeError, match="a bug in the header reader"):
         store_instances(archive, [_unsynced(archive, ct_dataset()) for _ in range(3)])
-    with archive.db.read() as conn:
-        assert conn.execute(select(instances.c.pk)).first() is None
-    assert blob_files(archive) == {} and staging_files(archive) == []
+    _assert_nothing_left(archive)
 
 
 def test_one_file_whose_fsync_fails_is_refused_and_leaves_nothing(
@@ -819,9 +822,7 @@ def test_one_file_whose_fsync_fails_is_refused_and_leaves_nothing(
     outcome = single(store_instances(archive, [_unsynced(archive, ds)]))
     assert (outcome.status, outcome.reason) == (Status.REJECTED, "storage is not writable")
     assert outcome.failure is FailureReason.OUT_OF_RESOURCES
-    with archive.db.read() as conn:
-        assert conn.execute(select(instances.c.pk)).first() is None
-    assert blob_files(archive) == {} and staging_files(archive) == []
+    _assert_nothing_left(archive)
 
 
 def _assert_refused_alone(archive: Archive, outcomes: list[Outcome], kept: pydicom.Dataset) -> None:
