@@ -1,10 +1,12 @@
-"""kill -9 during STOW-RS: every acknowledged instance survives, the index stays whole.
+"""kill -9 during STOW-RS and C-STORE: every acknowledged instance survives,
+the index stays whole.
 
-A real ``lightbox serve`` process takes single-instance STOW-RS requests
-from several client threads; once about a hundred are acknowledged it gets
-SIGKILL while requests are in flight. After a restart on the same data
-folder, every acknowledged instance must come back byte for byte and the
-index must agree with itself and with the blob store.
+A real ``lightbox serve`` process takes single-instance STOW-RS requests (or
+C-STOREs) from several client threads; once about a hundred are acknowledged
+it gets SIGKILL while requests are in flight. After a restart on the same
+data folder, every acknowledged instance must be there (STOW-RS: byte for
+byte), and the index must agree with itself and with the blob store
+(``lightbox check``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,10 +22,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import httpx
-from pydicom.uid import generate_uid
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
@@ -45,7 +51,7 @@ def lightbox(*args: str) -> list[str]:
 
 @contextmanager
 def running_server(
-    data: Path, url: str, log: Path
+    data: Path, url: str, log: Path, dicom_port: int | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``lightbox serve`` on a free port; yields the process and its base URL."""
     port = free_port()
@@ -53,7 +59,7 @@ def running_server(
         proc = subprocess.Popen(
             lightbox(
                 "serve", "--data", str(data), "--database", url, "--host", "127.0.0.1",
-                "--http-port", str(port), "--dicom-port", str(free_port()),
+                "--http-port", str(port), "--dicom-port", str(dicom_port or free_port()),
             ),
             stdout=out, stderr=subprocess.STDOUT,
         )
@@ -257,3 +263,91 @@ def test_acknowledged_instances_survive_kill_9(backend: str, tmp_path: Path) -> 
                 assert stored.status_code == 200, stored.text[:300]
         check_index(data, url)
 
+
+
+def store_until_killed(port: int, work: queue.Queue[Prepared], acked: dict[str, bytes],
+                       lock: threading.Lock) -> None:
+    """One DICOM client: C-STORE one instance after the other over one
+    association, until the queue or the server is gone."""
+    ae = AE(ae_title="CRASHSCU")
+    # Short: after the kill pynetdicom waits out the DIMSE timeout, not noticing the close.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX")
+    if not assoc.is_established:
+        return
+    try:
+        while assoc.is_established:
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                return
+            ds = dcmread(BytesIO(item.data))
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:  # the kill ended the association just now
+                return
+            if status and status.Status == 0:
+                with lock:
+                    acked[item.sop] = item.data
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        sock = assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.close()  # an association the kill cut off leaves its socket open
+
+
+def test_acknowledged_c_stores_survive_kill_9(backend: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    log = tmp_path / "server.log"
+    prepared = make_instances()
+    port = free_port()
+    with database_url(backend, data) as url:
+        work: queue.Queue[Prepared] = queue.Queue()
+        for item in prepared:
+            work.put(item)
+        acked: dict[str, bytes] = {}
+        lock = threading.Lock()
+        with running_server(data, url, log, dicom_port=port) as (proc, _base):
+            _wait_listening(port)
+            threads = [threading.Thread(target=store_until_killed,
+                                        args=(port, work, acked, lock))
+                       for _ in range(CLIENTS)]
+            for t in threads:
+                t.start()
+            try:
+                kill_after_acknowledged(proc, acked, lock, threads)
+            finally:
+                for t in threads:
+                    t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+        assert KILL_AFTER <= len(acked) < TOTAL, "the kill must land mid-way"
+
+        rows, orphans = check_index(data, url)
+        assert rows >= len(acked) and orphans <= CLIENTS
+        archive = Archive.open(make_settings(data, url), migrate=False)
+        try:
+            with archive.db.read() as conn:
+                indexed = set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+        finally:
+            archive.close()
+        assert set(acked) <= indexed
+        checked = subprocess.run(
+            lightbox("check", "--data", str(data), "--database", url, "--quiet",
+                     "--remove-orphans", "--older-than", "1s"),
+            capture_output=True, text=True, timeout=120)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.splitlines()[-1] == "ok"
+        assert check_index(data, url) == (rows, 0)
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the DICOM port did not open in 30 s"
+            time.sleep(0.05)
