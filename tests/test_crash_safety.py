@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -150,6 +150,22 @@ def kill_after_acknowledged(proc: subprocess.Popen[bytes], acked: dict[str, byte
     return count
 
 
+def clients_until_killed(proc: subprocess.Popen[bytes], client: Callable[[], None],
+                         acked: dict[str, bytes], lock: threading.Lock) -> None:
+    """CLIENTS threads running ``client``; the server killed once KILL_AFTER
+    instances are acknowledged, in the middle of the work."""
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    try:
+        kill_after_acknowledged(proc, acked, lock, threads)
+    finally:
+        for t in threads:
+            t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert KILL_AFTER <= len(acked) < TOTAL, "the kill must land mid-way"
+
+
 def dicom_parts(response: httpx.Response) -> list[bytes]:
     """The bodies of a multipart/related response."""
     _, params = parse_content_type(response.headers["content-type"])
@@ -224,19 +240,8 @@ def test_acknowledged_instances_survive_kill_9(backend: str, tmp_path: Path) -> 
         acked: dict[str, bytes] = {}
         lock = threading.Lock()
         with running_server(data, url, log) as (proc, base):
-            threads = [
-                threading.Thread(target=send_until_killed, args=(base, token, work, acked, lock))
-                for _ in range(CLIENTS)
-            ]
-            for t in threads:
-                t.start()
-            try:
-                kill_after_acknowledged(proc, acked, lock, threads)
-            finally:
-                for t in threads:
-                    t.join(timeout=30)
-        assert not any(t.is_alive() for t in threads)
-        assert KILL_AFTER <= len(acked) < TOTAL, "the kill must land mid-way"
+            clients_until_killed(proc, lambda: send_until_killed(base, token, work, acked, lock),
+                                 acked, lock)
 
         rows, orphans = check_index(data, url)
         assert rows >= len(acked)
@@ -311,18 +316,8 @@ def test_acknowledged_c_stores_survive_kill_9(backend: str, tmp_path: Path) -> N
         lock = threading.Lock()
         with running_server(data, url, log, dicom_port=port) as (proc, _base):
             _wait_listening(port)
-            threads = [threading.Thread(target=store_until_killed,
-                                        args=(port, work, acked, lock))
-                       for _ in range(CLIENTS)]
-            for t in threads:
-                t.start()
-            try:
-                kill_after_acknowledged(proc, acked, lock, threads)
-            finally:
-                for t in threads:
-                    t.join(timeout=30)
-        assert not any(t.is_alive() for t in threads)
-        assert KILL_AFTER <= len(acked) < TOTAL, "the kill must land mid-way"
+            clients_until_killed(proc, lambda: store_until_killed(port, work, acked, lock),
+                                 acked, lock)
 
         rows, orphans = check_index(data, url)
         assert rows >= len(acked) and orphans <= CLIENTS
