@@ -26,13 +26,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-
 from lightbox.archive import Archive
-from lightbox.index.schema import instances
+from lightbox.index import blobs as index_blobs
 
 ORPHAN_AGE = 3600.0  # seconds since a blob was written before it may be judged an orphan
-_BATCH = 500  # keys per look-up when checking findings again
 
 
 @dataclass(frozen=True)
@@ -73,13 +70,7 @@ def check(archive: Archive, *, remove_orphans: bool = False, orphan_age: float =
     orphans: list[tuple[str, int]] = []
     started = time.time()
     with archive.db.read() as conn:
-        query = select(instances.c.blob_key, instances.c.size, instances.c.sop_instance_uid)
-        # Byte order on both databases, as the store lists its keys.
-        order = instances.c.blob_key.collate("C") if not archive.db.is_sqlite else (
-            instances.c.blob_key)
-        rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
-            query.order_by(order))
-        indexed = ((str(k), int(n), str(uid)) for k, n, uid in rows)
+        indexed = index_blobs.in_key_order(conn, sqlite=archive.db.is_sqlite)
         for row, blob in _merge(indexed, archive.blobs.listing()):
             if progress is not None:
                 progress(1)
@@ -136,13 +127,8 @@ def damaged(archive: Archive, sop_instance_uids: Sequence[str]) -> list[Damaged]
     """Those of the indexed instances ``sop_instance_uids`` whose file is
     missing or of another size than indexed (storage commitment asks this
     of every instance it is to confirm)."""
-    rows: list[tuple[str, str, int]] = []
     with archive.db.read() as conn:
-        for start in range(0, len(sop_instance_uids), _BATCH):
-            uids = list(sop_instance_uids[start:start + _BATCH])
-            rows.extend((str(uid), str(key), int(size)) for uid, key, size in conn.execute(
-                select(instances.c.sop_instance_uid, instances.c.blob_key, instances.c.size)
-                .where(instances.c.sop_instance_uid.in_(uids))))
+        rows = index_blobs.of_instances(conn, sop_instance_uids)
     found = []
     for uid, key, indexed in rows:
         try:
@@ -155,14 +141,9 @@ def damaged(archive: Archive, sop_instance_uids: Sequence[str]) -> list[Damaged]
 
 
 def _still_unreferenced(
-    archive: Archive, blobs: Sequence[tuple[str, int]]
+    archive: Archive, found: Sequence[tuple[str, int]]
 ) -> list[tuple[str, int]]:
-    """The blobs that no instance row refers to now (a look-up by key reads the
-    whole table, the key having no index of its own: orphans are few)."""
-    referenced: set[str] = set()
+    """The blobs that no instance row refers to now."""
     with archive.db.read() as conn:
-        for start in range(0, len(blobs), _BATCH):
-            keys = [key for key, _ in blobs[start:start + _BATCH]]
-            referenced.update(str(k) for k in conn.execute(
-                select(instances.c.blob_key).where(instances.c.blob_key.in_(keys))).scalars())
-    return [(key, size) for key, size in blobs if key not in referenced]
+        referenced = index_blobs.referenced(conn, [key for key, _ in found])
+    return [(key, size) for key, size in found if key not in referenced]
