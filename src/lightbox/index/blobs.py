@@ -13,14 +13,14 @@ _BATCH = 500  # values per IN (...)
 
 def in_key_order(conn: Connection, *, sqlite: bool) -> Iterator[tuple[str, int, str]]:
     """Every instance's blob key, size and SOP Instance UID, streamed in the
-    byte order of the keys (the order the blob store lists its files in)."""
+    byte order of the keys (the order the blob store lists its files in).
+    The query runs at once: the rows are those of this moment."""
     # PostgreSQL's default collation may not be byte order; "C" is.
     key = instances.c.blob_key if sqlite else instances.c.blob_key.collate("C")
     rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
         select(instances.c.blob_key, instances.c.size, instances.c.sop_instance_uid)
         .order_by(key))
-    for blob_key, size, uid in rows:
-        yield str(blob_key), int(size), str(uid)
+    return ((str(blob_key), int(size), str(uid)) for blob_key, size, uid in rows)
 
 
 def of_instances(conn: Connection, sop_instance_uids: Sequence[str]) -> list[tuple[str, str, int]]:
