@@ -117,10 +117,7 @@ def _merge(rows: Iterable[Row], blobs: Iterable[Blob]) -> Iterator[tuple[Row | N
             blob = next(blob_iter, None)
         else:
             yield row, blob
-            # Two rows may share a blob (never made so, but a copy of the index could).
-            row = next(row_iter, None)
-            if row is None or row[0] != blob[0]:
-                blob = next(blob_iter, None)
+            row, blob = next(row_iter, None), next(blob_iter, None)
 
 
 def damaged(archive: Archive, sop_instance_uids: Sequence[str]) -> list[Damaged]:
