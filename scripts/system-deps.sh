@@ -3,7 +3,7 @@
 # and the browser that drives the viewer tests.
 # Installs only what is missing; needs root (or sudo) the first time.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb nginx-light chromium fonts-dejavu-core)
+packages=(dcmtk orthanc orthanc-dicomweb nginx-light chromium fonts-dejavu-core unzip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
