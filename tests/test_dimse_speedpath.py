@@ -35,7 +35,7 @@ from lightbox.dimse.status import Store, status_dataset
 from lightbox.dimse.streaming import C_STORE_RQ_FIELD
 from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
-from lightbox.services import ingest
+from lightbox.services import indexing
 from lightbox.services.ingest import Offer, Status, store_instances
 from tests.dimse_peers import association_request, dcmtk, read_pdu, scp, with_settings
 from tests.factories import ROOT, ct_dataset, write
@@ -326,7 +326,7 @@ def test_callers_arriving_during_a_commit_share_the_next_one(
 ) -> None:
     batches: list[int] = []
     first_started = threading.Event()
-    real_index = ingest._index
+    real_index = indexing._index
 
     def slow_index(arch: Archive, items: Any) -> Any:
         batches.append(len(items))
@@ -335,7 +335,7 @@ def test_callers_arriving_during_a_commit_share_the_next_one(
             time.sleep(0.5)  # the others queue up meanwhile
         return real_index(arch, items)
 
-    monkeypatch.setattr(ingest, "_index", slow_index)
+    monkeypatch.setattr(indexing, "_index", slow_index)
     files = [write(ct_dataset(), tmp_path / f"{n}.dcm") for n in range(5)]
     outcomes: dict[int, Status] = {}
 

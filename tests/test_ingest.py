@@ -25,7 +25,7 @@ from sqlalchemy import select
 from lightbox.archive import Archive
 from lightbox.index import instances as index
 from lightbox.index.schema import instances, series, studies
-from lightbox.services import ingest, retrieve
+from lightbox.services import indexing, ingest, retrieve
 from lightbox.services.ingest import FailureReason, Offer, Outcome, Status, store_instances
 from tests.factories import ROOT, ct_dataset, to_bytes, write
 
@@ -125,7 +125,7 @@ def test_copy_stored_after_the_look_up_is_still_a_duplicate(
     assert single(store_instances(archive, [staged(archive, to_bytes(first))])).status is (
         Status.STORED)
     blobs = blob_files(archive)
-    real = ingest._stored_and_filed
+    real = indexing._stored_and_filed
     looked: list[bool] = []
 
     def stale(*args: Any) -> Any:  # first: the series as it is, the copy not yet there
@@ -138,9 +138,9 @@ def test_copy_stored_after_the_look_up_is_still_a_duplicate(
         transactions.append(kwargs.get("looked_up") is None)
         return real_transaction(*args, **kwargs)
 
-    real_transaction, transactions = ingest._transaction, []
-    monkeypatch.setattr(ingest, "_stored_and_filed", stale)
-    monkeypatch.setattr(ingest, "_transaction", transaction)
+    real_transaction, transactions = indexing._transaction, []
+    monkeypatch.setattr(indexing, "_stored_and_filed", stale)
+    monkeypatch.setattr(indexing, "_transaction", transaction)
     again = ct_dataset(study=study, series=known)
     again.SOPInstanceUID = first.SOPInstanceUID
     fresh = ct_dataset(study=study, series=known, instance_number=2)
@@ -912,14 +912,14 @@ def test_a_blob_that_cannot_be_made_durable_is_refused_alone(
         real_fsync(path)
 
     undone: list[set[int]] = []
-    real_without = ingest._without
+    real_without = indexing._without
 
     def without(archive: Archive, items: Any, failed: set[int]) -> list[Outcome]:
         undone.append(failed)  # the transaction was undone for the failed fsync
         return real_without(archive, items, failed)
 
     monkeypatch.setattr(ingest, "fsync_file", fsync)
-    monkeypatch.setattr(ingest, "_without", without)
+    monkeypatch.setattr(indexing, "_without", without)
     outcomes = store_instances(archive, [_unsynced(archive, ds) for ds in (failing, kept)])
     assert undone == [{0}]
     _assert_refused_alone(archive, outcomes, kept)
