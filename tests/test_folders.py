@@ -21,7 +21,7 @@ from sqlalchemy import update
 from lightbox.archive import Archive
 from lightbox.cli.main import main as cli
 from lightbox.errors import BadRequest, Conflict, Forbidden, NotFound
-from lightbox.index.folders import invitations as invitations_table
+from lightbox.index.invitations import invitations as invitations_table
 from lightbox.services import auth, folders, invitations, sharing
 from lightbox.services.folders import Role
 from tests.conftest import RunningServer, free_port

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from lightbox.archive import Archive
 from lightbox.errors import BadRequest
 from lightbox.index import audit as index
+from lightbox.index.schema import as_utc
 from lightbox.services import atna, audit
 
 Opener = Callable[[argparse.Namespace], Archive]
@@ -35,7 +36,7 @@ def _export(archive: Archive, out: TextIO, form: str) -> int:
             if form == "atna":
                 out.write(atna.to_xml(row, archive.settings.aet) + "\n")
             else:
-                row["at"] = index.as_utc(row["at"]).isoformat()
+                row["at"] = as_utc(row["at"]).isoformat()
                 row["detail"] = json.loads(row["detail"]) if row["detail"] else None
                 out.write(json.dumps(row, sort_keys=True) + "\n")
             count += 1

@@ -27,7 +27,7 @@ from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
 from lightbox.dicom.query import Query
 from lightbox.dicom.transcode import to_explicit_little_endian
-from lightbox.dimse import contexts, query, tls, transport
+from lightbox.dimse import contexts, query, reactor, tls
 from lightbox.dimse.access import Peer, Service, principal_for
 from lightbox.dimse.session import Session
 from lightbox.dimse.status import Retrieve, retrieve_failure, status_dataset
@@ -150,7 +150,7 @@ class _SubAssociation:
     def established(self, event: Event) -> None:
         assoc: Association = event.assoc
         self.accepted = list(assoc.accepted_contexts)
-        transport.guard_reactor(assoc)
+        reactor.guard_reactor(assoc)
         send = assoc.send_c_store
 
         def send_c_store(dataset: str | Path | Dataset, msg_id: int = 1, priority: int = 2,

@@ -22,7 +22,7 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
 from lightbox.dicom.node import require_ae_title, require_host, require_port
-from lightbox.dimse import contexts, query, store, tls, transport
+from lightbox.dimse import contexts, query, reactor, store, tls, transport
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.retrieve import dataset_to_send
 from lightbox.dimse.status import General, Retrieve
@@ -88,7 +88,7 @@ def association(
         raise DimseFailure(f"{where} {how}")
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         transport.no_delay(assoc.dul.socket.socket)
-    transport.guard_reactor(assoc)
+    reactor.guard_reactor(assoc)
     try:
         yield assoc
     finally:

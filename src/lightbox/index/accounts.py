@@ -19,7 +19,7 @@ from sqlalchemy import (
 )
 
 from lightbox.errors import Conflict, NotFound
-from lightbox.index.schema import metadata, tokens, users
+from lightbox.index.schema import as_utc, metadata, tokens, users
 
 login_failures = Table(
     "login_failures",
@@ -135,10 +135,7 @@ def token_by_hash(conn: Connection, token_hash: str) -> TokenRow | None:
     ).first()
     if row is None:
         return None
-    expires = row.expires_at
-    if expires is not None and expires.tzinfo is None:
-        expires = expires.replace(tzinfo=UTC)  # SQLite hands back naive datetimes
-    return TokenRow(user=_user(row), scope=row.scope, expires_at=expires)
+    return TokenRow(user=_user(row), scope=row.scope, expires_at=as_utc(row.expires_at))
 
 
 def revoke_token(conn: Connection, token_hash: str) -> None:
@@ -162,12 +159,6 @@ class TokenInfo:
     revoked: bool
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def list_tokens(conn: Connection, user: str | None = None) -> list[TokenInfo]:
     query = (
         select(tokens.c.id, users.c.name, tokens.c.label, tokens.c.scope, tokens.c.created_at,
@@ -178,8 +169,8 @@ def list_tokens(conn: Connection, user: str | None = None) -> list[TokenInfo]:
     if user is not None:
         query = query.where(users.c.name == user)
     return [
-        TokenInfo(r.id, r.name, r.label, r.scope, _utc(r.created_at) or r.created_at,
-                  _utc(r.expires_at), bool(r.revoked))
+        TokenInfo(r.id, r.name, r.label, r.scope, as_utc(r.created_at) or r.created_at,
+                  as_utc(r.expires_at), bool(r.revoked))
         for r in conn.execute(query)
     ]
 
@@ -207,8 +198,8 @@ def login_failures_of(conn: Connection, user_id: int) -> Failures | None:
     ).first()
     if row is None:
         return None
-    return Failures(row.failures, _utc(row.window_start) or row.window_start,
-                    _utc(row.locked_until))
+    return Failures(row.failures, as_utc(row.window_start) or row.window_start,
+                    as_utc(row.locked_until))
 
 
 def save_login_failures(conn: Connection, user_id: int, state: Failures) -> None:

@@ -8,7 +8,7 @@ appending locks it, so writers in several processes extend one chain.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -118,11 +118,6 @@ def newest(conn: Connection, *, limit: int, study_uid: str | None = None,
             .order_by(audit_events.c.seq.desc()).limit(limit)
         ).mappings()
     ]
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes: read them as UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _matching(query: Any, *, action: str | None = None, actor: str | None = None,

@@ -1,9 +1,9 @@
-"""Organisations, folders, their collaborators, studies, comments and
-invitations in the index.
+"""Organisations, folders, their collaborators, studies and comments in the
+index (invitations to them: ``index.invitations``).
 
 A folder holds studies (by study row, so deleting a study takes it out of
 every folder) and has members with a role. Every user's inbox is a folder
-whose ``inbox_of`` names them. Invitation tokens are stored as SHA-256 only.
+whose ``inbox_of`` names them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lightbox.errors import Conflict, NotFound
-from lightbox.index.schema import metadata, studies, users
+from lightbox.index.invitations import invitations
+from lightbox.index.schema import as_utc, metadata, studies, users
 
 DEFAULT_ORGANISATION = 1
 CLAIM_LIFETIME = timedelta(hours=1)
@@ -93,22 +94,6 @@ folder_comments = Table(
     Index("ix_folder_comments_folder", "folder_id"),
 )
 
-invitations = Table(
-    "invitations",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("token_hash", String(64), nullable=False, unique=True),
-    Column("email", String(254), nullable=False),
-    Column("organisation_id", Integer, ForeignKey("organisations.id"), nullable=False),
-    Column("folder_id", Integer, ForeignKey("folders.id", ondelete="CASCADE"), nullable=True),
-    Column("role", String(16), nullable=True),
-    Column("invited_by", String(128), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True), nullable=False),
-    Column("accepted_at", DateTime(timezone=True), nullable=True),
-)
-
-
 upload_claims = Table(
     "upload_claims",
     metadata,
@@ -123,10 +108,6 @@ def _insert_or_nothing(conn: Connection, table: Table) -> Any:
     claiming the same study: PostgreSQL runs them side by side)."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 # -- organisations --------------------------------------------------------------------
@@ -220,7 +201,7 @@ def _folder(row: Any) -> FolderRow:
         id=row.id, public_id=row.public_id, name=row.name,
         organisation_id=int(row.organisation_id), inbox_of=row.inbox_of,
         allow_download=bool(row.allow_download), allow_reshare=bool(row.allow_reshare),
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -328,7 +309,7 @@ def members(conn: Connection, folder_id: int) -> list[Member]:
         .where(folder_members.c.folder_id == folder_id)
         .order_by(users.c.name)
     )
-    return [Member(r.id, r.name, r.email, r.role, _utc(r.added_at)) for r in rows]
+    return [Member(r.id, r.name, r.email, r.role, as_utc(r.added_at)) for r in rows]
 
 
 def role_of(conn: Connection, folder_id: int, user_id: int) -> str | None:
@@ -504,52 +485,4 @@ def comments(conn: Connection, folder_id: int, limit: int = 200) -> list[Comment
         select(folder_comments).where(folder_comments.c.folder_id == folder_id)
         .order_by(folder_comments.c.id.desc()).limit(limit)
     )
-    return [Comment(r.author, r.text, r.study_instance_uid, _utc(r.created_at)) for r in rows]
-
-
-# -- invitations ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InvitationRow:
-    id: int
-    email: str
-    organisation_id: int
-    folder_id: int | None
-    role: str | None
-    invited_by: str
-    expires_at: datetime
-    accepted_at: datetime | None
-
-
-def add_invitation(conn: Connection, *, token_hash: str, email: str, organisation: int,
-                   folder_id: int | None, role: str | None, invited_by: str,
-                   expires_at: datetime) -> None:
-    conn.execute(invitations.insert().values(
-        token_hash=token_hash, email=email, organisation_id=organisation, folder_id=folder_id,
-        role=role, invited_by=invited_by, created_at=datetime.now(UTC), expires_at=expires_at))
-
-
-def invitation(conn: Connection, token_hash: str) -> InvitationRow | None:
-    r = conn.execute(select(invitations).where(invitations.c.token_hash == token_hash)).first()
-    if r is None:
-        return None
-    return InvitationRow(r.id, r.email, int(r.organisation_id), r.folder_id, r.role,
-                         r.invited_by, _utc(r.expires_at),
-                         _utc(r.accepted_at) if r.accepted_at is not None else None)
-
-
-def pending_invitations(conn: Connection, folder_id: int) -> list[InvitationRow]:
-    rows = conn.execute(select(invitations.c.token_hash).where(
-        invitations.c.folder_id == folder_id, invitations.c.accepted_at.is_(None),
-        invitations.c.expires_at > datetime.now(UTC)).order_by(invitations.c.id))
-    found = [invitation(conn, h) for h in rows.scalars()]
-    return [i for i in found if i is not None]
-
-
-def accept_invitation(conn: Connection, invitation_id: int) -> bool:
-    """Mark accepted; False when it already was (two tabs, one invitation)."""
-    done = conn.execute(update(invitations).where(
-        invitations.c.id == invitation_id, invitations.c.accepted_at.is_(None),
-    ).values(accepted_at=datetime.now(UTC)))
-    return done.rowcount == 1
+    return [Comment(r.author, r.text, r.study_instance_uid, as_utc(r.created_at)) for r in rows]

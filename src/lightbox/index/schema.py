@@ -6,6 +6,9 @@ study-level search is a single-table query.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import overload
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -25,6 +28,18 @@ from sqlalchemy import (
 from lightbox.dicom.attributes import Attribute, Kind, QueryLevel, at_level
 
 metadata = MetaData()
+
+
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+def as_utc(value: datetime | None) -> datetime | None:
+    """A timestamp read back from the index, in UTC: SQLite hands back naive
+    datetimes (they were written as UTC), PostgreSQL aware ones."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _columns(level: QueryLevel) -> list[Column[object]]:

@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 
-from lightbox.index.schema import instances, metadata, series, studies
+from lightbox.index.schema import as_utc, instances, metadata, series, studies
 
 share_links = Table(
     "share_links",
@@ -75,13 +75,6 @@ share_uids = Table(
 )
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes: they were written as UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 @dataclass(frozen=True)
 class LinkRow:
     """A share link as stored (without its token, which is never kept)."""
@@ -114,10 +107,10 @@ class FailureState:
 def _link(row: Any) -> LinkRow:
     return LinkRow(
         id=row.id, public_id=row.public_id, study_instance_uid=row.study_instance_uid,
-        creator=row.creator, created_at=_utc(row.created_at) or row.created_at,
-        expires_at=_utc(row.expires_at) or row.expires_at, passcode_hash=row.passcode_hash,
+        creator=row.creator, created_at=as_utc(row.created_at) or row.created_at,
+        expires_at=as_utc(row.expires_at) or row.expires_at, passcode_hash=row.passcode_hash,
         allow_download=bool(row.allow_download), deidentify=bool(row.deidentify),
-        access=row.access, uid_secret=row.uid_secret, revoked_at=_utc(row.revoked_at),
+        access=row.access, uid_secret=row.uid_secret, revoked_at=as_utc(row.revoked_at),
         folder_id=row.folder_id, organisation_id=row.organisation_id,
     )
 
@@ -174,8 +167,8 @@ def failures_for_update(conn: Connection, link_id: int) -> FailureState:
                share_links.c.locked_until)
         .where(share_links.c.id == link_id).with_for_update()
     ).one()
-    return FailureState(int(row.failures), _utc(row.failure_window_start),
-                        _utc(row.locked_until))
+    return FailureState(int(row.failures), as_utc(row.failure_window_start),
+                        as_utc(row.locked_until))
 
 
 def save_failures(conn: Connection, link_id: int, state: FailureState) -> None:
@@ -201,7 +194,7 @@ def unlock_expiry(conn: Connection, link_id: int, token_hash: str) -> datetime |
         select(share_unlocks.c.expires_at).where(
             share_unlocks.c.token_hash == token_hash, share_unlocks.c.link_id == link_id)
     ).scalar()
-    return _utc(found)
+    return as_utc(found)
 
 
 # -- de-identified links: public UIDs ---------------------------------------------------

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import quoteattr
 
 from lightbox.errors import BadRequest
-from lightbox.index.audit import as_utc
+from lightbox.index.schema import as_utc
 
 log = logging.getLogger("lightbox.audit")
 

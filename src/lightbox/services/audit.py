@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from lightbox.errors import BadRequest, Forbidden
 from lightbox.index import audit as index
-from lightbox.index.schema import studies
+from lightbox.index.schema import as_utc, studies
 from lightbox.services import atna
 
 if TYPE_CHECKING:  # auth builds on the archive, which builds on this module
@@ -69,7 +69,7 @@ class Caller:
 def row_hash(row: dict[str, Any], prev_hash: str) -> str:
     """SHA-256 over the previous hash and the row's fields, canonically encoded."""
     content = {name: row.get(name) for name in index.FIELDS}
-    content["at"] = index.as_utc(row["at"]).isoformat(timespec="microseconds")
+    content["at"] = as_utc(row["at"]).isoformat(timespec="microseconds")
     encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256((prev_hash + encoded).encode()).hexdigest()
 
@@ -375,7 +375,7 @@ def search(db: Any, principal: Principal, query: AuditQuery,
             older = low if index.exists(conn, before=low, **filters) else None
             newer = high if index.exists(conn, after=high, **filters) else None
     for row in rows:
-        row["at"] = index.as_utc(row["at"])
+        row["at"] = as_utc(row["at"])
         row["detail"] = json.loads(row["detail"]) if row["detail"] else None
     return AuditPage(rows, total, older, newer)
 
@@ -409,6 +409,6 @@ def export_line(row: dict[str, Any], form: str, source_id: str) -> str:
     """One audit row as an export line: JSON, or an ATNA ``AuditMessage``."""
     if form == "atna":
         return atna.to_xml(row, source_id) + "\n"
-    row = {**row, "at": index.as_utc(row["at"]).isoformat(),
+    row = {**row, "at": as_utc(row["at"]).isoformat(),
            "detail": json.loads(row["detail"]) if row["detail"] else None}
     return json.dumps(row, sort_keys=True) + "\n"

@@ -26,7 +26,9 @@ from lightbox.archive import Archive
 from lightbox.errors import BadRequest, NotFound
 from lightbox.index import accounts
 from lightbox.index import folders as index
-from lightbox.index.folders import InvitationRow, Member
+from lightbox.index import invitations as invitations_index
+from lightbox.index.folders import Member
+from lightbox.index.invitations import InvitationRow
 from lightbox.services import access, folders
 from lightbox.services.audit import Caller, Event
 from lightbox.services.auth import EMAIL, Principal, hash_password
@@ -77,7 +79,7 @@ def invite(archive: Archive, principal: Principal, folder: str, who: str, role: 
         raise BadRequest("an inbox is yours alone: make a folder to collaborate")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with archive.db.write() as conn:
-        index.add_invitation(
+        invitations_index.add_invitation(
             conn, token_hash=_digest(token), email=email,
             organisation=view.folder.organisation_id, folder_id=view.folder.id, role=role.value,
             invited_by=principal.user, expires_at=datetime.now(UTC) + INVITATION_LIFETIME)
@@ -132,7 +134,7 @@ def open_invitation(archive: Archive, token: str) -> InvitationRow:
     if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
         raise NotFound(_GONE)
     with archive.db.read() as conn:
-        found = index.invitation(conn, _digest(token))
+        found = invitations_index.invitation(conn, _digest(token))
     if found is None or found.accepted_at is not None or found.expires_at <= datetime.now(UTC):
         raise NotFound(_GONE)
     return found
@@ -152,7 +154,7 @@ def accept_new_account(archive: Archive, token: str, name: str, password: str,
         raise BadRequest("a user name needs 1 to 128 printable characters, without '@'")
     hashed = hash_password(password, name)
     with archive.db.write() as conn:
-        if not index.accept_invitation(conn, invitation.id):
+        if not invitations_index.accept_invitation(conn, invitation.id):
             raise NotFound(_GONE)
         user = accounts.add_user(conn, name, hashed, is_admin=False)
         index.set_profile(conn, user.id, email=invitation.email,
@@ -169,7 +171,7 @@ def accept_as(archive: Archive, principal: Principal, token: str,
     if principal.user_id is None or principal.studies is not None or principal.read_only:
         raise BadRequest("sign in with your own account to accept an invitation")
     with archive.db.write() as conn:
-        if not index.accept_invitation(conn, invitation.id):
+        if not invitations_index.accept_invitation(conn, invitation.id):
             raise NotFound(_GONE)
         _join(conn, invitation, principal.user_id)
     _accepted(archive, invitation, principal.user, caller)
