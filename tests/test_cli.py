@@ -198,3 +198,18 @@ def test_an_empty_list_says_so_on_stderr_and_prints_no_rows(tmp_path: Path) -> N
     assert added.returncode == 0, added.stderr
     listed = run(data, "node", "list")
     assert "PACS" in listed.stdout and listed.stderr == ""
+
+
+def test_a_reader_that_stops_reading_gets_no_traceback(tmp_path: Path) -> None:
+    # `lightbox stats | head -1`, with the reader gone before anything is written.
+    data = tmp_path / "data"
+    assert run(data, "stats").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([*LIGHTBOX, "stats"], env={**os.environ, "LIGHTBOX_DATA": str(data)},
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == ""

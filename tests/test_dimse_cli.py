@@ -11,9 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
 
 from lightbox.archive import Archive
 from lightbox.cli.main import main
+from lightbox.dimse import contexts
+from lightbox.dimse.status import Find
 from tests.conftest import free_port
 from tests.dimse_peers import dcmtk
 
@@ -80,6 +84,49 @@ def test_serve_runs_the_scp_next_to_http_and_stops_cleanly(tmp_path: Path) -> No
     assert code == 0, output
     assert "DICOM SCP ARCHIVE1 listening" in output
     assert "from ECHOSCU@127.0.0.1" in output and "released" in output
+
+
+
+@pytest.mark.filterwarnings("ignore:.*nonsense:UserWarning", "ignore:.*12.00-13.00:UserWarning")
+def test_odd_values_a_peer_sends_are_logged_without_pydicoms_warnings(tmp_path: Path) -> None:
+    """pydicom reports a value it cannot read on its logger and again as a
+    Python warning (two more lines, its file and source line): the server
+    keeps the logger's line, so that a hostile peer fills the log less."""
+    data, http_port, dicom_port = tmp_path / "data", free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+    lightbox = [sys.executable, "-m", "lightbox"]
+    subprocess.run([*lightbox, "node", "add", "odd", "--aet", "ODDSCU", "--host", "127.0.0.1",
+                    "--port", "104", "--data", str(data)], env=env, check=True, timeout=120)
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([*lightbox, "serve", "--data", str(data), "--http-port",
+                             str(http_port), "--dicom-port", str(dicom_port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_port(dicom_port, proc)
+        ae = AE(ae_title="ODDSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(contexts.STUDY_ROOT_FIND)
+        assoc = ae.associate("127.0.0.1", dicom_port, ae_title="LIGHTBOX")
+        assert assoc.is_established
+        statuses = []
+        for charset, uid in (("nonsense", "1.2.3"), ("ISO_IR 100", "12:00-13:00")):
+            identifier = Dataset()
+            identifier.SpecificCharacterSet = charset
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = uid
+            answers = assoc.send_c_find(identifier, contexts.STUDY_ROOT_FIND)
+            statuses += [status.Status for status, _ in answers]
+        assoc.release()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert statuses == [Find.SUCCESS, Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS]
+    assert "Unknown encoding 'nonsense'" in output
+    assert "Invalid value for VR UI: '12:00-13:00'" in output
+    for warned in ("UserWarning", "warn_and_log", "pydicom/"):
+        assert warned not in output, output
 
 
 BAD_SCU_ARGUMENTS = [

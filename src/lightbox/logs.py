@@ -4,6 +4,7 @@ messages saying what happened, the libraries' chatter below that kept out."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 # Where pydicom logs each decoding plugin's failure on a frame.
 _DECODER_ATTEMPTS = "pydicom.pixels.decoders.base"
@@ -16,6 +17,16 @@ def configure(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
     quiet_decoder_attempts()
+    quiet_pydicom_warnings()
+
+
+def quiet_pydicom_warnings() -> None:
+    """Keep one line per problem pydicom meets in what a peer sent. pydicom
+    says each twice: on its logger (kept) and as a Python warning, which
+    prints two more lines (pydicom's file and source line) for every odd
+    value, character set or length: a hostile peer could fill the log with
+    them. Every warning pydicom raises also goes to its logger."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def quiet_decoder_attempts() -> None:

@@ -315,10 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logs.quiet_decoder_attempts()
+    logs.quiet_pydicom_warnings()
     commands = {**COMMANDS, **dimse.commands(_open), **audit.commands(_open),
                 **share.commands(_open), **folders.commands(_open)}
     try:
-        return int(commands[args.command](args))
+        code = int(commands[args.command](args))
+        sys.stdout.flush()  # a reader gone shows here, not in a traceback at exit
+        return code
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (`lightbox audit … | head`).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except LightboxError as exc:
         print(f"lightbox: {exc.message}", file=sys.stderr)
         return 2
