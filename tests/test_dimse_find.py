@@ -3,13 +3,19 @@ level, with wildcard, date-range and UID-list keys; refusals name their reason."
 
 from __future__ import annotations
 
+import logging
+import struct
 import warnings
 from pathlib import Path
 
 import pydicom
+import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
@@ -236,3 +242,42 @@ def test_unknown_required_keys_match_any_value_in_c_find_only(
     with loaded.db.read() as conn:
         hits = index_search.search(conn, query, limit=100)
     assert {hit.values["StudyInstanceUID"].rsplit(".", 1)[1] for hit in hits} == {"1", "2"}
+
+
+def _with_vr(identifier: Dataset, keyword: str, vr: bytes) -> bytes:
+    """``identifier`` in Explicit VR Little Endian, ``keyword``'s VR replaced by ``vr``."""
+    encoded = encode(identifier, False, True)
+    assert encoded is not None
+    raw = bytearray(encoded)
+    tag = Tag(keyword)
+    at = raw.index(struct.pack("<HH", tag.group, tag.elem))
+    raw[at + 4:at + 6] = vr
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("model", [contexts.STUDY_ROOT_FIND, contexts.STUDY_ROOT_GET])
+def test_a_value_that_cannot_be_read_is_the_peers_error(
+    loaded: Archive, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    model: str,
+) -> None:
+    # A StudyInstanceUID whose VR is no VR: pydicom refuses it only when it is
+    # first looked at, which for C-GET (and C-MOVE) was after the level.
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = _study_uid("1")
+    raw = _with_vr(identifier, "StudyInstanceUID", b"Uj")
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *args, **kwargs: raw)
+    ae = AE(ae_title="FINDSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(model, ExplicitVRLittleEndian)
+    with caplog.at_level(logging.WARNING), scp(loaded) as server:
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX")
+        assert assoc.is_established
+        try:
+            send = assoc.send_c_find if model == contexts.STUDY_ROOT_FIND else assoc.send_c_get
+            answers = [status for status, _ in send(identifier, model)]
+        finally:
+            assoc.release()
+    assert int(answers[-1].Status) == Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert "unreadable identifier: Unknown Value Representation" in answers[-1].ErrorComment
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

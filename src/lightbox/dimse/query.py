@@ -108,18 +108,26 @@ def _keyword(elem: DataElement) -> str:
     return elem.keyword or f"{int(elem.tag):08X}"
 
 
+def _elements(identifier: Dataset) -> list[DataElement]:
+    """The identifier's elements, each decoded now. pydicom decodes lazily, so
+    a value it cannot read (a VR that is none, a length past the end) would
+    otherwise surface wherever the element is first looked at; here it is
+    the peer's error, BadRequest, whatever the request."""
+    try:
+        return [e for e in identifier if e.tag.group not in (0x0000, 0x0002)]
+    except Exception as exc:
+        raise BadRequest(f"unreadable identifier: {exc}") from exc
+
+
 def find_request(identifier: Dataset, model: str) -> FindRequest:
     """Parse a C-FIND identifier; BadRequest when it cannot be answered."""
     # PS3.4 C.2.2.1.2: an entity with an empty Required Key matches any value of it.
     patient_root = model in contexts.PATIENT_ROOT
     required = PATIENT_ROOT_REQUIRED_KEYS if patient_root else STUDY_ROOT_REQUIRED_KEYS
+    elements = _elements(identifier)
     query = Query(level=level_of(identifier, model), unknown_matches=required)
     keys: list[ReturnKey] = []
     unmatched: list[str] = []
-    try:
-        elements = [e for e in identifier if e.tag.group not in (0x0000, 0x0002)]
-    except Exception as exc:  # pydicom decodes lazily: any bad element surfaces here
-        raise BadRequest(f"unreadable identifier: {exc}") from exc
     if len(elements) > MAX_KEYS:
         raise BadRequest(f"too many keys (at most {MAX_KEYS})")
     for elem in elements:
@@ -193,7 +201,9 @@ def _uid_list(identifier: Dataset, keyword: str, *, single: bool) -> tuple[str, 
 
 
 def retrieve_request(identifier: Dataset, model: str) -> RetrieveRequest:
-    """Parse a C-MOVE / C-GET identifier; BadRequest when a unique key is missing."""
+    """Parse a C-MOVE / C-GET identifier; BadRequest when a unique key is
+    missing or a value cannot be read."""
+    _elements(identifier)
     level = level_of(identifier, model)
     if level is QueryLevel.PATIENT:
         pid = str(identifier.get("PatientID", "") or "").strip()
