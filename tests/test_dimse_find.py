@@ -255,17 +255,29 @@ def _with_vr(identifier: Dataset, keyword: str, vr: bytes) -> bytes:
     return bytes(raw)
 
 
+# A StudyInstanceUID whose VR is no VR (pydicom refuses it only when it is first
+# looked at: for C-GET and C-MOVE that was after the level, and it became an
+# internal error); a sequence of undefined length that never ends (the bytes
+# are no dataset at all).
+UNREADABLE = {
+    "a VR that is none": (lambda ds: _with_vr(ds, "StudyInstanceUID", b"Uj"),
+                          "Unknown Value Representation"),
+    "an endless sequence": (lambda ds: _with_vr(ds, "StudyInstanceUID", b"UI")
+                            + b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff", "No tag to read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
 @pytest.mark.parametrize("model", [contexts.STUDY_ROOT_FIND, contexts.STUDY_ROOT_GET])
-def test_a_value_that_cannot_be_read_is_the_peers_error(
+def test_an_identifier_that_cannot_be_read_is_the_peers_error(
     loaded: Archive, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    model: str,
+    model: str, case: str,
 ) -> None:
-    # A StudyInstanceUID whose VR is no VR: pydicom refuses it only when it is
-    # first looked at, which for C-GET (and C-MOVE) was after the level.
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = _study_uid("1")
-    raw = _with_vr(identifier, "StudyInstanceUID", b"Uj")
+    make, reason = UNREADABLE[case]
+    raw = make(identifier)
     monkeypatch.setattr(pynetdicom.association, "encode", lambda *args, **kwargs: raw)
     ae = AE(ae_title="FINDSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
@@ -279,5 +291,6 @@ def test_a_value_that_cannot_be_read_is_the_peers_error(
         finally:
             assoc.release()
     assert int(answers[-1].Status) == Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
-    assert "unreadable identifier: Unknown Value Representation" in answers[-1].ErrorComment
+    assert answers[-1].ErrorComment.startswith("unreadable identifier: ")
+    assert reason in answers[-1].ErrorComment
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

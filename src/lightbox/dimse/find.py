@@ -35,16 +35,14 @@ def find(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterat
         yield status_dataset(Find.NOT_AUTHORIZED, "not a known node"), None
         return
     try:
-        request = query.find_request(event.identifier, str(event.context.abstract_syntax))
+        identifier = query.received_identifier(event)
+        request = query.find_request(identifier, str(event.context.abstract_syntax))
     except LightboxError as exc:
         yield status_dataset(find_failure(exc), exc.message), None
         return
-    except Exception as exc:  # an identifier pydicom cannot decode
-        yield status_dataset(Find.UNABLE_TO_PROCESS, f"unreadable identifier: {exc}"), None
-        return
     archive.audit.record(AuditEvent(
         "query", f"dicom:{peer.ae_title}", source=peer.address,
-        detail={"service": "C-FIND", "identifier": _keys(event.identifier)},
+        detail={"service": "C-FIND", "identifier": _keys(identifier)},
     ))
     if request.unmatched:
         log.info("C-FIND from %s: keys not supported for matching: %s", peer,

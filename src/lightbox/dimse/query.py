@@ -18,6 +18,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName, validate_value
+from pynetdicom.events import Event
 
 from lightbox.dicom import uids
 from lightbox.dicom.attributes import (
@@ -106,6 +107,15 @@ def encoded_value(elem: DataElement) -> str | None:
 
 def _keyword(elem: DataElement) -> str:
     return elem.keyword or f"{int(elem.tag):08X}"
+
+
+def received_identifier(event: Event) -> Dataset:
+    """The identifier of a C-FIND, C-MOVE or C-GET request; BadRequest when its
+    bytes are not a dataset at all."""
+    try:
+        return event.identifier
+    except Exception as exc:  # pynetdicom decodes it on first access
+        raise BadRequest(f"unreadable identifier: {exc}") from exc
 
 
 def _elements(identifier: Dataset) -> list[DataElement]:

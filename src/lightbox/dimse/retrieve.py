@@ -124,7 +124,8 @@ def _resolve(
 ) -> tuple[list[StoredInstance], Dataset | None]:
     """The instances to send, or a failure status to answer with instead."""
     try:
-        request = query.retrieve_request(event.identifier, str(event.context.abstract_syntax))
+        identifier = query.received_identifier(event)
+        request = query.retrieve_request(identifier, str(event.context.abstract_syntax))
         found = instances_for(archive, principal_for(archive, peer), request)
     except LightboxError as exc:
         return [], status_dataset(retrieve_failure(exc), exc.message)
