@@ -3,6 +3,7 @@ Storage Commitment (pynetdicom SCU, on the same and on a new association)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -11,12 +12,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pydicom
+import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import split_dataset
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from sqlalchemy import select
@@ -24,7 +26,7 @@ from sqlalchemy import select
 from lightbox.archive import Archive
 from lightbox.dimse import contexts, scu
 from lightbox.dimse.access import operator_principal
-from lightbox.dimse.status import CommitmentFailure, EventType, Retrieve
+from lightbox.dimse.status import Action, CommitmentFailure, EventType, Retrieve
 from lightbox.index.schema import instances
 from lightbox.services import nodes, retrieve
 from lightbox.services.ingest import Offer, Status, store_instances
@@ -253,6 +255,58 @@ def test_storage_commitment_reports_on_the_same_association(
     assert event_type == EventType.FAILURES_EXIST
     assert report.TransactionUID == info.TransactionUID
     assert _outcomes(report) == expected
+
+
+
+def _bad_commitment_requests() -> dict[str, tuple[Dataset | bytes | None, int, Action, str]]:
+    """Name: (Action Information, or its bytes; Action Type ID; status; reason)."""
+    no_transaction = Dataset()
+    no_transaction.ReferencedSOPSequence = [Dataset()]
+    bad_transaction = Dataset()
+    bad_transaction.TransactionUID = "1.2.x"
+    no_references = Dataset()
+    no_references.TransactionUID = generate_uid(prefix=ROOT)
+    endless = encode(no_references, False, True)
+    assert endless is not None
+    # A sequence of undefined length that never ends: the bytes are no dataset.
+    endless += b"\x08\x00\x99\x11SQ\x00\x00\xff\xff\xff\xff"
+    return {
+        "no information": (None, 1, Action.MISSING_ATTRIBUTE, "Transaction UID is missing"),
+        "another action": (no_references, 2, Action.NO_SUCH_ACTION_TYPE, "Action Type"),
+        "no transaction": (no_transaction, 1, Action.MISSING_ATTRIBUTE, "Transaction UID"),
+        "a bad transaction": (bad_transaction, 1, Action.INVALID_ARGUMENT_VALUE, "valid UID"),
+        "no references": (no_references, 1, Action.MISSING_ATTRIBUTE, "Referenced SOP"),
+        "unreadable": (endless, 1, Action.INVALID_ARGUMENT_VALUE,
+                       "unreadable Action Information: No tag to read"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # sent on purpose
+@pytest.mark.parametrize("case", ["no information", "another action", "no transaction",
+                                  "a bad transaction", "no references", "unreadable"])
+def test_a_bad_storage_commitment_request_is_refused_with_its_reason(
+    study: tuple[Archive, str, list[Path]], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, case: str,
+) -> None:
+    archive = study[0]
+    info, action, expected, reason = _bad_commitment_requests()[case]
+    if isinstance(info, bytes):
+        raw = info
+        monkeypatch.setattr(pynetdicom.association, "encode", lambda *args, **kwargs: raw)
+        info = Dataset()
+    reports: list[Event] = []
+    with caplog.at_level(logging.WARNING), scp(archive) as server:
+        assoc, _answered = commitment_requester(server.port, reports.append)
+        try:
+            status, _reply = assoc.send_n_action(
+                info, action, contexts.STORAGE_COMMITMENT, contexts.STORAGE_COMMITMENT_INSTANCE)
+            time.sleep(0.5)  # a report, were one sent, would come meanwhile
+        finally:
+            assoc.release()
+    assert int(status.Status) == expected
+    assert reason in status.ErrorComment
+    assert reports == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_storage_commitment_refuses_an_instance_whose_file_is_gone(

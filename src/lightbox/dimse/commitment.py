@@ -47,7 +47,18 @@ class _Invalid(Exception):
         self.status = status
 
 
-def _references(info: Dataset) -> tuple[str, list[Reference]]:
+def _references(event: Event) -> tuple[str, list[Reference]]:
+    """The request's Transaction UID and references; _Invalid says what is wrong."""
+    try:
+        return _read_references(event.action_information)  # empty when none came
+    except _Invalid:
+        raise
+    except Exception as exc:  # decoded on first access: bytes that are no dataset
+        raise _Invalid(Action.INVALID_ARGUMENT_VALUE,
+                       f"unreadable Action Information: {exc}") from exc
+
+
+def _read_references(info: Dataset) -> tuple[str, list[Reference]]:
     transaction = str(info.get("TransactionUID", "") or "")
     if not transaction:
         raise _Invalid(Action.MISSING_ATTRIBUTE, "Transaction UID is missing")
@@ -76,7 +87,7 @@ def request(archive: Archive, peer: Peer, session: Session, event: Event) -> tup
     if event.action_type != REQUEST_STORAGE_COMMITMENT:
         return status_dataset(Action.NO_SUCH_ACTION_TYPE, "unknown Action Type ID"), None
     try:
-        transaction, refs = _references(event.action_information)
+        transaction, refs = _references(event)
         result = commitment.commit(archive, principal_for(archive, peer), transaction, refs)
     except _Invalid as exc:
         return status_dataset(exc.status, str(exc)), None
