@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,10 @@ def test_node_add_list_remove(archive: Archive, capsys: pytest.CaptureFixture[st
     assert code == 2 and "no node named 'pacs'" in message
 
 
+_ENV = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
+LIGHTBOX = [sys.executable, "-m", "lightbox"]
+
+
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -65,26 +72,43 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
     raise AssertionError(f"nothing listens on {port}")
 
 
+class Served:
+    """A ``lightbox serve`` process: its ports, and its log once it has stopped."""
+
+    def __init__(self, data: Path) -> None:
+        self.data, self.http_port, self.dicom_port = data, free_port(), free_port()
+        self.log_path = data.parent / "serve.log"
+        self.code: int | None = None
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def serving(data: Path, *options: str) -> Iterator[Served]:
+    """``lightbox serve`` on free ports until the block ends (then SIGTERM)."""
+    served = Served(data)
+    argv = [*LIGHTBOX, "serve", "--data", str(data), "--http-port", str(served.http_port),
+            "--dicom-port", str(served.dicom_port), *options]
+    with served.log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_ENV)
+        try:
+            _wait_port(served.dicom_port, proc)
+            _wait_port(served.http_port, proc)
+            yield served
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            served.code = proc.wait(timeout=20)
+
+
 def test_serve_runs_the_scp_next_to_http_and_stops_cleanly(tmp_path: Path) -> None:
-    http_port, dicom_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "lightbox", "serve", "--data", str(tmp_path / "data"),
-            "--http-port", str(http_port), "--dicom-port", str(dicom_port), "--aet", "ARCHIVE1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_port(dicom_port, proc)
-        _wait_port(http_port, proc)
-        dcmtk("echoscu", "-aec", "ARCHIVE1", "127.0.0.1", str(dicom_port))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-        log.close()
-    output = (tmp_path / "serve.log").read_text()
-    assert code == 0, output
+    with serving(tmp_path / "data", "--aet", "ARCHIVE1") as served:
+        dcmtk("echoscu", "-aec", "ARCHIVE1", "127.0.0.1", str(served.dicom_port))
+    output = served.log
+    assert served.code == 0, output
     assert "DICOM SCP ARCHIVE1 listening" in output
     assert "from ECHOSCU@127.0.0.1" in output and "released" in output
-
 
 
 @pytest.mark.filterwarnings("ignore:.*nonsense:UserWarning", "ignore:.*12.00-13.00:UserWarning")
@@ -92,21 +116,14 @@ def test_odd_values_a_peer_sends_are_logged_without_pydicoms_warnings(tmp_path: 
     """pydicom reports a value it cannot read on its logger and again as a
     Python warning (two more lines, its file and source line): the server
     keeps the logger's line, so that a hostile peer fills the log less."""
-    data, http_port, dicom_port = tmp_path / "data", free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
-    lightbox = [sys.executable, "-m", "lightbox"]
-    subprocess.run([*lightbox, "node", "add", "odd", "--aet", "ODDSCU", "--host", "127.0.0.1",
-                    "--port", "104", "--data", str(data)], env=env, check=True, timeout=120)
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([*lightbox, "serve", "--data", str(data), "--http-port",
-                             str(http_port), "--dicom-port", str(dicom_port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_port(dicom_port, proc)
+    data = tmp_path / "data"
+    subprocess.run([*LIGHTBOX, "node", "add", "odd", "--aet", "ODDSCU", "--host", "127.0.0.1",
+                    "--port", "104", "--data", str(data)], env=_ENV, check=True, timeout=120)
+    with serving(data) as served:
         ae = AE(ae_title="ODDSCU")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.add_requested_context(contexts.STUDY_ROOT_FIND)
-        assoc = ae.associate("127.0.0.1", dicom_port, ae_title="LIGHTBOX")
+        assoc = ae.associate("127.0.0.1", served.dicom_port, ae_title="LIGHTBOX")
         assert assoc.is_established
         statuses = []
         for charset, uid in (("nonsense", "1.2.3"), ("ISO_IR 100", "12:00-13:00")):
@@ -117,16 +134,44 @@ def test_odd_values_a_peer_sends_are_logged_without_pydicoms_warnings(tmp_path: 
             answers = assoc.send_c_find(identifier, contexts.STUDY_ROOT_FIND)
             statuses += [status.Status for status, _ in answers]
         assoc.release()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-        log.close()
-    output = (tmp_path / "serve.log").read_text()
+    output = served.log
     assert statuses == [Find.SUCCESS, Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS]
     assert "Unknown encoding 'nonsense'" in output
     assert "Invalid value for VR UI: '12:00-13:00'" in output
     for warned in ("UserWarning", "warn_and_log", "pydicom/"):
         assert warned not in output, output
+
+
+def _association_request(calling: bytes, items: bytes) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with ``items`` as its variable items."""
+    body = (b"\x00\x01\x00\x00" + b"LIGHTBOX".ljust(16) + calling.ljust(16) + bytes(32)
+            + items)
+    return b"\x01\x00" + struct.pack(">L", len(body)) + body
+
+
+MALFORMED_REQUESTS = {
+    # An item whose length runs past the end of the PDU.
+    "an item longer than its PDU": _association_request(b"STORESCU", b"\x10\x00\x00\xff1.2"),
+    # A calling AE title that is not ASCII.
+    "a calling AE title beyond ASCII": _association_request(
+        "SCU\u00e9".encode("latin-1"), b"\x10\x00\x00\x15" + b"1.2.840.10008.3.1.1.1"),
+}
+
+
+def test_malformed_requests_are_logged_in_a_line_each_not_a_traceback(tmp_path: Path) -> None:
+    """pynetdicom logs the traceback of its own decoding code for every PDU it
+    cannot decode; the server keeps the line that says what was wrong."""
+    with serving(tmp_path / "data") as served:
+        for request in MALFORMED_REQUESTS.values():
+            with socket.create_connection(("127.0.0.1", served.dicom_port), timeout=10) as s:
+                s.sendall(request)
+                answer = s.recv(1)  # an abort or a rejection, or the connection closes
+                assert answer in (b"", b"\x03", b"\x07"), answer
+        dcmtk("echoscu", "-aec", "LIGHTBOX", "127.0.0.1", str(served.dicom_port))
+    output = served.log
+    assert "Unable to decode the received PDU data" in output
+    assert "AssertionError" in output and "UnicodeDecodeError" in output
+    assert "Traceback" not in output and "pynetdicom/" not in output, output
 
 
 BAD_SCU_ARGUMENTS = [

@@ -8,6 +8,10 @@ import warnings
 
 # Where pydicom logs each decoding plugin's failure on a frame.
 _DECODER_ATTEMPTS = "pydicom.pixels.decoders.base"
+# Where pynetdicom logs what it could not decode of what a peer sent: a PDU, an
+# AE title or UID, a DIMSE message. (Its other modules log the tracebacks of
+# exceptions in our handlers, which stay.)
+_PEER_INPUT = ("pynetdicom.dul", "pynetdicom.utils", "pynetdicom.dimse")
 
 
 def configure(level: str) -> None:
@@ -18,6 +22,20 @@ def configure(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl …" at every start
     quiet_decoder_attempts()
     quiet_pydicom_warnings()
+    for name in _PEER_INPUT:
+        logger = logging.getLogger(name)
+        if _one_line not in logger.filters:
+            logger.addFilter(_one_line)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """An exception pynetdicom met decoding a peer's bytes, as one line (its
+    type and message) instead of a traceback of pynetdicom's own code."""
+    if record.exc_info is not None and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        record.msg, record.args = f"{type(exc).__name__}: {exc}", None
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def quiet_pydicom_warnings() -> None:
