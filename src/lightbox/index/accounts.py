@@ -169,7 +169,7 @@ def list_tokens(conn: Connection, user: str | None = None) -> list[TokenInfo]:
     if user is not None:
         query = query.where(users.c.name == user)
     return [
-        TokenInfo(r.id, r.name, r.label, r.scope, as_utc(r.created_at) or r.created_at,
+        TokenInfo(r.id, r.name, r.label, r.scope, as_utc(r.created_at),
                   as_utc(r.expires_at), bool(r.revoked))
         for r in conn.execute(query)
     ]
@@ -198,7 +198,7 @@ def login_failures_of(conn: Connection, user_id: int) -> Failures | None:
     ).first()
     if row is None:
         return None
-    return Failures(row.failures, as_utc(row.window_start) or row.window_start,
+    return Failures(row.failures, as_utc(row.window_start),
                     as_utc(row.locked_until))
 
 

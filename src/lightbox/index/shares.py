@@ -107,8 +107,8 @@ class FailureState:
 def _link(row: Any) -> LinkRow:
     return LinkRow(
         id=row.id, public_id=row.public_id, study_instance_uid=row.study_instance_uid,
-        creator=row.creator, created_at=as_utc(row.created_at) or row.created_at,
-        expires_at=as_utc(row.expires_at) or row.expires_at, passcode_hash=row.passcode_hash,
+        creator=row.creator, created_at=as_utc(row.created_at),
+        expires_at=as_utc(row.expires_at), passcode_hash=row.passcode_hash,
         allow_download=bool(row.allow_download), deidentify=bool(row.deidentify),
         access=row.access, uid_secret=row.uid_secret, revoked_at=as_utc(row.revoked_at),
         folder_id=row.folder_id, organisation_id=row.organisation_id,
