@@ -17,16 +17,15 @@ import pytest
 
 from lightbox.errors import BadRequest, TooLarge
 from lightbox.storage import direct
-from lightbox.web import multipart
+from lightbox.web import part_files
 from lightbox.web.multipart import (
-    Part,
     closing,
     encode_parts,
-    iter_parts,
     new_boundary,
     parse_content_type,
     part_header,
 )
+from lightbox.web.multipart_reader import Part, iter_parts
 
 B = "Boundary_0123-abc"
 BB = B.encode()
@@ -379,7 +378,7 @@ def test_many_parts_ahead_of_a_slow_disk_stay_in_bounded_memory(
     assert peak < 4 << 20, f"peak traced memory {peak} bytes"
     made = direct._buffers.made - buffers_before
     # What may wait to be written, the buffer being filled, one more at the turn.
-    assert made * direct.CHUNK <= multipart._BACKLOG + 2 * direct.CHUNK, f"{made} buffers made"
+    assert made * direct.CHUNK <= part_files._BACKLOG + 2 * direct.CHUNK, f"{made} buffers made"
     assert len(parts) == 100 and all(part.path.read_bytes() == body for part in parts)
 
 

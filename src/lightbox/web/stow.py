@@ -35,7 +35,8 @@ from lightbox.services.ingest import (
 )
 from lightbox.web import context
 from lightbox.web.errors import warning_value
-from lightbox.web.multipart import Part, iter_parts, parse_content_type
+from lightbox.web.multipart import parse_content_type
+from lightbox.web.multipart_reader import Part, iter_parts
 
 DICOM_TYPES = ("application/dicom",)
 
