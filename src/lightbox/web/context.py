@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lightbox.archive import Archive
+from lightbox.dicom import uids
 from lightbox.dicom.dicomjson import BASE_PLACEHOLDER
 from lightbox.errors import BadRequest, Forbidden, NotAcceptable, Unauthenticated
 from lightbox.services.audit import Caller
@@ -106,6 +107,16 @@ def principal(request: Request) -> Principal:
             require_same_origin(request)
     request.scope["lightbox.principal"] = found
     return found
+
+
+def path_uids(request: Request) -> tuple[str, str | None, str | None]:
+    """The study, series and instance UIDs of a DICOMweb path, checked (series and
+    instance None where the path names none)."""
+    p = request.path_params
+    study = uids.require_uid(p["study"], "StudyInstanceUID")
+    series = uids.require_uid(p["series"], "SeriesInstanceUID") if "series" in p else None
+    sop = uids.require_uid(p["instance"], "SOPInstanceUID") if "instance" in p else None
+    return study, series, sop
 
 
 def base_url(request: Request) -> str:

@@ -8,11 +8,10 @@ from starlette.routing import Route
 
 from lightbox.services import manage
 from lightbox.web import context
-from lightbox.web.wado import _uids
 
 
 async def delete(request: Request) -> Response:
-    study, series, sop = _uids(request)
+    study, series, sop = context.path_uids(request)
     archive = context.archive(request)
     principal = context.principal(request)
     cache = context.instance_cache(request)

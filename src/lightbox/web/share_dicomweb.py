@@ -28,7 +28,7 @@ from lightbox.index.instances import StoredInstance
 from lightbox.services import shared_study, sharing
 from lightbox.services.auth import Principal
 from lightbox.services.sharing import ShareLink
-from lightbox.web import context, qido, wado
+from lightbox.web import bulkdata, context, qido, wado
 from lightbox.web.audit import StatusNote
 from lightbox.web.multipart import closing, new_boundary, part_header
 
@@ -184,7 +184,7 @@ def _search(level: QueryLevel):  # type: ignore[no-untyped-def]
 async def _metadata(request: Request) -> Response:
     # The same path parsing, Accept rules and transfer syntax choice as the
     # plain routes, so a de-identified answer differs only in its content.
-    study, series, sop = wado._uids(request)
+    study, series, sop = context.path_uids(request)
     link: ShareLink = request.scope["lightbox.share"]
     payload = await context.blocking(
         shared_study.metadata_deidentified, context.archive(request), link,
@@ -193,14 +193,14 @@ async def _metadata(request: Request) -> Response:
 
 
 async def _instances(request: Request) -> Response:
-    study, series, sop = wado._uids(request)
-    choices = wado._syntax_choices(request.headers.get("accept"))
+    study, series, sop = context.path_uids(request)
+    choices = wado.syntax_choices(request.headers.get("accept"))
     archive = context.archive(request)
     link: ShareLink = request.scope["lightbox.share"]
     found = await context.blocking(
         shared_study.shown_instances, archive, link, context.principal(request),
         study, series, sop)
-    chosen = [(i, wado._choose_syntax(i, choices)) for i in found]
+    chosen = [(i, wado.choose_syntax(i, choices)) for i in found]
 
     def convert(instance: StoredInstance, syntax: str) -> bytes:
         return shared_study.instance_deidentified(archive, link, instance, syntax)
@@ -237,7 +237,7 @@ def _deidentified_routes() -> list[Route]:
         Route("/studies/{study}/series/{series}/metadata", _metadata),
         Route(instance + "/metadata", _metadata),
         Route(instance + "/frames/{frames}", wado.frames),
-        Route(instance + "/bulkdata/{path:path}", wado.bulkdata),
+        Route(instance + "/bulkdata/{path:path}", bulkdata.bulkdata),
         Route(instance + "/rendered", wado.rendered),
         Route(instance + "/thumbnail", wado.rendered),
         Route(instance + "/frames/{frame:int}/rendered", wado.rendered),
