@@ -148,7 +148,7 @@ def compress(dest: Path) -> None:
     """Compress the build's text files once, for every server process to send
     (a no-op for files already done)."""
     try:
-        from lightbox.web.viewer import ViewerBuild
+        from lightbox.web.viewer_build import ViewerBuild
     except ImportError:
         return  # not installed into this Python: the server compresses on first use
     count = ViewerBuild(dest).prepare()

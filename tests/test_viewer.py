@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from lightbox.archive import Archive
-from lightbox.web.viewer import ViewerBuild, packed_folder
+from lightbox.web.viewer_build import ViewerBuild, packed_folder
 from tests.conftest import VIEWER_DIR, RunningServer, serving
 
 ROOT = Path(__file__).resolve().parent.parent
