@@ -13,7 +13,7 @@ import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
@@ -294,3 +294,47 @@ def test_an_identifier_that_cannot_be_read_is_the_peers_error(
     assert answers[-1].ErrorComment.startswith("unreadable identifier: ")
     assert reason in answers[-1].ErrorComment
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+def test_matches_reach_the_peer_in_its_transfer_syntax_and_pdu_size(
+    loaded: Archive, tmp_path: Path, syntax: str
+) -> None:
+    """Matches are encoded by hand (``dimse.matches``, ``dimse.responses``) in
+    either syntax the SCP accepts for queries; the peer reads the same answers,
+    here through a 128-byte maximum PDU that splits every response, with a
+    name beyond ASCII sent in UTF-8 and an empty sequence asked for."""
+    umlaut = ct_dataset(study=_study_uid("4"), patient_id="P3", patient_name="MÜLLER^JÖRG",
+                        SpecificCharacterSet="ISO_IR 192", Modality="MR")
+    assert store_instances(loaded, [Offer(write(umlaut, tmp_path / "u.dcm"), "test")])[0].status \
+        is Status.STORED
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "ModalitiesInStudy",
+                    "NumberOfStudyRelatedInstances", "StudyDate"):
+        setattr(identifier, keyword, "")
+    identifier.ReferencedStudySequence = []
+    ae = AE(ae_title="FINDSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.maximum_pdu_size = 128
+    ae.add_requested_context(contexts.STUDY_ROOT_FIND, syntax)
+    with scp(loaded) as server:
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="LIGHTBOX")
+        assert assoc.is_established
+        try:
+            answers = list(assoc.send_c_find(identifier, contexts.STUDY_ROOT_FIND))
+        finally:
+            assoc.release()
+    assert [int(status.Status) for status, _ in answers] == [Find.PENDING] * 4 + [Find.SUCCESS]
+    found = {str(m.StudyInstanceUID): m for _, m in answers[:-1]}
+    assert {uid: (str(m.PatientName), m.PatientID, m.ModalitiesInStudy,
+                  int(m.NumberOfStudyRelatedInstances), m.StudyDate, len(m.ReferencedStudySequence))
+            for uid, m in found.items()} == {
+        _study_uid("1"): ("SMITH^ANNA", "P1", "CT", 3, "20240115", 0),
+        _study_uid("2"): ("SMITH^ANNA", "P1", "MR", 2, "20240620", 0),
+        _study_uid("3"): ("JONES^BOB", "P2", "CT", 1, "20241201", 0),
+        _study_uid("4"): ("MÜLLER^JÖRG", "P3", "MR", 1, "20240301", 0),
+    }
+    assert found[_study_uid("4")].SpecificCharacterSet == "ISO_IR 192"
+    assert "SpecificCharacterSet" not in found[_study_uid("1")]
+    assert all(m.QueryRetrieveLevel == "STUDY" for m in found.values())

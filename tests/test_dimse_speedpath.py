@@ -23,15 +23,15 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
-from lightbox.dimse import contexts, store, streaming
-from lightbox.dimse.status import Store, status_dataset
+from lightbox.dimse import contexts, responses, store, streaming
+from lightbox.dimse.status import Find, Store, status_dataset
 from lightbox.dimse.streaming import C_STORE_RQ_FIELD
 from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
@@ -98,7 +98,54 @@ def test_store_response_is_what_pynetdicom_encodes(
     message.primitive_to_message(answer)
     message._set_command_group_length()
     expected = encode(message.command_set, True, True)
-    assert streaming.store_response(request, status_dataset(status, comment)) == expected
+    assert responses.store_response(request, status_dataset(status, comment)) == expected
+
+
+@pytest.mark.parametrize(("status", "comment", "identifier"), [
+    (Find.PENDING, None, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "),
+    (Find.PENDING_WARNING, None, b"\x10\x00\x10\x00\x04\x00\x00\x00A^B " * 40),
+    (Find.SUCCESS, None, None),
+    (Find.OUT_OF_RESOURCES, "more than 10 matches: narrow the query", None),
+])
+@pytest.mark.parametrize("max_pdu", [0, 64, 16384])
+def test_find_response_is_what_pynetdicom_sends(
+    status: int, comment: str | None, identifier: bytes | None, max_pdu: int
+) -> None:
+    answer = C_FIND()
+    answer.MessageIDBeingRespondedTo = 9
+    answer.AffectedSOPClassUID = contexts.STUDY_ROOT_FIND
+    answer.Status = status
+    answer.ErrorComment = comment
+    answer.Identifier = BytesIO(identifier) if identifier is not None else None
+    message = C_FIND_RSP()
+    message.primitive_to_message(answer)
+    expected = [p.presentation_data_value_list for p in message.encode_msg(5, max_pdu)]
+    command = responses.find_response(answer)
+    assert command is not None
+    ours = responses.p_data(5, command, identifier or b"", max_pdu)
+    assert [p.presentation_data_value_list for p in ours] == expected
+
+
+def test_a_find_response_comment_is_sent_as_lo_in_ascii() -> None:
+    # Error Comment is LO (64 characters at most) in the default repertoire.
+    answer = C_FIND()
+    answer.MessageIDBeingRespondedTo = 2
+    answer.Status = Find.UNABLE_TO_PROCESS
+    answer.ErrorComment = "é" * 70
+    command = responses.find_response(answer)
+    assert command is not None
+    assert decode(BytesIO(command), True, True).ErrorComment == "?" * 64
+
+
+def test_a_find_response_naming_an_offending_element_is_left_to_pynetdicom() -> None:
+    answer = C_FIND()
+    answer.MessageIDBeingRespondedTo = 1
+    answer.Status = Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    answer.OffendingElement = [0x00100010]
+    assert responses.find_response(answer) is None
+    request = C_FIND()
+    request.MessageID = 1
+    assert responses.find_response(request) is None  # no response at all
 
 
 _PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
@@ -170,7 +217,7 @@ def test_status_with_more_than_a_comment_is_left_to_pynetdicom() -> None:
     request.MessageID = 1
     status = status_dataset(Store.CANNOT_UNDERSTAND, "bad")
     status.OffendingElement = [0x00080018]
-    assert streaming.store_response(request, status) is None
+    assert responses.store_response(request, status) is None
 
 
 def test_peer_with_a_tiny_pdu_gets_its_answer_in_fragments(archive: Archive) -> None:

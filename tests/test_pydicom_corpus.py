@@ -17,9 +17,16 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.datadict import DicomDictionary, dictionary_VR
+from pydicom.dataset import Dataset
+from pynetdicom import service_class
+from pynetdicom.dsutils import encode
 
 from lightbox.archive import Archive
+from lightbox.dimse import contexts, matches, query
 from lightbox.index.schema import instances
+from lightbox.services import search
+from lightbox.services.auth import Principal
 from lightbox.services.ingest import Offer, Outcome, Status, store_instances
 from tests.conftest import BACKENDS, RunningServer, database_url, make_settings, serving
 from tests.corpus_report import corpus_files, expected_bytes, name_of, offer_all
@@ -158,3 +165,56 @@ def test_unreadable_offer_is_rejected_not_fatal(archive: Archive, tmp_path: Path
     ])
     assert [o.status for o in outcomes] == [Status.REJECTED, Status.REJECTED, Status.STORED]
     assert all(o.reason for o in outcomes[:2])
+
+
+def _return_keys(stored: list[Path], limit: int) -> list[tuple[int, str]]:
+    """Public top-level attributes of the stored files (pixel data and file
+    meta aside), the most common first: return keys for every VR the corpus has."""
+    seen: dict[int, int] = {}
+    for path in stored:
+        for elem in dcmread(path, stop_before_pixels=True):
+            tag = int(elem.tag)
+            if tag >> 16 not in (0x0002, 0x7FE0) and not tag >> 16 & 1 and tag & 0xFFFF:
+                seen[tag] = seen.get(tag, 0) + 1
+    tags = sorted(seen, key=lambda t: (-seen[t], t))[:limit]
+    return [(t, dictionary_VR(t).split(" or ")[0]) for t in sorted(tags) if t in DicomDictionary]
+
+
+@pytest.mark.parametrize("level", ["STUDY", "SERIES", "IMAGE"])
+def test_c_find_matches_encoded_from_json_are_what_pydicom_encodes(
+    ingested: Ingested, level: str
+) -> None:
+    """The SCP encodes each C-FIND match straight from the search result's
+    DICOM JSON (``dimse.matches``): over the whole corpus, with every kind of
+    value it holds (sequences, numbers, names, other character sets made
+    UTF-8) and keys it lacks, the bytes are pydicom's for the same match in
+    both little endian transfer syntaxes."""
+    archive = ingested.server.archive
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for tag, vr in _return_keys(list(ingested.first_stored.values()), query.MAX_KEYS - 10):
+        if tag == query.SPECIFIC_CHARACTER_SET:
+            continue  # added to a match where a value needs it (UTF-8)
+        identifier.add_new(tag, vr, [] if vr == "SQ" else None)
+    identifier.RetrieveAETitle = identifier.InstanceAvailability = None
+    identifier.add_new(0x00091001, "LO", None)  # a private key: returned empty
+    request = query.find_request(identifier, contexts.STUDY_ROOT_FIND)
+    request.query.limit = 1000
+    items = search.search(archive, Principal(user="admin", is_admin=True), request.query).items
+    assert len(items) > {"STUDY": 20, "SERIES": 30, "IMAGE": 100}[level]
+    beyond_ascii = 0
+    for item in items:
+        obj = query.response_json(item, request, "LIGHTBOX")
+        for explicit in (False, True):
+            expected = encode(Dataset.from_json(obj), not explicit, True)
+            assert matches.encode(obj, explicit=explicit) == expected, item
+        beyond_ascii += "00080005" in obj
+    assert beyond_ascii >= 2  # values read in other character sets, sent in UTF-8
+    # And pynetdicom sends an encoded match's bytes as they are, or pydicom's
+    # encoding of the match for any other transfer syntax.
+    obj = query.response_json(items[0], request, "LIGHTBOX")
+    match = query.response(items[0], request, "LIGHTBOX", explicit=False)
+    assert isinstance(match, matches.Encoded)
+    contexts.configure_pynetdicom()
+    assert service_class.encode(match, True, True) == matches.encode(obj, explicit=False)
+    assert service_class.encode(match, False, False) == encode(Dataset.from_json(obj), False, False)

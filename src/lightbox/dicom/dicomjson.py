@@ -25,9 +25,11 @@ BASE_PLACEHOLDER = "@@LIGHTBOX_BASE@@"
 BULK_THRESHOLD = 1024
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _SINGLE_TEXT = {"LT", "ST", "UT", "UR"}
-_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
+CHARSET_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}  # text in the Specific Character Set
 _ASCII_VRS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR", "IS", "DS"}
-_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+NUMBER_FORMATS = {  # struct codes of the binary number VRs
+    "US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q",
+}
 _FLOAT_VRS = {"FL", "FD", "DS"}
 _SIMPLE_CHARSETS = {
     "": "latin-1",
@@ -35,7 +37,7 @@ _SIMPLE_CHARSETS = {
     "ISO_IR 100": "latin-1",
     "ISO_IR 192": "utf-8",
 }
-_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 # Sequences need parsing, UN may hide a known VR, AT is rare: pydicom handles these.
 _DELEGATED = {"SQ", "UN", "AT"}
 
@@ -95,9 +97,15 @@ def first_value(obj: dict[str, Any], tag: int) -> str | int | float | None:
     parts = []
     for value in values:
         if isinstance(value, dict):
-            value = "=".join(str(value.get(k, "")) for k in _PN_GROUPS).rstrip("=")
+            value = person_name(value)
         parts.append("" if value is None else str(value))
     return "\\".join(parts)
+
+
+def person_name(value: dict[str, Any]) -> str:
+    """A PN value of DICOM JSON as DICOM encodes it: its component groups
+    joined by ``=``, trailing empty groups left out."""
+    return "=".join(str(value.get(k, "")) for k in PN_GROUPS).rstrip("=")
 
 
 def belongs_in_json(tag: int) -> bool:
@@ -172,14 +180,14 @@ def encode_raw(
         if len(value) > BULK_THRESHOLD:
             return {"vr": vr, "BulkDataURI": bulk_uri}
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode()}
-    if vr in _NUMBERS:
-        code = _NUMBERS[vr]
+    if vr in NUMBER_FORMATS:
+        code = NUMBER_FORMATS[vr]
         size = struct.calcsize("<" + code)
         if len(value) % size:
             return None
         numbers = list(struct.unpack(f"<{len(value) // size}{code}", value))
         return {"vr": vr, "Value": _finite(numbers) if vr in _FLOAT_VRS else numbers}
-    if vr in _TEXT_VRS and encoding is None:
+    if vr in CHARSET_VRS and encoding is None:
         return None
     return _text(vr, value, encoding or "latin-1")
 
@@ -211,7 +219,7 @@ def _value(vr: str, text: str) -> Any:
             raise ValueError("not a finite number")
         return number
     if vr == "PN":
-        return {k: v for k, v in zip(_PN_GROUPS, text.split("="), strict=False) if v}
+        return {k: v for k, v in zip(PN_GROUPS, text.split("="), strict=False) if v}
     return text
 
 

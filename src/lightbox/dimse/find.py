@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from lightbox.archive import Archive
-from lightbox.dimse import query
+from lightbox.dimse import matches, query
 from lightbox.dimse.access import Peer, Service, principal_for
 from lightbox.dimse.session import Session
 from lightbox.dimse.status import Find, find_failure, status_dataset
@@ -66,13 +66,14 @@ def _matches(
     principal = principal_for(archive, peer)
     page = max(1, settings.qido_max_results)
     pending = Find.PENDING_WARNING if request.unmatched else Find.PENDING
+    explicit = matches.EXPLICIT_SYNTAXES.get(str(event.context.transfer_syntax))
     sent = 0
     while sent < settings.dicom_find_max_results:
         request.query.limit = min(page, settings.dicom_find_max_results - sent)
         request.query.offset = sent
         try:
             items = search.search(archive, principal, request.query).items
-            responses = [query.response(i, request, settings.aet) for i in items]
+            responses = [query.response(i, request, settings.aet, explicit) for i in items]
         except LightboxError as exc:
             yield status_dataset(find_failure(exc), exc.message), None
             return

@@ -27,8 +27,9 @@ from lightbox.dicom.attributes import (
     STUDY_ROOT_REQUIRED_KEYS,
     QueryLevel,
 )
+from lightbox.dicom.dicomjson import CHARSET_VRS, person_name
 from lightbox.dicom.query import Query, parse_match
-from lightbox.dimse import contexts
+from lightbox.dimse import contexts, matches
 from lightbox.errors import BadRequest
 
 QUERY_RETRIEVE_LEVEL = 0x00080052
@@ -159,33 +160,54 @@ def find_request(identifier: Dataset, model: str) -> FindRequest:
     return FindRequest(query=query, keys=keys, unmatched=unmatched)
 
 
-def response(item: dict[str, Any], request: FindRequest, ae_title: str) -> Dataset:
-    """One C-FIND match: the requested keys, filled from a DICOM JSON search result."""
+def response(item: dict[str, Any], request: FindRequest, ae_title: str,
+             explicit: bool | None = None) -> Dataset:
+    """One C-FIND match: the requested keys, filled from a DICOM JSON search
+    result. With ``explicit`` (the transfer syntax's VR is explicit or not;
+    None when it is neither little endian one), already encoded where it can
+    be (``matches.Encoded``)."""
+    obj = response_json(item, request, ae_title)
+    if explicit is not None:
+        data = matches.encode(obj, explicit=explicit)
+        if data is not None:
+            return matches.Encoded(data, explicit, lambda: Dataset.from_json(obj))
+    return Dataset.from_json(obj)
+
+
+def response_json(item: dict[str, Any], request: FindRequest, ae_title: str) -> dict[str, Any]:
+    """The match as DICOM JSON: the requested keys from ``item`` (binary values
+    left out), the keys the SCP answers itself, and the others empty."""
     wanted = {f"{k.tag:08X}" for k in request.keys}
-    subset = {
+    obj = {
         key: value for key, value in item.items()
         if key in wanted and "BulkDataURI" not in value and "InlineBinary" not in value
     }
-    ds = Dataset.from_json(subset)
     for key in request.keys:
-        if key.tag in ds:
+        name = f"{key.tag:08X}"
+        if name in obj:
             continue
         if key.tag == RETRIEVE_AE_TITLE:
-            ds.RetrieveAETitle = ae_title
+            obj[name] = {"vr": "AE", "Value": [ae_title]}
         elif key.tag == INSTANCE_AVAILABILITY:
-            ds.InstanceAvailability = "ONLINE"
+            obj[name] = {"vr": "CS", "Value": ["ONLINE"]}
         elif key.tag != SPECIFIC_CHARACTER_SET:
-            ds.add_new(key.tag, key.vr, [] if key.vr == "SQ" else None)
-    if any(k.tag == SPECIFIC_CHARACTER_SET for k in request.keys) or not _ascii(ds):
-        ds.SpecificCharacterSet = UTF8
-    ds.QueryRetrieveLevel = request.query.level.value
-    return ds
+            obj[name] = {"vr": key.vr.split(" or ")[0]}  # an ambiguous VR: empty anyway
+    if any(k.tag == SPECIFIC_CHARACTER_SET for k in request.keys) or not _ascii(obj):
+        obj[f"{SPECIFIC_CHARACTER_SET:08X}"] = {"vr": "CS", "Value": [UTF8]}
+    obj[f"{QUERY_RETRIEVE_LEVEL:08X}"] = {"vr": "CS", "Value": [request.query.level.value]}
+    return obj
 
 
-def _ascii(ds: Dataset) -> bool:
-    for elem in ds:
-        if elem.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and not str(elem.value).isascii():
-            return False
+def _ascii(obj: dict[str, Any]) -> bool:
+    """Whether every text value in ``obj``, sequences' items included, is ASCII."""
+    for attribute in obj.values():
+        vr = attribute.get("vr")
+        for value in attribute.get("Value") or () if vr in CHARSET_VRS or vr == "SQ" else ():
+            if vr == "SQ":
+                if isinstance(value, dict) and not _ascii(value):
+                    return False
+            elif not (person_name(value) if isinstance(value, dict) else str(value)).isascii():
+                return False
     return True
 
 

@@ -24,13 +24,16 @@ header, item header, data).
 
 With a ``Handler`` installed too, a streamed C-STORE is answered right there,
 in the thread that received it: the handler stores the instance, and the
-C-STORE-RSP (a command set of fixed form, PS3.7 9.3.1.2) is encoded here and
-written to the socket as one P-DATA-TF PDU. pynetdicom's path for it would
+C-STORE-RSP (a command set of fixed form, PS3.7 9.3.1.2) is encoded by hand
+(``responses``) and written to the socket as one P-DATA-TF PDU. pynetdicom's path for it would
 hand the request to the association's thread, look up the service class,
 encode the response with pydicom and pass it back to this thread to send:
 more than a quarter of the interpreter's time per instance. Anything out of the
 ordinary (a request outside its context's SOP Class, a status with more
 than Status and Error Comment, a peer with a tiny PDU) takes that path.
+
+C-FIND responses are sent by the association's thread, as pynetdicom sends
+them, but their command sets are encoded by hand too (``send_msg``).
 """
 
 from __future__ import annotations
@@ -48,18 +51,18 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 
+from lightbox.dimse.responses import NO_DATA_SET, find_response, p_data, store_response
+
 # Message Control Header bits (PS3.8 E.2).
 _COMMAND = 0x01
 _LAST = 0x02
 C_STORE_RQ_FIELD = 0x0001
-C_STORE_RSP_FIELD = 0x8001
-NO_DATA_SET = 0x0101
 P_DATA_TF = 0x04
 
 _STAGED = "_lightbox_staged"
@@ -412,6 +415,18 @@ class StreamingDIMSE(DIMSEServiceProvider):
         single.presentation_data_value_list.append((context_id, data))
         super().receive_primitive(single)
 
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """pynetdicom's, but a C-FIND response's command set is written by hand
+        (``responses``) and its identifier, encoded already, sent as it is."""
+        command = find_response(primitive) if isinstance(primitive, C_FIND) else None
+        if command is None:
+            super().send_msg(primitive, context_id)
+            return
+        identifier = primitive.Identifier
+        data_set = identifier.getvalue() if identifier is not None else b""
+        for message in p_data(context_id, command, data_set, self.maximum_pdu_size):
+            self.dul.send_pdu(message)
+
     def discard_incoming(self) -> None:
         """Remove the staging file of a dataset cut off mid-transfer."""
         incoming, self._incoming = self._incoming, None
@@ -442,40 +457,6 @@ def install(assoc: Any, sink: Sink, handler: Handler | None = None) -> None:
 
 
 # ---------------------------------------------------------------- C-STORE-RSP
-
-_STATUS_ONLY = {0x00000900, 0x00000902}  # Status, Error Comment
-
-
-def store_response(request: C_STORE, status: Dataset) -> bytes | None:
-    """The C-STORE-RSP command set answering ``request`` with ``status``, in
-    implicit VR little endian (PS3.7 9.3.1.2, elements in tag order); None
-    when the status holds more than Status and Error Comment."""
-    if "Status" not in status or not {int(elem.tag) for elem in status} <= _STATUS_ONLY:
-        return None
-    elements = [
-        _command_element(0x0002, _uid(request.AffectedSOPClassUID)),
-        _command_element(0x0100, struct.pack("<H", C_STORE_RSP_FIELD)),
-        _command_element(0x0120, struct.pack("<H", int(request.MessageID or 0))),
-        _command_element(0x0800, struct.pack("<H", NO_DATA_SET)),
-        _command_element(0x0900, struct.pack("<H", int(status.Status))),
-    ]
-    comment = str(status.get("ErrorComment", "") or "")
-    if comment:
-        raw = comment.encode("ascii", "replace")[:64]
-        elements.append(_command_element(0x0902, raw + b" " * (len(raw) % 2)))
-    elements.append(_command_element(0x1000, _uid(request.AffectedSOPInstanceUID)))
-    body = b"".join(elements)
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _uid(value: Any) -> bytes:
-    raw = str(value or "").encode("ascii")
-    return raw + b"\x00" * (len(raw) % 2)
-
 
 def _response(assoc: Any, request: C_STORE, status: Dataset) -> C_STORE:
     """The response primitive, filled from ``status`` the way pynetdicom's
