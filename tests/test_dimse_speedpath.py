@@ -23,8 +23,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import func, select
@@ -101,51 +101,120 @@ def test_store_response_is_what_pynetdicom_encodes(
     assert responses.store_response(request, status_dataset(status, comment)) == expected
 
 
-@pytest.mark.parametrize(("status", "comment", "identifier"), [
-    (Find.PENDING, None, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "),
-    (Find.PENDING_WARNING, None, b"\x10\x00\x10\x00\x04\x00\x00\x00A^B " * 40),
-    (Find.SUCCESS, None, None),
-    (Find.OUT_OF_RESOURCES, "more than 10 matches: narrow the query", None),
-])
-@pytest.mark.parametrize("max_pdu", [0, 64, 16384])
-def test_find_response_is_what_pynetdicom_sends(
-    status: int, comment: str | None, identifier: bytes | None, max_pdu: int
-) -> None:
+def _find_answer(status: int, comment: str | None, identifier: bytes | None) -> C_FIND:
     answer = C_FIND()
     answer.MessageIDBeingRespondedTo = 9
     answer.AffectedSOPClassUID = contexts.STUDY_ROOT_FIND
     answer.Status = status
     answer.ErrorComment = comment
     answer.Identifier = BytesIO(identifier) if identifier is not None else None
-    message = C_FIND_RSP()
-    message.primitive_to_message(answer)
-    expected = [p.presentation_data_value_list for p in message.encode_msg(5, max_pdu)]
-    command = responses.find_response(answer)
+    return answer
+
+
+def _retrieve_answer(kind: type[Any], status: int, counts: tuple[int, ...],
+                     identifier: bytes | None) -> Any:
+    answer = kind()
+    answer.MessageIDBeingRespondedTo = 65535
+    answer.AffectedSOPClassUID = contexts.STUDY_ROOT_GET
+    answer.Status = status
+    for name, count in zip(("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
+                            "NumberOfFailedSuboperations", "NumberOfWarningSuboperations"),
+                           counts, strict=False):
+        setattr(answer, name, count)
+    answer.Identifier = BytesIO(identifier) if identifier is not None else None
+    return answer
+
+
+def _store_request(sop: str, data: bytes | None, mover: tuple[str, int] | None) -> C_STORE:
+    request = C_STORE()
+    request.MessageID = 300
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop
+    request.Priority = 2
+    if mover is not None:
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = mover
+    request.DataSet = BytesIO(data) if data is not None else None
+    return request
+
+
+_FAILED_LIST = b"\x08\x00\x58\x00\x08\x00\x00\x001.2.3.4\x00"
+MESSAGES = {
+    "find, pending": lambda: _find_answer(Find.PENDING, None, b"\x08\x00\x52\x00\x06\x00"
+                                          b"\x00\x00STUDY "),
+    "find, pending, long identifier": lambda: _find_answer(
+        Find.PENDING_WARNING, None, b"\x10\x00\x10\x00\x04\x00\x00\x00A^B " * 40),
+    "find, final": lambda: _find_answer(Find.SUCCESS, None, None),
+    "find, refused": lambda: _find_answer(Find.OUT_OF_RESOURCES,
+                                          "more than 10 matches: narrow the query", None),
+    "get, pending": lambda: _retrieve_answer(C_GET, 0xFF00, (12, 3, 0, 1), None),
+    "get, final with failures": lambda: _retrieve_answer(C_GET, 0xB000, (0, 3, 1, 0),
+                                                         _FAILED_LIST),
+    "get, cancelled, no warnings counted": lambda: _retrieve_answer(C_GET, 0xFE00, (4, 2, 0),
+                                                                    _FAILED_LIST),
+    "move, pending": lambda: _retrieve_answer(C_MOVE, 0xFF00, (1, 0, 0, 0), None),
+    "move, unknown destination": lambda: _retrieve_answer(C_MOVE, 0xA801, (), None),
+    "store request": lambda: _store_request("1.2.3.4", b"\x08\x00\x18\x00" * 5000, None),
+    "store request for a move": lambda: _store_request("1.2.3.45", b"\x00" * 30,
+                                                       ("MOVER", 65535)),
+    "store request, odd originator": lambda: _store_request("1.2.3.4", b"\x00" * 30,
+                                                            ("PACS1", 0)),
+}
+
+
+@pytest.mark.parametrize("max_pdu", [0, 64, 16384])
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_messages_are_what_pynetdicom_sends(name: str, max_pdu: int) -> None:
+    primitive = MESSAGES[name]()
+    message = (C_STORE_RQ() if isinstance(primitive, C_STORE) else
+               {C_FIND: C_FIND_RSP, C_GET: C_GET_RSP, C_MOVE: C_MOVE_RSP}[type(primitive)]())
+    message.primitive_to_message(primitive)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
+    command = responses.command_set(primitive)
     assert command is not None
-    ours = responses.p_data(5, command, identifier or b"", max_pdu)
-    assert [p.presentation_data_value_list for p in ours] == expected
+    data = primitive.DataSet if isinstance(primitive, C_STORE) else primitive.Identifier
+    assert responses.pdus(5, command, data.getvalue() if data else b"", max_pdu) == expected
 
 
-def test_a_find_response_comment_is_sent_as_lo_in_ascii() -> None:
+@pytest.mark.parametrize("max_pdu", [0, 16384, 1 << 20])
+def test_a_data_set_read_from_its_file_is_sent_as_pynetdicom_sends_it(
+    tmp_path: Path, max_pdu: int
+) -> None:
+    path = write(ct_dataset(size=1024), tmp_path / "ct.dcm")  # 2 MiB of pixels
+    offset = 200
+    request = _store_request("1.2.3.4", None, None)
+    request._dataset_path = (path, offset)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
+    command = responses.command_set(request)
+    assert command is not None
+    groups = list(responses.file_pdus(5, command, path, offset, max_pdu))
+    assert b"".join(groups) == expected
+    if max_pdu == 16384:  # handed to the DUL thread in pieces of about 1 MiB
+        assert len(groups) == 4 and max(len(g) for g in groups) <= (1 << 20) + 16384
+
+
+def test_a_response_comment_is_sent_as_lo_in_ascii() -> None:
     # Error Comment is LO (64 characters at most) in the default repertoire.
-    answer = C_FIND()
-    answer.MessageIDBeingRespondedTo = 2
-    answer.Status = Find.UNABLE_TO_PROCESS
-    answer.ErrorComment = "é" * 70
-    command = responses.find_response(answer)
+    command = responses.command_set(_find_answer(Find.UNABLE_TO_PROCESS, "é" * 70, None))
     assert command is not None
     assert decode(BytesIO(command), True, True).ErrorComment == "?" * 64
 
 
-def test_a_find_response_naming_an_offending_element_is_left_to_pynetdicom() -> None:
-    answer = C_FIND()
-    answer.MessageIDBeingRespondedTo = 1
-    answer.Status = Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
-    answer.OffendingElement = [0x00100010]
-    assert responses.find_response(answer) is None
+def test_other_messages_are_left_to_pynetdicom() -> None:
+    offending = _find_answer(Find.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, None)
+    offending.OffendingElement = [0x00100010]
     request = C_FIND()
     request.MessageID = 1
-    assert responses.find_response(request) is None  # no response at all
+    echo = C_ECHO()
+    echo.MessageIDBeingRespondedTo = 1
+    echo.Status = 0
+    beyond_ascii = _store_request("1.2.3.4", None, None)
+    beyond_ascii.MessageIDBeingRespondedTo, beyond_ascii.Status = 300, 0
+    beyond_ascii._affected_sop_instance_uid = "1.2.3.4\xfd"  # as a peer sent it, unchecked
+    too_many = _retrieve_answer(C_GET, 0xFF00, (70000, 0, 0, 0), None)
+    assert [responses.command_set(p) for p in (offending, request, echo, beyond_ascii, too_many)
+            ] == [None] * 5
 
 
 _PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",

@@ -20,7 +20,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.utils import decode_bytes, set_uid, validate_uid
 
 from lightbox.dicom import uids
-from lightbox.dimse import matches
+from lightbox.dimse import matches, outgoing, responses
 from lightbox.settings import Settings
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1387.1.1"
@@ -94,6 +94,8 @@ def configure_pynetdicom() -> None:
         module.set_uid = _set_uid  # type: ignore[attr-defined]
     PresentationContext.add_transfer_syntax = _add_transfer_syntax  # type: ignore[method-assign]
     matches.install()
+    outgoing.install()
+    responses.install()
 
 
 # pynetdicom checks every UID it is given three times over with regular

@@ -27,7 +27,7 @@ from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
 from lightbox.dicom.query import Query
 from lightbox.dicom.transcode import to_explicit_little_endian
-from lightbox.dimse import contexts, query, reactor, tls
+from lightbox.dimse import contexts, outgoing, query, reactor, responses, tls
 from lightbox.dimse.access import Peer, Service, principal_for
 from lightbox.dimse.session import Session
 from lightbox.dimse.status import Retrieve, retrieve_failure, status_dataset
@@ -92,20 +92,29 @@ def dataset_to_send(
 ) -> Dataset:
     """The stored instance as a Dataset the peer accepted a context for.
 
-    As stored when its transfer syntax was accepted; decompressed to Explicit
-    VR Little Endian when only a native syntax was (pynetdicom converts
-    between the native ones itself). An object that cannot be read becomes a
-    stub without File Meta: its sub-operation then fails and is counted, with
-    its SOP Instance UID in the Failed SOP Instance UID List.
+    As stored when its transfer syntax was accepted, sent from its file
+    (``outgoing.StoredFile``); decompressed to Explicit VR Little Endian when
+    only a native syntax was (pynetdicom converts between the native ones
+    itself). An object that cannot be read becomes a stub without File Meta:
+    its sub-operation then fails and is counted, with its SOP Instance UID in
+    the Failed SOP Instance UID List.
     """
     syntaxes = {
         str(cx.transfer_syntax[0]) for cx in accepted
         if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax
     }
     stored = instance.transfer_syntax_uid
-    convert = stored not in syntaxes and stored not in contexts.NATIVE_SYNTAXES and any(
+    if stored in syntaxes:
+        return outgoing.StoredFile(archive.blobs.path(instance.blob_key), instance.sop_class_uid,
+                                   instance.sop_instance_uid,
+                                   lambda: _read(archive, instance, convert=False))
+    convert = stored not in contexts.NATIVE_SYNTAXES and any(
         s in contexts.NATIVE_SYNTAXES for s in syntaxes
     )
+    return _read(archive, instance, convert=convert)
+
+
+def _read(archive: Archive, instance: StoredInstance, *, convert: bool) -> Dataset:
     try:
         with archive.blobs.open(instance.blob_key) as fp:
             if convert:
@@ -152,6 +161,7 @@ class _SubAssociation:
         assoc: Association = event.assoc
         self.accepted = list(assoc.accepted_contexts)
         reactor.guard_reactor(assoc)
+        responses.quick_send(assoc)
         send = assoc.send_c_store
 
         def send_c_store(dataset: str | Path | Dataset, msg_id: int = 1, priority: int = 2,

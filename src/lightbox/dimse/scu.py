@@ -22,7 +22,7 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 from lightbox.archive import Archive
 from lightbox.dicom.attributes import QueryLevel
 from lightbox.dicom.node import require_ae_title, require_host, require_port
-from lightbox.dimse import contexts, query, reactor, store, tls, transport
+from lightbox.dimse import contexts, query, reactor, responses, store, tls, transport
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.retrieve import dataset_to_send
 from lightbox.dimse.status import General, Retrieve
@@ -89,6 +89,7 @@ def association(
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         transport.no_delay(assoc.dul.socket.socket)
     reactor.guard_reactor(assoc)
+    responses.quick_send(assoc)
     try:
         yield assoc
     finally:
@@ -240,16 +241,9 @@ def send(archive: Archive, node: Node, study_uid: str) -> RetrieveResult:
 
 def _store_one(archive: Archive, assoc: Association, instance: StoredInstance,
                accepted: list[PresentationContext]) -> int:
-    exact = any(cx.abstract_syntax == instance.sop_class_uid
-                and cx.transfer_syntax[0] == instance.transfer_syntax_uid for cx in accepted)
     try:
-        try:
-            if not exact:
-                raise AttributeError("no context for the stored transfer syntax")
-            # Streamed from the stored file as is (pynetdicom sends it in chunks).
-            status = assoc.send_c_store(archive.blobs.path(instance.blob_key))
-        except AttributeError:  # no exact context, or File Meta incomplete: send a Dataset
-            status = assoc.send_c_store(dataset_to_send(archive, instance, accepted))
+        # From the stored file as it is when its transfer syntax was accepted.
+        status = assoc.send_c_store(dataset_to_send(archive, instance, accepted))
     except (ValueError, AttributeError, OSError) as exc:
         log.warning("cannot send %s to %s: %s", instance.sop_instance_uid, assoc.acceptor.ae_title,
                     exc)

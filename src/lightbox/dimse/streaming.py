@@ -32,8 +32,9 @@ more than a quarter of the interpreter's time per instance. Anything out of the
 ordinary (a request outside its context's SOP Class, a status with more
 than Status and Error Comment, a peer with a tiny PDU) takes that path.
 
-C-FIND responses are sent by the association's thread, as pynetdicom sends
-them, but their command sets are encoded by hand too (``send_msg``).
+Every other message the association sends goes as pynetdicom sends it, but
+those whose command sets ``responses`` encodes by hand go that way
+(``QuickSend``): C-FIND, C-GET and C-MOVE responses, and C-STORE requests.
 """
 
 from __future__ import annotations
@@ -49,20 +50,18 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 
-from lightbox.dimse.responses import NO_DATA_SET, find_response, p_data, store_response
+from lightbox.dimse.responses import C_STORE_RQ_FIELD, NO_DATA_SET, QuickSend, store_response
 
 # Message Control Header bits (PS3.8 E.2).
 _COMMAND = 0x01
 _LAST = 0x02
-C_STORE_RQ_FIELD = 0x0001
 P_DATA_TF = 0x04
 
 _STAGED = "_lightbox_staged"
@@ -264,7 +263,7 @@ class _Incoming:
             self.path = None
 
 
-class StreamingDIMSE(DIMSEServiceProvider):
+class StreamingDIMSE(QuickSend):
     """pynetdicom's DIMSE provider, with C-STORE datasets streamed to a ``Sink``.
 
     Installed on an association before it starts (``install``); runs in the
@@ -414,18 +413,6 @@ class StreamingDIMSE(DIMSEServiceProvider):
         single = P_DATA()
         single.presentation_data_value_list.append((context_id, data))
         super().receive_primitive(single)
-
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        """pynetdicom's, but a C-FIND response's command set is written by hand
-        (``responses``) and its identifier, encoded already, sent as it is."""
-        command = find_response(primitive) if isinstance(primitive, C_FIND) else None
-        if command is None:
-            super().send_msg(primitive, context_id)
-            return
-        identifier = primitive.Identifier
-        data_set = identifier.getvalue() if identifier is not None else b""
-        for message in p_data(context_id, command, data_set, self.maximum_pdu_size):
-            self.dul.send_pdu(message)
 
     def discard_incoming(self) -> None:
         """Remove the staging file of a dataset cut off mid-transfer."""
