@@ -26,6 +26,9 @@
   round's rates are set against that round's ceiling (the median of the
   rounds' fractions is the figure): what the disk and this VM's memory
   allow changes from minute to minute.
+- C-GET: DCMTK getscu retrieves the first corpus's study from each server
+  (--rounds rounds, the servers taking turns); instances/s and the SCP's
+  processor time per instance. getscu runs with Nagle's algorithm off.
 - C-FIND: study-level queries (PatientID plus five return keys) over one
   pynetdicom association per server, the servers taking turns query by query
   after a warm-up; median and 90th percentile latency of a complete request
@@ -61,6 +64,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -406,6 +410,39 @@ def measure_find(peers: list[Peer], rounds: int) -> dict[str, dict[str, float]]:
             for label, values in times.items()}
 
 
+def measure_get(peers: list[Peer], files: list[Path], rounds: int,
+                out: Path) -> dict[str, dict[str, float]]:
+    """C-GET of the first corpus's study (both servers hold it) with DCMTK
+    getscu, the servers taking turns round by round: each server's median
+    instances/s and processor time per instance. getscu answers each C-STORE
+    with Nagle's algorithm off (its TCP_NODELAY variable), for both servers."""
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    env = dict(os.environ, TCP_NODELAY="1")
+    tick = os.sysconf("SC_CLK_TCK")
+    rates: dict[str, list[float]] = {p.label: [] for p in peers}
+    cpu: dict[str, list[float]] = {p.label: [] for p in peers}
+    for n in range(rounds):
+        for peer in rotated(peers, n):
+            folder = out / f"{peer.label}-{n}"
+            folder.mkdir(parents=True)
+            before = cpu_ticks(peer.proc.pid)
+            started = time.perf_counter()
+            subprocess.run(["getscu", "-aet", SCU_AET, "-aec", peer.aet, "-S",
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                            "-od", str(folder), HOST, str(peer.port)],
+                           check=True, capture_output=True, timeout=1800, env=env)
+            seconds = time.perf_counter() - started
+            got = sum(1 for _ in folder.iterdir())
+            if got != len(files):
+                raise SystemExit(f"getscu got {got} of {len(files)} instances from {peer.label}")
+            rates[peer.label].append(got / seconds)
+            cpu[peer.label].append(1000 * (cpu_ticks(peer.proc.pid) - before) / tick / got)
+            shutil.rmtree(folder)
+    return {label: {"per_second": statistics.median(rates[label]),
+                    "server_cpu_ms": statistics.median(cpu[label]), "rounds": rates[label]}
+            for label in rates}
+
+
 def _row(name: str, lightbox: float, orthanc: float) -> str:
     ratio = lightbox / orthanc if orthanc else float("nan")
     return f"{name:<34}{lightbox:>12.1f}{orthanc:>12.1f}{ratio:>9.2f}"
@@ -434,7 +471,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    for tool in ("storescu", "Orthanc"):
+    for tool in ("storescu", "getscu", "Orthanc"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (make system-deps)")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -467,6 +504,7 @@ def main(argv: list[str]) -> int:
             results["parallel_rounds"] = alternate(peers, parts, others, run / "write-ceiling")
             results["parallel"] = median_rounds(results["parallel_rounds"])
         results["find"] = measure_find(peers, args.finds)
+        results["get"] = measure_get(peers, files, args.rounds, run / "get")
     finally:
         for proc in list(_RUNNING):
             _stop(proc)
@@ -543,6 +581,11 @@ def main(argv: list[str]) -> int:
     print(_row("C-FIND study median (ms)", find["lightbox"]["median_ms"],
                find["orthanc"]["median_ms"]))
     print(_row("C-FIND study p90 (ms)", find["lightbox"]["p90_ms"], find["orthanc"]["p90_ms"]))
+    got = results["get"]
+    print(_row(f"C-GET of the study, getscu (inst/s), {args.rounds} rounds",
+               got["lightbox"]["per_second"], got["orthanc"]["per_second"]))
+    print(_row("  SCP CPU per instance (ms)", got["lightbox"]["server_cpu_ms"],
+               got["orthanc"]["server_cpu_ms"]))
     print(_goal(f"one association >= 5 x Orthanc (median of the rounds' ratios, "
                 f"{store['lightbox']['ratio']:.2f})",
                 store["lightbox"]["ratio"] >= STORE_RATIO_GOAL))

@@ -21,7 +21,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
@@ -125,12 +125,13 @@ def _retrieve_answer(kind: type[Any], status: int, counts: tuple[int, ...],
     return answer
 
 
-def _store_request(sop: str, data: bytes | None, mover: tuple[str, int] | None) -> C_STORE:
+def _store_request(sop: str, data: bytes | None, mover: tuple[str, int] | None,
+                   message_id: int = 300, priority: int = 2) -> C_STORE:
     request = C_STORE()
-    request.MessageID = 300
+    request.MessageID = message_id
     request.AffectedSOPClassUID = CTImageStorage
     request.AffectedSOPInstanceUID = sop
-    request.Priority = 2
+    request.Priority = priority
     if mover is not None:
         request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = mover
     request.DataSet = BytesIO(data) if data is not None else None
@@ -229,14 +230,7 @@ _PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID
 def test_store_request_read_by_hand_is_what_pynetdicom_decodes(
     sop: str, mover: tuple[str, int] | None
 ) -> None:
-    request = C_STORE()
-    request.MessageID = 7
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = sop
-    request.Priority = 1
-    if mover is not None:
-        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = mover
-    request.DataSet = BytesIO(b"\x00")  # a C-STORE-RQ announces a dataset
+    request = _store_request(sop, b"\x00", mover, 7, 1)  # a C-STORE-RQ announces a dataset
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     message._set_command_group_length()
@@ -369,6 +363,7 @@ def test_pdus_read_together_are_each_handled_in_order(archive: Archive, piece: i
         answer = read_pdu(raw)
         assert answer[0] == 0x04  # P-DATA-TF: the C-STORE-RSP in one PDU
         response = decode(BytesIO(answer[12:]), True, True)
+        assert "CommandField" in response, answer[:200]
         assert response.CommandField == 0x8001 and response.Status == Store.SUCCESS
         assert response.AffectedSOPInstanceUID == sent.SOPInstanceUID
         assert read_pdu(raw)[0] == 0x06  # A-RELEASE-RP, after the answer
@@ -377,6 +372,30 @@ def test_pdus_read_together_are_each_handled_in_order(archive: Archive, piece: i
     stored = pydicom.dcmread(archive.blobs.path(key))
     assert stored.SOPInstanceUID == sent.SOPInstanceUID
     assert stored.PixelData == sent.PixelData
+
+
+def test_an_answer_sent_while_the_release_waits_is_whole(archive: Archive) -> None:
+    """A request the receiving thread leaves to pynetdicom (here a C-STORE
+    naming another SOP Class than its context's) is answered by the
+    association's thread, after the A-RELEASE-RQ right behind it has moved
+    the association to the state where the release waits (PS3.8 Sta8, where
+    a P-DATA request is action AR-7): that answer is a whole message too,
+    then comes the release response."""
+    sent = ct_dataset(size=8, sop=generate_uid(prefix=ROOT))
+    sent.SOPClassUID = MRImageStorage
+    wire = _wire_store(sent, 16384) + b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+    with scp(archive) as server, socket.create_connection(("127.0.0.1", server.port),
+                                                           timeout=10) as raw:
+        raw.sendall(association_request("LIGHTBOX", CTImageStorage))
+        assert read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
+        time.sleep(0.2)  # the association is established on both threads
+        raw.sendall(wire)
+        answer = read_pdu(raw)
+        assert answer[0] == 0x04 and answer[11] == 0x03  # the whole command, in one PDU
+        response = decode(BytesIO(answer[12:]), True, True)
+        assert response.CommandField == 0x8001
+        assert response.AffectedSOPInstanceUID == sent.SOPInstanceUID
+        assert read_pdu(raw)[0] == 0x06  # A-RELEASE-RP
 
 
 def test_a_large_dataset_goes_to_disk_in_bounded_memory(archive: Archive) -> None:

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
 C_STORE_RQ_FIELD = 0x0001
@@ -203,23 +204,31 @@ def quick_send(assoc: Any) -> None:
 
 
 def install() -> None:
-    """Make pynetdicom's DUL send an ``EncodedPData`` as it is (its action
-    DT-1, a P-DATA request in the established state, PS3.8 9.2)."""
-    description, send_p_data, state = fsm.ACTIONS["DT-1"]
-    if getattr(send_p_data, "lightbox", False):
-        return
+    """Make pynetdicom's DUL send an ``EncodedPData`` as it is, in both of its
+    actions that send a P-DATA request: DT-1 (established) and AR-7 (the
+    peer asked to release, our answers still going out; PS3.8 9.2)."""
+    actions = cast(dict[str, Any], fsm.ACTIONS)
+    for action, state in (("DT-1", "Sta6"), ("AR-7", "Sta8")):
+        description, send_p_data, states = actions[action]
+        if not getattr(send_p_data, "lightbox", False):
+            actions[action] = (description, _sending_encoded(send_p_data, state), states)
 
-    def send_encoded(dul: Any) -> str:
+
+_Action = Callable[[DULServiceProvider], str]
+
+
+def _sending_encoded(send_p_data: _Action, state: str) -> _Action:
+    def send(dul: DULServiceProvider) -> str:
         primitive = dul.to_provider_queue.queue[0]
         if not isinstance(primitive, EncodedPData):
             return send_p_data(dul)
         dul.to_provider_queue.get(False)
-        if dul.socket is not None:
-            dul.socket.send(memoryview(primitive.encoded))  # a closed socket: Evt17
-        return "Sta6"  # DT-1 leaves the association established
+        if dul.socket is not None:  # memoryview: a partial send is not copied again
+            cast(Any, dul.socket).send(memoryview(primitive.encoded))  # closed: Evt17
+        return state
 
-    send_encoded.lightbox = True  # type: ignore[attr-defined]
-    fsm.ACTIONS["DT-1"] = (description, send_encoded, state)
+    send.lightbox = True  # type: ignore[attr-defined]
+    return send
 
 
 def _fragments(context_id: int, control: int, payload: bytes, size: int) -> bytes:
