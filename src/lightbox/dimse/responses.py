@@ -44,8 +44,8 @@ _SUBOPERATIONS = (  # (0000,1020-1023), C-GET and C-MOVE responses
 _UNENCODABLE = (UnicodeEncodeError, struct.error, TypeError, ValueError)
 _STATUS_ONLY = {0x00000900, 0x00000902}  # Status, Error Comment
 # Message Control Header bits (PS3.8 E.2).
-_COMMAND = 0x01
-_LAST = 0x02
+COMMAND = 0x01
+LAST = 0x02
 _FILE_FRAGMENT = 4 * 1024 * 1024  # bytes per fragment of a file when the peer sets no maximum
 _GROUP = 1024 * 1024  # bytes of a file's PDUs handed to the DUL thread at once
 P_DATA_TF = 0x04
@@ -139,7 +139,7 @@ def pdus(context_id: int, command: bytes, data_set: bytes, max_pdu: int) -> byte
     fragment per PDU, as pynetdicom sends them (PS3.8 9.3.5, E.2; 0: no
     maximum)."""
     size = max_pdu - 6 if max_pdu else max(len(command), len(data_set), 1)
-    return _fragments(context_id, _COMMAND, command, size) + _fragments(
+    return _fragments(context_id, COMMAND, command, size) + _fragments(
         context_id, 0, data_set, size)
 
 
@@ -149,7 +149,7 @@ def file_pdus(context_id: int, command: bytes, path: Path, offset: int,
     is sent: the PDUs in pieces of about ``_GROUP`` bytes."""
     size = max_pdu - 6 if max_pdu else _FILE_FRAGMENT
     per_group = max(1, _GROUP // size)
-    yield _fragments(context_id, _COMMAND, command, size)
+    yield _fragments(context_id, COMMAND, command, size)
     with open(path, "rb", buffering=0) as fp:
         left = os.fstat(fp.fileno()).st_size - offset
         fp.seek(offset)
@@ -160,7 +160,7 @@ def file_pdus(context_id: int, command: bytes, path: Path, offset: int,
                 if not chunk:
                     raise OSError(f"{path} ended {left} bytes early")
                 left -= len(chunk)
-                group += _pdu(context_id, 0 if left > 0 else _LAST, chunk)
+                group += _pdu(context_id, 0 if left > 0 else LAST, chunk)
                 if left <= 0:
                     break
             yield bytes(group)
@@ -189,8 +189,7 @@ class QuickSend(DIMSEServiceProvider):
         if stored is not None:
             groups: Iterable[bytes] = file_pdus(context_id, command, stored[0], stored[1], limit)
         else:
-            data = primitive.DataSet if isinstance(primitive, C_STORE) else (
-                None if primitive.MessageIDBeingRespondedTo is None else primitive.Identifier)
+            data = primitive.DataSet if isinstance(primitive, C_STORE) else primitive.Identifier
             groups = [pdus(context_id, command, data.getvalue() if data else b"", limit)]
         for group in groups:
             self.dul.send_pdu(EncodedPData(group))
@@ -233,7 +232,7 @@ def _sending_encoded(send_p_data: _Action, state: str) -> _Action:
 
 def _fragments(context_id: int, control: int, payload: bytes, size: int) -> bytes:
     return b"".join(
-        _pdu(context_id, control | (_LAST if start + size >= len(payload) else 0),
+        _pdu(context_id, control | (LAST if start + size >= len(payload) else 0),
              payload[start:start + size])
         for start in range(0, len(payload), size))
 

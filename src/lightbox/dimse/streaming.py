@@ -25,12 +25,13 @@ header, item header, data).
 With a ``Handler`` installed too, a streamed C-STORE is answered right there,
 in the thread that received it: the handler stores the instance, and the
 C-STORE-RSP (a command set of fixed form, PS3.7 9.3.1.2) is encoded by hand
-(``responses``) and written to the socket as one P-DATA-TF PDU. pynetdicom's path for it would
-hand the request to the association's thread, look up the service class,
-encode the response with pydicom and pass it back to this thread to send:
-more than a quarter of the interpreter's time per instance. Anything out of the
-ordinary (a request outside its context's SOP Class, a status with more
-than Status and Error Comment, a peer with a tiny PDU) takes that path.
+(``responses``) and written to the socket (one P-DATA-TF PDU, or as many as a
+peer with a tiny maximum PDU needs). pynetdicom's path for it would hand the
+request to the association's thread, look up the service class, encode the
+response with pydicom and pass it back to this thread to send: more than a
+quarter of the interpreter's time per instance. Anything out of the ordinary
+(a request outside its context's SOP Class, a status with more than Status
+and Error Comment) takes that path.
 
 Every other message the association sends goes as pynetdicom sends it, but
 those whose command sets ``responses`` encodes by hand go that way
@@ -57,12 +58,15 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 
-from lightbox.dimse.responses import C_STORE_RQ_FIELD, NO_DATA_SET, QuickSend, store_response
-
-# Message Control Header bits (PS3.8 E.2).
-_COMMAND = 0x01
-_LAST = 0x02
-P_DATA_TF = 0x04
+from lightbox.dimse.responses import (
+    C_STORE_RQ_FIELD,
+    COMMAND,
+    LAST,
+    NO_DATA_SET,
+    QuickSend,
+    pdus,
+    store_response,
+)
 
 _STAGED = "_lightbox_staged"
 _PDV_HEAD = struct.Struct(">LBB")  # item length, presentation context ID, control header
@@ -288,9 +292,9 @@ class StreamingDIMSE(QuickSend):
             self._delegating = self.message is not None  # pynetdicom resets it when done
             return
         incoming = self._incoming
-        if incoming is not None and not header & _COMMAND:
+        if incoming is not None and not header & COMMAND:
             incoming.write(memoryview(data)[1:])
-            if header & _LAST:
+            if header & LAST:
                 self._incoming = None
                 self._complete(incoming)
             return
@@ -302,13 +306,13 @@ class StreamingDIMSE(QuickSend):
 
     def _receive_command(self, context_id: int, data: bytes) -> None:
         header = data[0]
-        if not header & _COMMAND:  # dataset fragment without a command: pynetdicom decides
+        if not header & COMMAND:  # dataset fragment without a command: pynetdicom decides
             self._delegate(context_id, data)
             return
         if self._command is None:
             self._command = BytesIO()
         self._command.write(data[1:])
-        if not header & _LAST:
+        if not header & LAST:
             return
         encoded, self._command = self._command.getvalue(), None
         command = _Command.read(encoded)
@@ -342,9 +346,9 @@ class StreamingDIMSE(QuickSend):
             length -= item_length + 4
             size = item_length - 2
             incoming = self._incoming
-            if incoming is not None and not self._delegating and not header & _COMMAND:
+            if incoming is not None and not self._delegating and not header & COMMAND:
                 incoming.copy(inbox, size)
-                if header & _LAST:
+                if header & LAST:
                     self._incoming = None
                     self._complete(incoming)
             else:
@@ -400,13 +404,12 @@ class StreamingDIMSE(QuickSend):
         status = self._handler(Event(assoc, evt.EVT_C_STORE, {
             "request": request, "context": context.as_tuple}))
         command = store_response(request, status)
-        limit, sock = self.maximum_pdu_size, assoc.dul.socket
-        if command is None or sock is None or (limit and len(command) > limit - 6):
+        sock = assoc.dul.socket
+        if command is None or sock is None:
             self.send_msg(_response(assoc, request, status), context_id)  # queued to this thread
             return True
-        item = struct.pack(">LB", len(command) + 2, context_id) + bytes([_COMMAND | _LAST])
-        pdu = struct.pack(">BxL", P_DATA_TF, len(item) + len(command)) + item + command
-        sock.send(pdu)  # this thread is the one that writes to the socket
+        # In as many PDUs as the peer's maximum needs (one, but for a tiny one).
+        sock.send(pdus(context_id, command, b"", self.maximum_pdu_size))  # this thread writes
         return True
 
     def _delegate(self, context_id: int, data: bytes) -> None:
