@@ -735,44 +735,39 @@ def test_index_work_overlaps_the_fsync_and_commits_after_it(
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
 
 
-def test_one_file_is_fsynced_aside_while_it_is_read_and_indexed_and_committed_after(
+def test_one_file_is_fsynced_while_its_header_is_read_and_indexed_after(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch of one unsynced file (a C-STORE): another thread fsyncs the
-    blob while the calling thread reads its header and does the index work,
-    and the index sees the instance only once the blob is durable."""
+    """A batch of one unsynced file (a C-STORE): its header is read on another
+    thread while the calling thread fsyncs the blob, and the index sees the
+    instance only once the blob is durable."""
     ds = ct_dataset()
     events: list[str] = []
-    real_fsync, real_read, real_insert = (ingest.fsync_file, ingest.read_instance,
-                                          index.insert_instances)
+    real_fsync, real_read = ingest.fsync_file, ingest.read_instance
     caller = threading.get_ident()
-    index_worked = threading.Event()
+    header_read = threading.Event()
 
     def slow_fsync(path: Path) -> None:
-        # Done only once the index work is: a fsync in the caller, or one that
-        # held the index work back, would wait out the timeout and show below.
-        where = "fsync in the caller" if threading.get_ident() == caller else "fsync aside"
-        index_worked.wait(30)
+        # Returns only once the header was read elsewhere meanwhile (or after
+        # the timeout, which the events below would then show).
+        events.append("fsync in the caller" if threading.get_ident() == caller else "fsync")
+        header_read.wait(30)
         real_fsync(path)
         with archive.db.read() as conn:
             seen = conn.execute(select(instances.c.pk)).first()
-        events.append(where + (", indexed" if seen else ", not indexed yet"))
+        events.append("fsynced, indexed" if seen else "fsynced, not indexed yet")
 
     def recording_read(path: Path, size: int | None = None) -> Any:
+        where = "header read aside" if threading.get_ident() != caller else "header read"
         record = real_read(path, size)
-        events.append("header read" if threading.get_ident() == caller else "header read aside")
+        events.append(where)
+        header_read.set()
         return record
-
-    def recording_insert(conn: Any, rows: Any) -> None:
-        events.append("index work")
-        real_insert(conn, rows)
-        index_worked.set()
 
     monkeypatch.setattr(ingest, "fsync_file", slow_fsync)
     monkeypatch.setattr(ingest, "read_instance", recording_read)
-    monkeypatch.setattr(index, "insert_instances", recording_insert)
     assert single(store_instances(archive, [_unsynced(archive, ds)])).status is Status.STORED
-    assert events == ["header read", "index work", "fsync aside, not indexed yet"]
+    assert events == ["fsync in the caller", "header read aside", "fsynced, not indexed yet"]
     assert stored(archive, ds.SOPInstanceUID).size == len(to_bytes(ds))
 
 
@@ -786,9 +781,9 @@ def _assert_nothing_left(archive: Archive) -> None:
 def test_one_file_whose_header_read_breaks_leaves_nothing(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An error nobody expected while the header is read reaches the caller
-    (a C-STORE answers 0x0110), and the blob being made durable meanwhile is
-    removed."""
+    """An error nobody expected while the header is read aside reaches the
+    caller (a C-STORE answers 0x0110), and the blob made durable meanwhile
+    is removed."""
     def broken_read(path: Path, size: int | None = None) -> Any:
         raise RuntimeError("a bug in the header reader")
 

@@ -14,9 +14,9 @@ import logging
 import os
 import shutil
 import stat
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,8 @@ def prepare(
     only one thread does Python work (several parsing at once only fight over
     the interpreter lock). The file's data is synced after the rename so that
     the directory's sync finds nothing left to write. A batch of one file
-    whose bytes are not synced yet (a C-STORE) waits until its fsync has
-    started (see ``_prepare_alone``). Nothing is indexed until ``commit``.
+    whose bytes are not synced yet goes the other way round (see
+    ``_prepare_alone``). Nothing is indexed until ``commit``.
     """
     # A header read ahead was read from a file with its preamble.
     offers = [offer if offer.header_if_read() is not None else _with_preamble(archive, offer)
@@ -128,30 +128,43 @@ def prepare(
 def _prepare_alone(archive: Archive, offer: Offer, path: Path, key: str,
                    expected_study: str | None) -> Prepared:
     """A batch of one file whose bytes are not synced yet (a C-STORE, say), now
-    the blob ``key``. A pool thread makes it durable while this thread reads
-    the header and the index transaction does its work; the transaction
-    commits once the fsyncs are done. This thread waits until the pool thread
-    is about to sync: handed over and left alone, the fsync would start only
-    when this thread's parsing let go of the interpreter lock, most of a
-    millisecond later."""
-    started = threading.Event()
-
-    def make_durable() -> str:
-        started.set()
+    the blob ``key``: the other way round from a batch. Its header is read on
+    the pool while this thread makes the blob durable, since an fsync lets go
+    of the interpreter lock for its whole wait and the header read starts at
+    once. Handed to the pool, the fsync would start only when this thread's
+    parsing let go of the lock, most of a millisecond later; the index
+    transaction would then wait for it."""
+    header = offer.header_if_read()
+    reading = _pool.submit(_read_aside, path) if header is None else None
+    durable: Future[str] = Future()
+    try:
         fsync_file(path)
         archive.blobs.sync([key])
-        return key
-
-    durable = _pool.submit(make_durable)
-    started.wait()
+        durable.set_result(key)
+    except OSError as exc:
+        durable.set_exception(exc)
     try:
-        prepared = _prepared(archive, offer, path, key, durable, expected_study)
+        if reading is not None:
+            header = reading.result()
+        prepared = _prepared(archive, replace(offer, header=header), path, key, durable,
+                             expected_study)
     except BaseException:
         archive.blobs.delete(key)  # a failure the caller reports: nothing is left stored
         raise
-    if prepared.durable is None and durable.exception() is not None:
-        archive.blobs.delete(key)  # its fsync failed before the header was checked
+    if durable.exception() is not None:
+        archive.blobs.delete(key)  # only now: the header was being read from it
     return prepared
+
+
+def _read_aside(path: Path) -> Header:
+    """The header of ``path`` as ``Offer.header`` holds it (None: ingest reads
+    it again, and says why it cannot)."""
+    try:
+        return read_instance(path)
+    except InvalidInstance as exc:
+        return exc
+    except OSError:
+        return None
 
 
 def _sync_names(archive: Archive, keys: list[str]) -> set[str]:
