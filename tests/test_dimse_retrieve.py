@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from sqlalchemy import select
 
 from lightbox.archive import Archive
-from lightbox.dimse import contexts, scu
+from lightbox.dimse import commands, contexts, scu
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.status import Action, CommitmentFailure, EventType, Retrieve
 from lightbox.index.schema import instances
@@ -112,11 +112,20 @@ def test_move_to_an_unknown_destination_fails_without_connecting(
 
 
 def test_getscu_receives_the_study_decompressed_when_it_asks_for_native(
-    study: tuple[Archive, str, list[Path]], tmp_path: Path
+    study: tuple[Archive, str, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive, study_uid, files = study
     out = tmp_path / "got"
     out.mkdir()
+    read_by_hand = []  # command sets tried; getscu's C-STORE responses read without pydicom
+
+    def store_response(encoded: bytes, context_id: int) -> Any:
+        response = real_store_response(encoded, context_id)
+        read_by_hand.append(response is not None)
+        return response
+
+    real_store_response = commands.store_response
+    monkeypatch.setattr(commands, "store_response", store_response)
     with scp(archive) as server:
         # getscu proposes uncompressed syntaxes only: the SCP decodes JPEG 2000 for it.
         dcmtk("getscu", "-S", "-aec", "LIGHTBOX", "-od", str(out),
@@ -129,6 +138,7 @@ def test_getscu_receives_the_study_decompressed_when_it_asks_for_native(
         back = got[original.SOPInstanceUID]
         assert not back.file_meta.TransferSyntaxUID.is_compressed
         assert np.array_equal(back.pixel_array, original.pixel_array)
+    assert read_by_hand.count(True) == len(files)  # one C-STORE response per instance
 
 
 def test_what_came_by_stow_rs_comes_back_by_c_get_byte_for_byte(

@@ -30,9 +30,9 @@ from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import func, select
 
 from lightbox.archive import Archive
-from lightbox.dimse import contexts, responses, store, streaming
+from lightbox.dimse import commands, contexts, responses, store, streaming
+from lightbox.dimse.commands import C_STORE_RQ_FIELD
 from lightbox.dimse.status import Find, Store, status_dataset
-from lightbox.dimse.streaming import C_STORE_RQ_FIELD
 from lightbox.index.db import Database
 from lightbox.index.schema import instances, series, studies
 from lightbox.services import indexing
@@ -238,15 +238,75 @@ def test_store_request_read_by_hand_is_what_pynetdicom_decodes(
     received = C_STORE_RQ()  # what pynetdicom makes of the bytes
     received.command_set = decode(BytesIO(encoded), True, True)
     expected = received.message_to_primitive()
-    command = streaming._Command.read(encoded)
-    assert command is not None and command.number(0x0100) == streaming.C_STORE_RQ_FIELD
-    assert command.number(0x0800) != streaming.NO_DATA_SET
+    command = commands.Command.read(encoded)
+    assert command is not None and command.number(0x0100) == commands.C_STORE_RQ_FIELD
+    assert command.number(0x0800) != commands.NO_DATA_SET
     found = command.request(3)
     assert {f: getattr(found, f) for f in _PRIMITIVE_FIELDS} == {
         f: getattr(expected, f) for f in _PRIMITIVE_FIELDS}
     assert found._context_id == 3
     # Valid as a request: one left to pynetdicom's own handling is served, not ignored.
     assert found.is_valid_request and expected.is_valid_request
+
+
+def _store_response_bytes(status: int, sop_class: str | None, sop: str | None,
+                          comment: str | None = None) -> bytes:
+    """A C-STORE-RSP command set as pynetdicom encodes it."""
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 65535
+    if sop_class is not None:
+        response.AffectedSOPClassUID = sop_class
+    if sop is not None:
+        response.AffectedSOPInstanceUID = sop
+    response.Status = status
+    if comment is not None:
+        response.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    message._set_command_group_length()
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xC000, 0xFFFF])
+@pytest.mark.parametrize(("sop_class", "sop"), [
+    (CTImageStorage, "1.2.3.4"),  # even length
+    (MRImageStorage, "1.2.3.45"),  # odd length: padded with a NUL
+    (CTImageStorage, "1.2.826.0.1.3680043.8.498." + "1" * 38),
+    (None, None),  # both left out, as a response may
+])
+def test_store_response_read_by_hand_is_what_pynetdicom_decodes(
+    status: int, sop_class: str | None, sop: str | None
+) -> None:
+    """What C-GET and C-MOVE receive for every instance they send."""
+    encoded = _store_response_bytes(status, sop_class, sop)
+    received = C_STORE_RSP()  # what pynetdicom makes of the bytes
+    received.command_set = decode(BytesIO(encoded), True, True)
+    expected = received.message_to_primitive()
+    found = commands.store_response(encoded, 5)
+    assert found is not None
+    for primitive in (found, expected):  # pynetdicom's path also notes where no data set went
+        for name in ("_dataset_path", "_dataset_file"):
+            vars(primitive).pop(name, None)
+    assert vars(found) == {**vars(expected), "_context_id": 5}
+    assert found.is_valid_response
+
+
+def test_other_store_responses_are_left_to_pynetdicom() -> None:
+    """An Error Comment, a request, a missing Status, a UID beyond ASCII, a
+    command set cut short: pynetdicom decodes those (and says what is wrong)."""
+    usual = _store_response_bytes(0, CTImageStorage, "1.2.3.4")
+    assert commands.store_response(usual, 1) is not None
+    with_comment = _store_response_bytes(0xC000, CTImageStorage, "1.2.3.4", "not stored")
+    request = C_STORE_RQ()
+    request.primitive_to_message(_store_request("1.2.3.4", b"\x00", None, 7, 1))
+    request._set_command_group_length()
+    no_status = usual.replace(b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\x00", b"")
+    assert len(no_status) == len(usual) - 10  # the Status element is gone
+    beyond_ascii = usual.replace(b"1.2.3.4\x00", b"1.2.3.\xe9\x00")
+    assert len(beyond_ascii) == len(usual) and commands.Command.read(beyond_ascii) is not None
+    for encoded in (with_comment, encode(request.command_set, True, True), no_status,
+                    beyond_ascii, usual[:-3]):
+        assert commands.store_response(encoded, 1) is None
 
 
 def test_requests_left_to_pynetdicom_are_stored_and_answered(
@@ -272,7 +332,7 @@ def test_requests_left_to_pynetdicom_are_stored_and_answered(
     b"\x00\x00\x02\x00",  # a header cut short
 ])
 def test_unusual_command_sets_are_left_to_pydicom(encoded: bytes) -> None:
-    assert streaming._Command.read(encoded) is None
+    assert commands.Command.read(encoded) is None
 
 
 def test_status_with_more_than_a_comment_is_left_to_pynetdicom() -> None:

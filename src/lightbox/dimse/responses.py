@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import fsm
+from pynetdicom import evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
-C_STORE_RQ_FIELD = 0x0001
-NO_DATA_SET = 0x0101
+from lightbox.dimse import commands
+from lightbox.dimse.commands import C_STORE_RQ_FIELD, NO_DATA_SET
+
 DATA_SET = 0x0001  # any other value says a data set follows; pynetdicom's
 _RESPONSE_FIELDS: dict[type[Any], int] = {  # Command Field of each response
     C_STORE: 0x8001, C_FIND: 0x8020, C_GET: 0x8010, C_MOVE: 0x8021,
@@ -177,7 +178,21 @@ class EncodedPData(P_DATA):
 class QuickSend(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, sending the messages ``command_set``
     knows as PDUs encoded here: its DUL thread sends them in one write
-    rather than one PDU at a time through its state machine."""
+    rather than one PDU at a time through its state machine. A C-STORE
+    response received in one piece is read by ``commands`` rather than
+    decoded by pydicom (unless something listens for received messages:
+    they are handed pynetdicom's message)."""
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        items = primitive.presentation_data_value_list
+        if self.message is None and len(items) == 1:
+            context_id, data = items[0]
+            if data[:1] and data[0] & (COMMAND | LAST) == COMMAND | LAST:
+                response = commands.store_response(data[1:], context_id)
+                if response is not None and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
+                    self.msg_queue.put((context_id, response))
+                    return
+        super().receive_primitive(primitive)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         command = command_set(primitive)

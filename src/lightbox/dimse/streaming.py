@@ -53,20 +53,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 
-from lightbox.dimse.responses import (
-    C_STORE_RQ_FIELD,
-    COMMAND,
-    LAST,
-    NO_DATA_SET,
-    QuickSend,
-    pdus,
-    store_response,
-)
+from lightbox.dimse.commands import C_STORE_RQ_FIELD, NO_DATA_SET, Command
+from lightbox.dimse.responses import COMMAND, LAST, QuickSend, pdus, store_response
 
 _STAGED = "_lightbox_staged"
 _PDV_HEAD = struct.Struct(">LBB")  # item length, presentation context ID, control header
@@ -167,73 +159,12 @@ def staged(request: Any) -> Staged | None:
     return found if isinstance(found, Staged) else None
 
 
-_ELEMENT = struct.Struct("<HHL")  # group, element, value length (implicit VR little endian)
-
-
-@dataclass(frozen=True)
-class _Command:
-    """A command set read without pydicom: command sets are always implicit
-    VR little endian (PS3.7 6.3.1), and a C-STORE-RQ's few elements are read
-    off its bytes in a tenth of the time it takes to decode them into a
-    Dataset and that into pynetdicom's request."""
-
-    encoded: bytes
-    values: dict[int, bytes]  # element number (all are in group 0000) -> value
-
-    @classmethod
-    def read(cls, encoded: bytes) -> _Command | None:
-        """The command's elements; None for anything unusual (an element
-        outside group 0000, a length past the end): pydicom then decodes it."""
-        values: dict[int, bytes] = {}
-        position = 0
-        while position < len(encoded):
-            if position + _ELEMENT.size > len(encoded):
-                return None
-            group, element, length = _ELEMENT.unpack_from(encoded, position)
-            position += _ELEMENT.size
-            if group != 0x0000 or position + length > len(encoded):
-                return None
-            values[element] = encoded[position:position + length]
-            position += length
-        return cls(encoded, values)
-
-    def number(self, element: int) -> int | None:
-        """A US element's value (None if absent or not two bytes)."""
-        raw = self.values.get(element)
-        return int.from_bytes(raw, "little") if raw is not None and len(raw) == 2 else None
-
-    def text(self, element: int) -> str:
-        """A UI or AE element's value, without its padding ("" if absent)."""
-        return self.values.get(element, b"").decode("ascii", "replace").strip("\x00 ")
-
-    def dataset(self) -> Dataset:
-        return decode(BytesIO(self.encoded), True, True)
-
-    def request(self, context_id: int) -> C_STORE:
-        """The C-STORE request primitive, as pynetdicom's C_STORE_RQ message
-        makes it from the same command set."""
-        request = C_STORE()
-        request.MessageID = self.number(0x0110)
-        request.AffectedSOPClassUID = self.text(0x0002)
-        request.AffectedSOPInstanceUID = self.text(0x1000)
-        priority = self.number(0x0700)
-        if priority is not None:
-            request.Priority = priority
-        if 0x1030 in self.values:
-            request.MoveOriginatorApplicationEntityTitle = self.text(0x1030)
-        if 0x1031 in self.values:
-            request.MoveOriginatorMessageID = self.number(0x1031)
-        request.DataSet = BytesIO()  # as pynetdicom's message leaves it: the dataset is staged
-        request._context_id = context_id
-        return request
-
-
 @dataclass
 class _Incoming:
     """A C-STORE dataset being received."""
 
     context_id: int
-    command: _Command
+    command: Command
     fd: int = -1
     path: Path | None = None
     error: OSError | None = None
@@ -315,7 +246,7 @@ class StreamingDIMSE(QuickSend):
         if not header & LAST:
             return
         encoded, self._command = self._command.getvalue(), None
-        command = _Command.read(encoded)
+        command = Command.read(encoded)
         if (
             command is not None
             and command.number(0x0100) == C_STORE_RQ_FIELD
@@ -354,7 +285,7 @@ class StreamingDIMSE(QuickSend):
             else:
                 self._receive_fragment(context_id, bytes([header]) + inbox.exact(size))
 
-    def _open(self, context_id: int, command: _Command) -> _Incoming:
+    def _open(self, context_id: int, command: Command) -> _Incoming:
         incoming = _Incoming(context_id, command)
         context = self.assoc._accepted_cx[context_id]
         request = StoreRequest(
