@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from sqlalchemy import select
 
 from lightbox.archive import Archive
-from lightbox.dimse import commands, contexts, scu
+from lightbox.dimse import commands, contexts, responses, scu
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.status import Action, CommitmentFailure, EventType, Retrieve
 from lightbox.index.schema import instances
@@ -142,10 +142,20 @@ def test_getscu_receives_the_study_decompressed_when_it_asks_for_native(
 
 
 def test_what_came_by_stow_rs_comes_back_by_c_get_byte_for_byte(
-    archive: Archive, tmp_path: Path
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Compressed and native instances up by STOW-RS; a C-GET requestor that accepts
-    # their own syntaxes receives each data set exactly as it was sent.
+    # their own syntaxes receives each data set exactly as it was sent, written to
+    # the socket by the thread serving the C-GET (not handed to the network thread).
+    writes: list[tuple[bool, bool]] = []  # (written by that thread, from the network thread)
+    real_write = responses.QuickSend._write
+
+    def write(self: Any, groups: Any) -> bool:
+        done = real_write(self, groups)
+        writes.append((done, threading.current_thread() is self.dul))
+        return done
+
+    monkeypatch.setattr(responses.QuickSend, "_write", write)
     files = [*make_corpus(tmp_path / "j2k", "--slices", "2", "--size", "64",
                           "--syntax", "jpeg2000", "--seed", "43"),
              *make_corpus(tmp_path / "native", "--slices", "2", "--size", "64",
@@ -196,6 +206,8 @@ def test_what_came_by_stow_rs_comes_back_by_c_get_byte_for_byte(
     assert set(received) == set(sent)
     for sop, (data_set, _ds) in sent.items():
         assert received[sop] == data_set, sop
+    # A C-STORE request and a Pending response per instance, and each final response.
+    assert writes == [(True, False)] * (2 * len(files) + len(studies))
 
 
 # --- Storage Commitment ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -206,15 +207,59 @@ class QuickSend(DIMSEServiceProvider):
         else:
             data = primitive.DataSet if isinstance(primitive, C_STORE) else primitive.Identifier
             groups = [pdus(context_id, command, data.getvalue() if data else b"", limit)]
-        for group in groups:
-            self.dul.send_pdu(EncodedPData(group))
+        if not self._write(groups):
+            for group in groups:
+                self.dul.send_pdu(EncodedPData(group))
+
+    def _write(self, groups: Iterable[bytes]) -> bool:
+        """Write a message's PDUs to the socket from this thread, when the
+        network thread has nothing queued before them and the association is
+        established (its state machine would only send them, action DT-1):
+        handing them over costs that thread's waking up and the interpreter
+        lock passing between the two. False to hand them over after all."""
+        dul = self.dul
+        sock = dul.socket
+        lock = getattr(sock, _LOCK, None)
+        if lock is None or not dul.to_provider_queue.empty():
+            return False
+        with lock:  # whole messages: no PDU of another one in between
+            if dul.state_machine.current_state != "Sta6" or not dul.to_provider_queue.empty():
+                return False
+            for group in groups:
+                cast(Any, sock).send(memoryview(group))  # closed: Evt17, as for the DUL
+        return True
+
+
+_LOCK = "_lightbox_write_lock"
 
 
 def quick_send(assoc: Any) -> None:
     """Make an association's DIMSE provider a ``QuickSend`` (one of ours, or
-    pynetdicom's own, already a subclass, is left as it is)."""
+    pynetdicom's own, already a subclass, is left as it is), before it sends
+    anything (``lock_writes``)."""
     if not isinstance(assoc.dimse, QuickSend):
         assoc.dimse.__class__ = QuickSend
+    lock_writes(assoc)
+
+
+def lock_writes(assoc: Any) -> None:
+    """Have every write to the association's socket take one lock, so that
+    ``QuickSend`` may write whole messages from the thread that sends them
+    while the network thread writes its own. To be called while nothing is
+    being sent: before the association starts, or once it is established and
+    before any message."""
+    sock = assoc.dul.socket
+    if sock is None or getattr(sock, _LOCK, None) is not None:
+        return
+    lock = threading.RLock()
+    send = sock.send
+
+    def locked_send(data: Any) -> None:
+        with lock:
+            send(data)
+
+    sock.send = locked_send
+    setattr(sock, _LOCK, lock)
 
 
 def install() -> None:

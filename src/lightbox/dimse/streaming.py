@@ -58,7 +58,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 
 from lightbox.dimse.commands import C_STORE_RQ_FIELD, NO_DATA_SET, Command
-from lightbox.dimse.responses import COMMAND, LAST, QuickSend, pdus, store_response
+from lightbox.dimse.responses import COMMAND, LAST, QuickSend, lock_writes, pdus, store_response
 
 _STAGED = "_lightbox_staged"
 _PDV_HEAD = struct.Struct(">LBB")  # item length, presentation context ID, control header
@@ -370,6 +370,7 @@ def install(assoc: Any, sink: Sink, handler: Handler | None = None) -> None:
     to ``sink``, and with a ``handler``, answer them in the receiving thread."""
     dimse = assoc.dimse
     dimse.__class__ = StreamingDIMSE
+    lock_writes(assoc)
     dimse._sink = sink
     dimse._handler = handler
     dimse._command = None
