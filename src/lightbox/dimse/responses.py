@@ -12,8 +12,9 @@ requests and C-STORE, C-FIND, C-GET and C-MOVE responses; a status naming an
 Offending Element, or any other message, is left to pynetdicom (None).
 
 ``QuickSend`` is pynetdicom's DIMSE provider with such messages sent this
-way, as P-DATA-TF PDUs encoded here that the DUL thread writes as they are
-(``install``), a data set read from a file going out as it is read.
+way, as P-DATA-TF PDUs encoded here, a data set read from a file going out
+as it is read: written by the thread that sends the message when nothing is
+queued before it, else by the DUL thread as they are (``install``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
 from lightbox.dimse import commands
-from lightbox.dimse.commands import C_STORE_RQ_FIELD, NO_DATA_SET
+from lightbox.dimse.commands import C_STORE_RQ_FIELD, C_STORE_RSP_FIELD, NO_DATA_SET
 
 DATA_SET = 0x0001  # any other value says a data set follows; pynetdicom's
 _RESPONSE_FIELDS: dict[type[Any], int] = {  # Command Field of each response
-    C_STORE: 0x8001, C_FIND: 0x8020, C_GET: 0x8010, C_MOVE: 0x8021,
+    C_STORE: C_STORE_RSP_FIELD, C_FIND: 0x8020, C_GET: 0x8010, C_MOVE: 0x8021,
 }
 _SUBOPERATIONS = (  # (0000,1020-1023), C-GET and C-MOVE responses
     "NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
@@ -178,8 +179,8 @@ class EncodedPData(P_DATA):
 
 class QuickSend(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, sending the messages ``command_set``
-    knows as PDUs encoded here: its DUL thread sends them in one write
-    rather than one PDU at a time through its state machine. A C-STORE
+    knows as PDUs encoded here, in one write rather than one PDU at a time
+    through its state machine (``_write``). A C-STORE
     response received in one piece is read by ``commands`` rather than
     decoded by pydicom (unless something listens for received messages:
     they are handed pynetdicom's message)."""
@@ -220,7 +221,7 @@ class QuickSend(DIMSEServiceProvider):
         dul = self.dul
         sock = dul.socket
         lock = getattr(sock, _LOCK, None)
-        if lock is None or not dul.to_provider_queue.empty():
+        if lock is None:
             return False
         with lock:  # whole messages: no PDU of another one in between
             if dul.state_machine.current_state != "Sta6" or not dul.to_provider_queue.empty():
