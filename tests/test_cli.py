@@ -127,6 +127,26 @@ def test_a_zip_member_larger_than_an_instance_may_be_is_not_unpacked(
     assert f"{archive}:big.dcm: larger than 4,096 bytes" in result.stdout
 
 
+def test_import_does_not_follow_links_out_of_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    inside = study_files(folder / "series", 2)
+    elsewhere = study_files(tmp_path / "elsewhere", 3)  # another patient's study
+    (folder / "escape.dcm").symlink_to(elsewhere[0])
+    (folder / "escape-folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "again.dcm").symlink_to(inside[0])  # within the folder: the same file
+    (folder / "series-again").symlink_to(folder / "series", target_is_directory=True)
+    (folder / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")
+    result = run(tmp_path / "data", "import", "--quiet", str(folder))
+    out = result.stdout
+    assert "stored 2, duplicate 0, rejected 0, skipped 3" in out, out + result.stderr
+    assert f"{folder / 'escape.dcm'}: a link to {elsewhere[0].resolve()}, outside {folder}" in out
+    assert f"{folder / 'escape-folder'}: a link to" in out
+    assert f"{folder / 'dangling.dcm'}: a link to" in out
+    # Named on the command line, a link is what the user asked for.
+    named = run(tmp_path / "data", "import", "--quiet", str(folder / "escape.dcm"))
+    assert "stored 1, duplicate 0" in named.stdout, named.stdout + named.stderr
+
+
 def test_import_follows_a_dicomdir(tmp_path: Path) -> None:
     fileset = FileSet()
     for path in study_files(tmp_path / "src", 3):

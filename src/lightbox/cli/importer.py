@@ -95,12 +95,14 @@ def collect(paths: Iterable[Path], summary: Summary, scratch: ExitStack, *,
             limit: int = 1 << 62, nested: bool = False) -> Iterator[Path]:
     """Every candidate DICOM file under ``paths``; the rest go to ``summary``
     with the reason. Zip archives and DICOMDIRs are opened one level deep: what
-    they hold is not opened again (a zip that holds itself would never end)."""
+    they hold is not opened again (a zip that holds itself would never end).
+    Inside a folder, as inside a DICOMDIR's, a link to a file elsewhere is not
+    followed: only what the folder holds is imported."""
     for path in paths:
         if path.is_dir():
-            for root, _dirs, files in os.walk(path):
-                yield from collect((Path(root) / f for f in sorted(files)), summary, scratch,
-                                   limit=limit, nested=nested)
+            for root, dirs, files in os.walk(path):
+                yield from collect(_inside(path, Path(root), sorted(dirs + files), summary),
+                                   summary, scratch, limit=limit, nested=nested)
         elif not path.exists():
             summary.skip(path, "no such file")
         elif not path.is_file():  # a device or a pipe would be read forever, or block
@@ -120,6 +122,26 @@ def collect(paths: Iterable[Path], summary: Summary, scratch: ExitStack, *,
                                nested=True)
         else:
             yield path
+
+
+def _inside(folder: Path, root: Path, names: list[str], summary: Summary) -> Iterator[Path]:
+    """The files among ``names`` in ``root`` (``folder`` or a folder under it).
+    A link to anything outside ``folder`` is skipped with the reason; a link to
+    a folder inside it is left alone, since the walk goes through that folder
+    itself (``os.walk`` does not enter linked folders)."""
+    within = folder.resolve()
+    for name in names:
+        path = root / name
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(within):
+                summary.skip(path, f"a link to {target}, outside {folder}")
+                continue
+            if target.is_dir():
+                continue
+        elif path.is_dir():
+            continue  # walked in its turn
+        yield path
 
 
 def _referred(path: Path, summary: Summary) -> list[Path]:
