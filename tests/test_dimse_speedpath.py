@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import multiprocessing
+import os
 import socket
 import struct
 import subprocess
@@ -193,6 +194,37 @@ def test_a_data_set_read_from_its_file_is_sent_as_pynetdicom_sends_it(
     assert b"".join(groups) == expected
     if max_pdu == 16384:  # handed to the DUL thread in pieces of about 1 MiB
         assert len(groups) == 4 and max(len(g) for g in groups) <= (1 << 20) + 16384
+
+
+def test_a_file_read_in_short_pieces_is_still_sent_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # preadv may stop short of what was asked (a signal, a file over 2 GiB):
+    # the rest is read from where it stopped, into the right places.
+    path = write(ct_dataset(size=256), tmp_path / "ct.dcm")
+    command = responses.command_set(_store_request("1.2.3.4", None, None))
+    assert command is not None
+    whole = b"".join(responses.file_pdus(5, command, path, 200, 16384))
+    real = os.preadv
+
+    def at_most_5000_bytes(fd: int, buffers: list[memoryview], offset: int) -> int:
+        first = buffers[0][:5000]
+        return real(fd, [first], offset)
+
+    monkeypatch.setattr(os, "preadv", at_most_5000_bytes)
+    assert b"".join(responses.file_pdus(5, command, path, 200, 16384)) == whole
+
+
+def test_a_file_cut_short_while_it_is_sent_is_an_error(tmp_path: Path) -> None:
+    path = write(ct_dataset(size=1024), tmp_path / "ct.dcm")  # 2 MiB: three pieces
+    command = responses.command_set(_store_request("1.2.3.4", None, None))
+    assert command is not None
+    sending = responses.file_pdus(5, command, path, 200, 16384)
+    next(sending)  # the command set
+    next(sending)  # the first MiB: the file is open and its size known
+    os.truncate(path, 1 << 20)
+    with pytest.raises(OSError, match=r"ended \d+ bytes early"):
+        list(sending)
 
 
 def test_a_response_comment_is_sent_as_lo_in_ascii() -> None:

@@ -51,6 +51,7 @@ COMMAND = 0x01
 LAST = 0x02
 _FILE_FRAGMENT = 4 * 1024 * 1024  # bytes per fragment of a file when the peer sets no maximum
 _GROUP = 1024 * 1024  # bytes of a file's PDUs handed to the DUL thread at once
+_IOV_MAX = 1024  # buffers one preadv may fill (Linux's limit)
 P_DATA_TF = 0x04
 _PDU_HEAD = struct.Struct(">BxLLBB")  # PDU type, length; item length, context ID, control
 
@@ -147,32 +148,60 @@ def pdus(context_id: int, command: bytes, data_set: bytes, max_pdu: int) -> byte
 
 
 def file_pdus(context_id: int, command: bytes, path: Path, offset: int,
-              max_pdu: int) -> Iterator[bytes]:
+              max_pdu: int) -> Iterator[bytes | bytearray]:
     """The same, with the data set read from ``path`` past ``offset`` as it
-    is sent: the PDUs in pieces of about ``_GROUP`` bytes."""
+    is sent: the PDUs in pieces of about ``_GROUP`` bytes. Each piece is one
+    buffer: the PDU headers are written into it, and one ``preadv`` reads
+    every fragment's bytes from the file into its place between them."""
     size = max_pdu - 6 if max_pdu else _FILE_FRAGMENT
-    per_group = max(1, _GROUP // size)
+    per_group = max(1, min(_GROUP // size, _IOV_MAX))
     yield _fragments(context_id, COMMAND, command, size)
-    with open(path, "rb", buffering=0) as fp:
-        left = os.fstat(fp.fileno()).st_size - offset
-        fp.seek(offset)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        position = offset
+        left = os.fstat(fd).st_size - offset
         while left > 0:
-            group = bytearray()
-            for _ in range(per_group):
-                chunk = fp.read(min(size, left))
-                if not chunk:
-                    raise OSError(f"{path} ended {left} bytes early")
-                left -= len(chunk)
-                group += _pdu(context_id, 0 if left > 0 else LAST, chunk)
-                if left <= 0:
-                    break
-            yield bytes(group)
+            lengths = [min(size, left - start) for start in range(0, min(left, per_group * size),
+                                                                    size)]
+            left -= sum(lengths)
+            group = bytearray(sum(lengths) + _PDU_HEAD.size * len(lengths))
+            view = memoryview(group)
+            slots = []
+            at = 0
+            for i, length in enumerate(lengths):
+                final = left <= 0 and i == len(lengths) - 1
+                _PDU_HEAD.pack_into(group, at, P_DATA_TF, length + 6, length + 2, context_id,
+                                    LAST if final else 0)
+                at += _PDU_HEAD.size
+                slots.append(view[at:at + length])
+                at += length
+            position += _read_into(fd, slots, position, path)
+            yield group  # a bytearray: sent as it is, never kept
+    finally:
+        os.close(fd)
+
+
+def _read_into(fd: int, slots: list[memoryview], position: int, path: Path) -> int:
+    """Fill ``slots`` from ``fd`` at ``position`` (a short read goes on where
+    it stopped); the bytes read. OSError if the file ends first."""
+    done = 0
+    while slots:
+        got = os.preadv(fd, slots, position + done)
+        if got == 0:
+            raise OSError(f"{path} ended {sum(len(s) for s in slots)} bytes early")
+        done += got
+        while slots and got >= len(slots[0]):
+            got -= len(slots[0])
+            slots = slots[1:]
+        if slots and got:
+            slots[0] = slots[0][got:]
+    return done
 
 
 class EncodedPData(P_DATA):
     """P-DATA-TF PDUs encoded already, sent as they are (``install``)."""
 
-    def __init__(self, encoded: bytes) -> None:
+    def __init__(self, encoded: bytes | bytearray) -> None:
         super().__init__()
         self.encoded = encoded
 
@@ -204,7 +233,9 @@ class QuickSend(DIMSEServiceProvider):
         limit = self.maximum_pdu_size
         stored = getattr(primitive, "_dataset_path", None)
         if stored is not None:
-            groups: Iterable[bytes] = file_pdus(context_id, command, stored[0], stored[1], limit)
+            path, offset = stored
+            groups: Iterable[bytes | bytearray] = file_pdus(context_id, command, path, offset,
+                                                            limit)
         else:
             data = primitive.DataSet if isinstance(primitive, C_STORE) else primitive.Identifier
             groups = [pdus(context_id, command, data.getvalue() if data else b"", limit)]
@@ -212,7 +243,7 @@ class QuickSend(DIMSEServiceProvider):
             for group in groups:
                 self.dul.send_pdu(EncodedPData(group))
 
-    def _write(self, groups: Iterable[bytes]) -> bool:
+    def _write(self, groups: Iterable[bytes | bytearray]) -> bool:
         """Write a message's PDUs to the socket from this thread, when the
         network thread has nothing queued before them and the association is
         established (its state machine would only send them, action DT-1):
