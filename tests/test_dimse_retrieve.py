@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from sqlalchemy import select
 
 from lightbox.archive import Archive
-from lightbox.dimse import commands, contexts, responses, scu
+from lightbox.dimse import commands, contexts, outgoing, responses, scu
 from lightbox.dimse.access import operator_principal
 from lightbox.dimse.status import Action, CommitmentFailure, EventType, Retrieve
 from lightbox.index.schema import instances
@@ -156,6 +156,19 @@ def test_what_came_by_stow_rs_comes_back_by_c_get_byte_for_byte(
         return done
 
     monkeypatch.setattr(responses.QuickSend, "_write", write)
+    # Each file sent by our own send_c_store path, on the context pynetdicom picks.
+    lean: list[bool] = []
+    real_send_file = outgoing._send_file
+
+    def send_file(assoc: Any, path: Path, *args: Any) -> Any:
+        status = real_send_file(assoc, path, *args)
+        lean.append(status is not None)
+        for (sop_class, syntax), context_id in outgoing._scu_contexts(assoc).items():
+            chosen = assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
+            assert chosen.context_id == context_id
+        return status
+
+    monkeypatch.setattr(outgoing, "_send_file", send_file)
     files = [*make_corpus(tmp_path / "j2k", "--slices", "2", "--size", "64",
                           "--syntax", "jpeg2000", "--seed", "43"),
              *make_corpus(tmp_path / "native", "--slices", "2", "--size", "64",
@@ -208,6 +221,7 @@ def test_what_came_by_stow_rs_comes_back_by_c_get_byte_for_byte(
         assert received[sop] == data_set, sop
     # A C-STORE request and a Pending response per instance, and each final response.
     assert writes == [(True, False)] * (2 * len(files) + len(studies))
+    assert lean == [True] * len(files)
 
 
 # --- Storage Commitment ---------------------------------------------------------------

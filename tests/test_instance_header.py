@@ -14,8 +14,9 @@ from typing import Any, BinaryIO
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pynetdicom.dsutils import split_dataset
 
-from lightbox.dicom import instance, uids
+from lightbox.dicom import fastheader, instance, uids
 from lightbox.dicom.instance import InstanceRecord, read_instance
 from lightbox.errors import InvalidInstance
 from tests.corpus_report import corpus_files, name_of
@@ -46,6 +47,38 @@ def _through_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
 def _read_directly(path: Path) -> bool:
     with open(path, "rb") as fp:
         return instance._read_directly(fp, path.stat().st_size) is not None
+
+
+def test_file_meta_read_straight_is_what_pynetdicom_reads_on_every_test_file() -> None:
+    # C-GET, C-MOVE and lightbox send find the data set and its UIDs this way;
+    # pynetdicom would have pydicom read the File Meta Information.
+    read = 0
+    for path in corpus_files():
+        meta = fastheader.file_meta(path)
+        if meta is None:
+            continue
+        read += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected, offset = split_dataset(path)
+        assert (meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid,
+                meta.data_set_offset) == (expected.MediaStorageSOPClassUID,
+                                          expected.MediaStorageSOPInstanceUID,
+                                          expected.TransferSyntaxUID, offset), name_of(path)
+    assert read > 50
+
+
+def test_unusual_file_meta_is_left_to_pydicom(tmp_path: Path) -> None:
+    full = to_bytes(ct_dataset())
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(full[128 + 4:])  # no preamble
+    assert fastheader.file_meta(bare) is None
+    no_class = bytearray(full)
+    start = no_class.index(b"\x02\x00\x02\x00UI")  # Media Storage SOP Class UID
+    no_class[start + 2:start + 4] = b"\x04\x00"  # now (0002,0004): no such element
+    no_class_path = tmp_path / "no-class.dcm"
+    no_class_path.write_bytes(bytes(no_class))
+    assert fastheader.file_meta(no_class_path) is None
 
 
 def test_direct_reads_match_pydicom_on_every_test_file(monkeypatch: pytest.MonkeyPatch) -> None:

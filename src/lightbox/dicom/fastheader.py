@@ -17,8 +17,10 @@ outcome, byte for byte.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Union
 
 from pydicom.datadict import dictionary_VR
@@ -26,6 +28,7 @@ from pydicom.datadict import dictionary_VR
 from lightbox.dicom import dicomjson, uids
 
 _FIRST_READ = 16 * 1024  # enough for most headers: the rest is pixel data
+_META_READ = 4096  # enough for any usual File Meta Information
 _MAX_HEADER = 4 * 1024 * 1024  # longer headers are left to pydicom
 _MAX_DEPTH = 32  # sequences nested deeper are left to pydicom
 
@@ -119,6 +122,34 @@ def read(fp: BinaryIO, size: int) -> Header | None:
             fp.seek(0)
             return _parse(fp.read(size), size)
     except (GiveUp, _NeedMore, struct.error, ValueError, UnicodeDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a stored file's File Meta Information says it holds, and where
+    its data set starts."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    data_set_offset: int
+
+
+def file_meta(path: Path) -> FileMeta | None:
+    """The File Meta Information of the Part 10 file at ``path``, or None
+    when it is not of the usual form (no preamble, a UID missing or not
+    valid, more than its first 4 KiB): pydicom must read that one."""
+    with open(path, "rb", buffering=0) as fp:
+        size = os.fstat(fp.fileno()).st_size
+        data = fp.read(_META_READ)
+    if data[128:132] != b"DICM":
+        return None
+    try:
+        meta, position = _meta(data, size)
+        return FileMeta(_uid(meta.get(0x00020002)), _uid(meta.get(0x00020003)),
+                        _uid(meta.get(0x00020010)), position)
+    except (GiveUp, _NeedMore, struct.error, UnicodeDecodeError):
         return None
 
 
