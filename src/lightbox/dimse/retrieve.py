@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,22 @@ def _studies_of_patient(archive: Archive, principal: Principal, patient_id: str)
             return studies
 
 
-def dataset_to_send(
-    archive: Archive, instance: StoredInstance, accepted: Sequence[PresentationContext]
-) -> Dataset:
-    """The stored instance as a Dataset the peer accepted a context for.
+Accepted = Mapping[str, AbstractSet[str]]
+"""The transfer syntaxes a peer accepted for each SOP Class (``accepted``)."""
+
+
+def accepted(contexts: Iterable[PresentationContext]) -> Accepted:
+    """What an association's accepted presentation contexts accept."""
+    table: dict[str, set[str]] = {}
+    for cx in contexts:
+        if cx.transfer_syntax:
+            table.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return table
+
+
+def dataset_to_send(archive: Archive, instance: StoredInstance, table: Accepted) -> Dataset:
+    """The stored instance as a Dataset the peer accepted a context for
+    (``table``: what it accepted for each SOP Class).
 
     As stored when its transfer syntax was accepted, sent from its file
     (``outgoing.StoredFile``); decompressed to Explicit VR Little Endian when
@@ -99,10 +112,7 @@ def dataset_to_send(
     its sub-operation then fails and is counted, with its SOP Instance UID in
     the Failed SOP Instance UID List.
     """
-    syntaxes = {
-        str(cx.transfer_syntax[0]) for cx in accepted
-        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax
-    }
+    syntaxes = table.get(instance.sop_class_uid, frozenset())
     stored = instance.transfer_syntax_uid
     if stored in syntaxes:
         return outgoing.StoredFile(archive.blobs.path(instance.blob_key), instance.sop_class_uid,
@@ -205,7 +215,7 @@ def move(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterat
     session.note("C-MOVE instances", len(found))
     _audit(archive, "export", peer, found, {"destination": node.ae_title})
     yield len(found)
-    yield from _send_all(archive, event, found, lambda: link.accepted)
+    yield from _send_all(archive, event, found, lambda: accepted(link.accepted))
 
 
 def get(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterator[Any]:
@@ -224,9 +234,7 @@ def get(archive: Archive, peer: Peer, session: Session, event: Event) -> Iterato
     _audit(archive, "retrieve", peer, found, {"service": "C-GET"})
     yield len(found)
     assoc: Association = event.assoc
-    yield from _send_all(
-        archive, event, found, lambda: list(assoc.accepted_contexts)
-    )
+    yield from _send_all(archive, event, found, lambda: accepted(assoc.accepted_contexts))
 
 
 def _audit(archive: Archive, action: str, peer: Peer, found: list[StoredInstance],
@@ -242,15 +250,20 @@ def _send_all(
     archive: Archive,
     event: Event,
     found: list[StoredInstance],
-    accepted: Any,
+    contexts: Callable[[], Accepted],
 ) -> Iterator[Any]:
+    """The C-STOREs of a C-GET or C-MOVE. ``contexts`` is asked once, as the
+    first is sent: a C-MOVE's association to its destination is open by then."""
+    table: Accepted | None = None
     for instance in found:
         if event.is_cancelled:
             # pynetdicom lists the sub-operations that failed; the ones not
             # started are counted as remaining (PS3.4 C.4.2.3.1), not failed.
             yield Retrieve.CANCEL, None
             return
-        yield Retrieve.PENDING, dataset_to_send(archive, instance, accepted())
+        if table is None:
+            table = contexts()
+        yield Retrieve.PENDING, dataset_to_send(archive, instance, table)
 
 
 def _destination(archive: Archive, ae_title: str) -> nodes.Node | None:

@@ -24,7 +24,7 @@ from lightbox.dicom.attributes import QueryLevel
 from lightbox.dicom.node import require_ae_title, require_host, require_port
 from lightbox.dimse import contexts, query, reactor, responses, store, tls, transport
 from lightbox.dimse.access import operator_principal
-from lightbox.dimse.retrieve import dataset_to_send
+from lightbox.dimse.retrieve import Accepted, accepted, dataset_to_send
 from lightbox.dimse.status import General, Retrieve
 from lightbox.errors import BadRequest, LightboxError, NotFound, Unavailable
 from lightbox.index.instances import StoredInstance
@@ -224,9 +224,9 @@ def send(archive: Archive, node: Node, study_uid: str) -> RetrieveResult:
     proposed = contexts.storage_proposals((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
     result = RetrieveResult()
     with association(archive, node, proposed) as assoc:
-        accepted = list(assoc.accepted_contexts)
+        syntaxes = accepted(assoc.accepted_contexts)
         for instance in found:
-            code = _store_one(archive, assoc, instance, accepted)
+            code = _store_one(archive, assoc, instance, syntaxes)
             if code == General.SUCCESS:
                 result.completed += 1
             elif 0xB000 <= code <= 0xBFFF:
@@ -240,10 +240,10 @@ def send(archive: Archive, node: Node, study_uid: str) -> RetrieveResult:
 
 
 def _store_one(archive: Archive, assoc: Association, instance: StoredInstance,
-               accepted: list[PresentationContext]) -> int:
+               syntaxes: Accepted) -> int:
     try:
         # From the stored file as it is when its transfer syntax was accepted.
-        status = assoc.send_c_store(dataset_to_send(archive, instance, accepted))
+        status = assoc.send_c_store(dataset_to_send(archive, instance, syntaxes))
     except (ValueError, AttributeError, OSError) as exc:
         log.warning("cannot send %s to %s: %s", instance.sop_instance_uid, assoc.acceptor.ae_title,
                     exc)
