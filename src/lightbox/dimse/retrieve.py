@@ -250,10 +250,11 @@ def _send_all(
     archive: Archive,
     event: Event,
     found: list[StoredInstance],
-    contexts: Callable[[], Accepted],
+    peer_accepts: Callable[[], Accepted],
 ) -> Iterator[Any]:
-    """The C-STOREs of a C-GET or C-MOVE. ``contexts`` is asked once, as the
-    first is sent: a C-MOVE's association to its destination is open by then."""
+    """The C-STOREs of a C-GET or C-MOVE. ``peer_accepts`` is asked once, as
+    the first is sent: a C-MOVE's association to its destination is open by
+    then."""
     table: Accepted | None = None
     for instance in found:
         if event.is_cancelled:
@@ -262,7 +263,7 @@ def _send_all(
             yield Retrieve.CANCEL, None
             return
         if table is None:
-            table = contexts()
+            table = peer_accepts()
         yield Retrieve.PENDING, dataset_to_send(archive, instance, table)
 
 
