@@ -48,9 +48,18 @@ def study(archive: Archive, tmp_path: Path) -> tuple[Archive, str, list[Path]]:
 
 
 def test_movescu_sends_the_study_to_a_known_node(
-    study: tuple[Archive, str, list[Path]], tmp_path: Path
+    study: tuple[Archive, str, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive, study_uid, files = study
+    lean: list[bool] = []  # each stored file sent by our own send_c_store path
+    real_send_file = outgoing._send_file
+
+    def send_file(*args: Any) -> Any:
+        status = real_send_file(*args)
+        lean.append(status is not None)
+        return status
+
+    monkeypatch.setattr(outgoing, "_send_file", send_file)
     with storescp(tmp_path / "received") as peer_port, scp(archive) as server:
         nodes.add_node(archive, name="viewer", ae_title="STORESCP", host="127.0.0.1",
                        port=peer_port)
@@ -69,6 +78,7 @@ def test_movescu_sends_the_study_to_a_known_node(
     output = done.stdout + done.stderr
     assert "Received Final Move Response (Success)" in output
     assert output.count("(Pending)") == len(files)  # one pending response per sub-operation
+    assert lean == [True] * len(files)
 
 
 def _move(port: int, identifier: Dataset, destination: str) -> list[Dataset]:
