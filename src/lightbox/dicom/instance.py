@@ -178,7 +178,7 @@ def _read_directly(fp: BinaryIO, size: int) -> InstanceRecord | None:
 
 def _uid_directly(header: fastheader.Header, tag: int) -> str:
     found = header.value(tag)
-    uid = None if found is None else _uid_from_bytes(found[1])
+    uid = None if found is None else uids.from_bytes(found[1])
     if uid is None:
         raise fastheader.GiveUp
     return uid
@@ -240,7 +240,7 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
     them (Latin-1, trailing NULs and spaces removed, one value); anything
     else goes through pydicom for the reason."""
     raw = _raw(ds, keyword)
-    uid = None if raw is None else _uid_from_bytes(raw[1])
+    uid = None if raw is None else uids.from_bytes(raw[1])
     if uid is not None:
         return uid
     try:
@@ -253,13 +253,6 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
         shown = str(value)[:80].encode("ascii", "backslashreplace").decode()
         raise MissingOrInvalidUID(f"{keyword} is not a valid UID: {shown!r}")
     return str(value)
-
-
-def _uid_from_bytes(raw: bytes) -> str | None:
-    """A well-formed UID from its element's bytes as pydicom decodes them
-    (Latin-1, trailing NULs and spaces removed, one value); None otherwise."""
-    text = raw.decode("latin-1").rstrip("\x00 ")
-    return text if "\\" not in text and uids.is_valid_uid(text) else None
 
 
 def _raw(ds: Dataset, keyword: str) -> tuple[str | None, bytes] | None:

@@ -71,6 +71,13 @@ def is_valid_uid(value: object) -> bool:
     )
 
 
+def from_bytes(raw: bytes) -> str | None:
+    """A well-formed UID from its element's bytes as pydicom decodes them
+    (Latin-1, trailing NULs and spaces removed, one value); None otherwise."""
+    text = raw.decode("latin-1").rstrip("\x00 ")
+    return text if "\\" not in text and is_valid_uid(text) else None
+
+
 def require_uid(value: str, what: str) -> str:
     """Return ``value`` or raise BadRequest naming ``what`` (used for UIDs in URLs)."""
     if not is_valid_uid(value):
