@@ -161,8 +161,8 @@ def file_pdus(context_id: int, command: bytes, path: Path, offset: int,
         position = offset
         left = os.fstat(fd).st_size - offset
         while left > 0:
-            lengths = [min(size, left - start) for start in range(0, min(left, per_group * size),
-                                                                    size)]
+            count = min(per_group, -(-left // size))  # fragments in this piece
+            lengths = [size] * (count - 1) + [min(size, left - size * (count - 1))]
             left -= sum(lengths)
             group = bytearray(sum(lengths) + _PDU_HEAD.size * len(lengths))
             view = memoryview(group)
