@@ -101,8 +101,8 @@ def collect(paths: Iterable[Path], summary: Summary, scratch: ExitStack, *,
     for path in paths:
         if path.is_dir():
             for root, dirs, files in os.walk(path):
-                yield from collect(_inside(path, Path(root), sorted(dirs + files), summary),
-                                   summary, scratch, limit=limit, nested=nested)
+                yield from collect(_inside(path, Path(root), dirs, files, summary), summary,
+                                   scratch, limit=limit, nested=nested)
         elif not path.exists():
             summary.skip(path, "no such file")
         elif not path.is_file():  # a device or a pipe would be read forever, or block
@@ -124,24 +124,20 @@ def collect(paths: Iterable[Path], summary: Summary, scratch: ExitStack, *,
             yield path
 
 
-def _inside(folder: Path, root: Path, names: list[str], summary: Summary) -> Iterator[Path]:
-    """The files among ``names`` in ``root`` (``folder`` or a folder under it).
-    A link to anything outside ``folder`` is skipped with the reason; a link to
-    a folder inside it is left alone, since the walk goes through that folder
-    itself (``os.walk`` does not enter linked folders)."""
+def _inside(folder: Path, root: Path, dirs: list[str], files: list[str],
+            summary: Summary) -> Iterator[Path]:
+    """The files of ``root`` (``folder`` or a folder under it), as ``os.walk``
+    lists them. A link among them or among its folders that leads outside
+    ``folder`` is skipped with the reason (``os.walk`` enters no linked
+    folder; one inside ``folder`` is walked as itself)."""
     within = folder.resolve()
-    for name in names:
+    file_names = set(files)
+    for name in sorted(dirs + files):
         path = root / name
-        if path.is_symlink():
-            target = path.resolve()
-            if not target.is_relative_to(within):
-                summary.skip(path, f"a link to {target}, outside {folder}")
-                continue
-            if target.is_dir():
-                continue
-        elif path.is_dir():
-            continue  # walked in its turn
-        yield path
+        if path.is_symlink() and not (target := path.resolve()).is_relative_to(within):
+            summary.skip(path, f"a link to {target}, outside {folder}")
+        elif name in file_names:
+            yield path
 
 
 def _referred(path: Path, summary: Summary) -> list[Path]:
